@@ -1,0 +1,13 @@
+// Subcommands of the `conflux` tool. Each takes the arguments after its name and returns the
+// process exit code: 0 ok, 1 failed (or invalid input), 2 usage or configuration error.
+#pragma once
+
+namespace conflux::cli {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailed = 1;
+inline constexpr int kExitUsage = 2;
+
+int cmd_inspect(int argc, char** argv);
+
+}  // namespace conflux::cli
