@@ -16,7 +16,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Run {
+struct RunResult {
   int exit_code = -1;  // -1 when killed by a signal
   int signal = 0;
   std::string out, err;
@@ -29,12 +29,12 @@ std::string quote(const std::string& s) {
   return q + "'";
 }
 
-Run run(const std::string& args, const fs::path& scratch) {
+RunResult run(const std::string& args, const fs::path& scratch) {
   const fs::path out = scratch / "stdout", err = scratch / "stderr";
   const std::string cmd = std::string(CONFLUX_BIN_DIR) + "/conflux " + args + " >" + quote(out.string()) +
                           " 2>" + quote(err.string());
   const int status = std::system(cmd.c_str());
-  Run r;
+  RunResult r;
   if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
   // std::system runs /bin/sh: a child killed by a signal shows as exit 128+N.
   if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
@@ -43,6 +43,8 @@ Run run(const std::string& args, const fs::path& scratch) {
   r.err = conflux_test::read_file(err);
   return r;
 }
+
+RunResult inspect(const std::string& args, const fs::path& scratch) { return run("inspect " + args, scratch); }
 
 class InspectCli : public ::testing::Test {
  protected:
@@ -55,7 +57,7 @@ class InspectCli : public ::testing::Test {
 };
 
 TEST_F(InspectCli, ValidShardedCheckpointListsTensors) {
-  const Run r = run(quote((dir.path() / "base").string()), dir.path());
+  const RunResult r = inspect(quote((dir.path() / "base").string()), dir.path());
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("valid"), std::string::npos);
   EXPECT_NE(r.out.find("model.embed_tokens.weight"), std::string::npos);
@@ -65,7 +67,7 @@ TEST_F(InspectCli, ValidShardedCheckpointListsTensors) {
 }
 
 TEST_F(InspectCli, JsonOutputDescribesEveryTensor) {
-  const Run r = run(quote((dir.path() / "base").string()) + " --json", dir.path());
+  const RunResult r = inspect(quote((dir.path() / "base").string()) + " --json", dir.path());
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const boost::json::value doc = boost::json::parse(r.out);
   EXPECT_TRUE(doc.at("valid").as_bool());
@@ -87,7 +89,7 @@ TEST_F(InspectCli, SingleShardFileIsAccepted) {
   const fs::path one = dir.path() / "one";
   const std::string cmd = std::string(CONFLUX_BIN_DIR) + "/conflux-synth --out " + quote(one.string()) + " --preset tiny";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
-  const Run r = run(quote((one / "base" / "model.safetensors").string()), dir.path());
+  const RunResult r = inspect(quote((one / "base" / "model.safetensors").string()), dir.path());
   EXPECT_EQ(r.exit_code, 0) << r.err;
 }
 
@@ -95,14 +97,14 @@ TEST_F(InspectCli, MalformedFileFailsWithOneLineNamingFileAndRule) {
   const fs::path bad = dir.path() / "bad.safetensors";
   conflux_test::write_file(bad, conflux_test::make_safetensors(
                                      R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", "abcd"));
-  const Run r = run(quote(bad.string()), dir.path());
+  const RunResult r = inspect(quote(bad.string()), dir.path());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_NE(r.err.find("bad.safetensors"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("size_mismatch"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("'w'"), std::string::npos) << r.err;
 
-  const Run j = run(quote(bad.string()) + " --json", dir.path());
+  const RunResult j = inspect(quote(bad.string()) + " --json", dir.path());
   EXPECT_EQ(j.exit_code, 1);
   const boost::json::value doc = boost::json::parse(j.out);
   EXPECT_FALSE(doc.at("valid").as_bool());
@@ -117,7 +119,7 @@ TEST_F(InspectCli, IndexNamingAMissingTensorFails) {
   const std::string from = "\"model.norm.weight\"";
   text.replace(text.find(from), from.size(), "\"model.norm.weight.renamed\"");
   std::ofstream(index) << text;
-  const Run r = run(quote(base.string()), dir.path());
+  const RunResult r = inspect(quote(base.string()), dir.path());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("index_mismatch"), std::string::npos) << r.err;
 }
@@ -126,18 +128,18 @@ TEST_F(InspectCli, UsageErrorsExitTwo) {
   EXPECT_EQ(run("inspect", dir.path()).exit_code, 2);
   EXPECT_EQ(run("inspect --bogus x", dir.path()).exit_code, 2);
   EXPECT_EQ(run("no-such-command", dir.path()).exit_code, 2);
-  const Run help = run("inspect --help", dir.path());
+  const RunResult help = run("inspect --help", dir.path());
   EXPECT_EQ(help.exit_code, 0);
   EXPECT_NE(help.out.find("--json"), std::string::npos);
   EXPECT_EQ(run("--help", dir.path()).exit_code, 0);
 }
 
 TEST_F(InspectCli, MissingPathAndPickleFail) {
-  EXPECT_EQ(run(quote((dir.path() / "nope").string()), dir.path()).exit_code, 1);
+  EXPECT_EQ(inspect(quote((dir.path() / "nope").string()), dir.path()).exit_code, 1);
   const fs::path pickle = dir.path() / "pickle";
   fs::create_directories(pickle);
   std::ofstream(pickle / "pytorch_model.bin") << "not really a pickle";
-  const Run r = run(quote(pickle.string()), dir.path());
+  const RunResult r = inspect(quote(pickle.string()), dir.path());
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("pickle_checkpoint"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("convert"), std::string::npos) << r.err;
@@ -155,7 +157,7 @@ TEST_F(InspectCli, NeverCrashesOnDamagedFiles) {
   int valid = 0;
   for (std::size_t len = 0; len <= good.size(); len += 7) {
     conflux_test::write_file(f, good.substr(0, len));
-    const Run r = run(quote(f.string()), dir.path());
+    const RunResult r = inspect(quote(f.string()), dir.path());
     ASSERT_EQ(r.signal, 0) << "killed at length " << len;
     ASSERT_TRUE(r.exit_code == 0 || r.exit_code == 1) << r.exit_code;
     valid += r.exit_code == 0;
@@ -164,10 +166,12 @@ TEST_F(InspectCli, NeverCrashesOnDamagedFiles) {
     std::string bad = good;
     for (int k = 0; k < 3; ++k) bad[8 + rng() % (bad.size() - 8)] = static_cast<char>(rng());
     conflux_test::write_file(f, bad);
-    const Run r = run(quote(f.string()), dir.path());
+    const RunResult r = inspect(quote(f.string()), dir.path());
     ASSERT_EQ(r.signal, 0);
     ASSERT_TRUE(r.exit_code == 0 || r.exit_code == 1) << r.exit_code;
-    if (r.exit_code == 1) EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    if (r.exit_code == 1) {
+      EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    }
   }
   EXPECT_EQ(valid, good.size() % 7 == 0 ? 1 : 0);  // only the whole file is valid
 }
