@@ -407,19 +407,28 @@ class HeaderHandler {
     for (std::uint64_t d : t.shape)
       if (!checked_mul(numel, d, numel))
         return fail(ec, Errc::overflow, "shape product overflows 64 bits", t.name);
-    std::uint64_t bits;
-    if (!checked_mul(numel, static_cast<std::uint64_t>(dtype_bits(t.dtype)), bits))
-      return fail(ec, Errc::overflow, "byte size of the shape overflows 64 bits", t.name);
-    if (bits % 8 != 0)
-      return fail(ec, Errc::size_mismatch,
-                  std::to_string(numel) + " elements of " + std::string(dtype_name(t.dtype)) +
-                      " are not a whole number of bytes",
-                  t.name);
+    // Whole-byte dtypes are sized in bytes, so a size that fits in 64 bits is never an overflow;
+    // the sub-byte ones (F4, F6_*) in bits, which must come to whole bytes.
+    const auto bits_per = static_cast<std::uint64_t>(dtype_bits(t.dtype));
+    std::uint64_t nbytes;
+    if (bits_per % 8 == 0) {
+      if (!checked_mul(numel, bits_per / 8, nbytes))
+        return fail(ec, Errc::overflow, "byte size of the shape overflows 64 bits", t.name);
+    } else {
+      std::uint64_t bits;
+      if (!checked_mul(numel, bits_per, bits))
+        return fail(ec, Errc::overflow, "bit size of the shape overflows 64 bits", t.name);
+      if (bits % 8 != 0)
+        return fail(ec, Errc::size_mismatch,
+                    std::to_string(numel) + " elements of " + std::string(dtype_name(t.dtype)) +
+                        " are not a whole number of bytes",
+                    t.name);
+      nbytes = bits / 8;
+    }
     if (t.end < t.begin)
       return fail(ec, Errc::invalid_offsets,
                   "data_offsets end " + std::to_string(t.end) + " is before begin " + std::to_string(t.begin),
                   t.name);
-    const std::uint64_t nbytes = bits / 8;
     if (t.end - t.begin != nbytes)
       return fail(ec, Errc::size_mismatch,
                   "data_offsets span " + std::to_string(t.end - t.begin) + " bytes but shape and " +
