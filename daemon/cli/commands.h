@@ -9,5 +9,7 @@ inline constexpr int kExitFailed = 1;
 inline constexpr int kExitUsage = 2;
 
 int cmd_inspect(int argc, char** argv);
+int cmd_merge(int argc, char** argv);
+int cmd_plugins(int argc, char** argv);
 
 }  // namespace conflux::cli

@@ -15,6 +15,8 @@ struct Command {
 };
 
 constexpr Command kCommands[] = {
+    {"merge", "run one merge job of a configuration file, then exit", conflux::cli::cmd_merge},
+    {"plugins", "list the strategy plugins found and their parameters", conflux::cli::cmd_plugins},
     {"inspect", "validate a .safetensors file or checkpoint directory and list its tensors",
      conflux::cli::cmd_inspect},
 };

@@ -1,0 +1,526 @@
+#include "conflux/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include <tbb/blocked_range.h>
+#include <tbb/enumerable_thread_specific.h>
+#include <tbb/parallel_for.h>
+#include <tbb/parallel_reduce.h>
+#include <tbb/partitioner.h>
+#include <tbb/task_arena.h>
+
+#include "conflux/convert.h"
+#include "conflux/kernels.h"
+#include "conflux/plugin_context.h"
+
+namespace conflux {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string shape_text(const std::vector<std::uint64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::uint64_t element_bytes(DType t) { return static_cast<std::uint64_t>(dtype_bits(t) / 8); }
+
+// 64-byte aligned, zero-initialised float/byte storage that survives moves.
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <class T>
+using AlignedPtr = std::unique_ptr<T[], AlignedFree>;
+
+template <class T>
+AlignedPtr<T> aligned_array(std::size_t n) {
+  const std::size_t bytes = std::max<std::size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return AlignedPtr<T>(static_cast<T*>(p));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Plan
+// ---------------------------------------------------------------------------------------------
+
+MergePlan MergePlan::open(const std::optional<fs::path>& base, bool use_base, const std::vector<fs::path>& models,
+                          std::optional<DType> out_dtype) {
+  MergePlan plan;
+  if (base && use_base) plan.base_ = Checkpoint::open(*base);
+  plan.models_.reserve(models.size());
+  for (const auto& m : models) plan.models_.push_back(Checkpoint::open(m));
+  if (plan.models_.empty()) throw MergeError("no models to merge");
+
+  // The reference fixes the tensor list and order: the base when used, else the first model.
+  const Checkpoint& ref = plan.base_ ? *plan.base_ : plan.models_.front();
+  const std::string ref_label = plan.base_ ? "the base " + ref.path().string() : "model " + ref.path().string();
+  auto check_same_set = [&](const Checkpoint& c) {
+    for (const TensorRef& t : c.tensors())
+      if (!ref.find(t.name()))
+        throw MergeError("tensor '" + t.name() + "' of model " + c.path().string() + " is not in " + ref_label);
+  };
+  for (const Checkpoint& m : plan.models_) check_same_set(m);
+
+  for (const TensorRef& r : ref.tensors()) {
+    PlannedItem item;
+    item.name = r.name();
+    item.shape = r.info->shape;
+    item.numel = r.info->numel;
+    item.in_dtype = r.info->dtype;
+    item.merged = dtype_is_mergeable(r.info->dtype);
+    item.out_dtype = item.merged && out_dtype ? *out_dtype : item.in_dtype;
+    if (plan.base_) item.base = &r;
+    for (const Checkpoint& m : plan.models_) {
+      const TensorRef* t = m.find(item.name);
+      if (!t) throw MergeError("tensor '" + item.name + "' is missing from model " + m.path().string() + " (present in " + ref_label + ")");
+      if (t->info->shape != item.shape)
+        throw MergeError("tensor '" + item.name + "' has shape " + shape_text(t->info->shape) + " in model " +
+                         m.path().string() + " but " + shape_text(item.shape) + " in " + ref_label);
+      if (t->info->dtype != item.in_dtype)
+        throw MergeError("tensor '" + item.name + "' has dtype " + std::string(dtype_name(t->info->dtype)) +
+                         " in model " + m.path().string() + " but " + std::string(dtype_name(item.in_dtype)) +
+                         " in " + ref_label);
+      item.models.push_back(t);
+    }
+    const std::uint64_t inputs = item.merged ? plan.models_.size() + (plan.base_ ? 1 : 0) : 1;
+    plan.input_bytes_ += inputs * r.info->nbytes();
+    plan.output_bytes_ += item.numel * element_bytes(item.out_dtype);
+    plan.items_.push_back(std::move(item));
+  }
+  return plan;
+}
+
+std::vector<OutputTensor> MergePlan::output_tensors() const {
+  std::vector<OutputTensor> out;
+  out.reserve(items_.size());
+  for (const auto& i : items_) out.push_back({i.name, i.out_dtype, i.shape});
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Execution
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// Per-thread buffers for one chunk: the inputs as float32 and the output.
+struct Scratch {
+  std::size_t capacity = 0;
+  AlignedPtr<float> base;
+  std::vector<AlignedPtr<float>> models;
+  std::vector<const float*> model_ptrs;
+  AlignedPtr<float> out;
+  AlignedPtr<std::byte> out_bytes;
+
+  void ensure(std::size_t n, std::size_t model_count) {
+    if (capacity >= n && models.size() == model_count) return;
+    capacity = std::max(n, capacity);
+    base = aligned_array<float>(capacity);
+    models.clear();
+    model_ptrs.clear();
+    for (std::size_t i = 0; i < model_count; ++i) {
+      models.push_back(aligned_array<float>(capacity));
+      model_ptrs.push_back(models.back().get());
+    }
+    out = aligned_array<float>(capacity);
+    out_bytes = aligned_array<std::byte>(capacity * 8);
+  }
+};
+
+class Runner {
+ public:
+  Runner(const MergePlan& plan, const LoadedPlugin& plugin, const ParamSet& params, CheckpointWriter& out,
+         const EngineOptions& options)
+      : plan_(plan), plugin_(plugin), params_(params), out_(out), opt_(options) {
+    for (std::size_t i = 0; i < plan.items().size(); ++i)
+      if (plan.items()[i].merged) merged_.push_back(i);
+    tensors_.resize(merged_.size());
+    for (std::size_t k = 0; k < merged_.size(); ++k) {
+      const PlannedItem& item = plan.items()[merged_[k]];
+      cfx_tensor& t = tensors_[k];
+      t.struct_size = sizeof t;
+      t.rank = static_cast<std::uint32_t>(item.shape.size());
+      t.index = k;
+      t.name = item.name.c_str();
+      t.shape = item.shape.data();
+      t.numel = item.numel;
+      t.row_length = item.shape.empty() ? item.numel : item.shape.back();
+    }
+    names_ = opt_.model_names;
+    for (std::size_t i = names_.size(); i < plan.models().size(); ++i) names_.push_back(plan.models()[i].path().string());
+    for (const auto& n : names_) name_ptrs_.push_back(n.c_str());
+    ctx_.job = opt_.job_name;
+    ctx_.strategy = plugin.id();
+  }
+
+  ~Runner() {
+    if (instance_) plugin_.desc.destroy(instance_);
+  }
+
+  MergeResult run() {
+    const auto start = std::chrono::steady_clock::now();
+    create();
+    const auto& passes = plugin_.passes;
+    if (opt_.progress) {
+      opt_.progress->pass_count = static_cast<unsigned>(passes.size());
+      opt_.progress->bytes_total = merged_input_bytes() * passes.size() + copied_bytes();
+    }
+    std::size_t p = 0;
+    while (p < passes.size()) {
+      if (passes[p].kind == CFX_PASS_MODEL_REDUCE) {
+        timed(p, [&] { model_reduce(p); });
+        ++p;
+        continue;
+      }
+      // A run of tensor-scope passes ending in the map runs tensor by tensor.
+      const std::size_t first = p;
+      while (passes[p].kind != CFX_PASS_MAP) ++p;
+      timed(first, [&] { tensor_stage(first, p); });
+      ++p;
+    }
+    if (plugin_.desc.finish && plugin_.desc.finish(instance_) != 0) throw plugin_failure("finish", nullptr);
+    result_.report = ctx_.report;
+    result_.tensors = plan_.items().size();
+    result_.merged_tensors = merged_.size();
+    result_.copied_tensors = plan_.items().size() - merged_.size();
+    result_.bytes_read = bytes_read_.load();
+    result_.bytes_written = bytes_written_.load();
+    result_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return result_;
+  }
+
+ private:
+  void create() {
+    job_.struct_size = sizeof job_;
+    job_.model_count = static_cast<std::uint32_t>(plan_.models().size());
+    job_.host = host_table();
+    job_.ctx = &ctx_;
+    job_.has_base = plan_.base() ? 1 : 0;
+    job_.param_count = static_cast<std::uint32_t>(params_.values().size());
+    job_.params = params_.values().data();
+    job_.seed = opt_.seed;
+    job_.tensor_count = tensors_.size();
+    job_.tensors = tensors_.data();
+    job_.model_names = name_ptrs_.data();
+    if (plugin_.desc.create(&job_, &instance_) != 0 || !instance_) {
+      instance_ = nullptr;
+      throw plugin_failure("create", nullptr);
+    }
+    for (const cfx_pass& pass : plugin_.passes) {
+      std::uint64_t size = pass.stats_size;
+      if (pass.kind != CFX_PASS_MAP && pass.instance_stats_size) size = pass.instance_stats_size(instance_);
+      if (pass.kind != CFX_PASS_MAP && (size == 0 || size > (std::uint64_t{1} << 30)))
+        throw MergeError("strategy '" + plugin_.id() + "' declares reduce statistics of " + std::to_string(size) +
+                         " bytes (must be 1 byte to 1 GiB)");
+      stats_sizes_.push_back(size);
+    }
+    for (const cfx_pass& pass : plugin_.passes)
+      if ((pass.flags & (CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA)) && !plan_.base())
+        throw MergeError("strategy '" + plugin_.id() + "' computes task vectors, which need a base model");
+  }
+
+  MergeError plugin_failure(const char* what, const cfx_tensor* t) const {
+    std::string m = "strategy '" + plugin_.id() + "' failed in " + what;
+    if (t) m += " on tensor '" + std::string(t->name) + "'";
+    m += ": " + (ctx_.failed() ? ctx_.failure() : std::string("no reason given"));
+    return MergeError(m);
+  }
+
+  template <class F>
+  void timed(std::size_t pass, F&& f) {
+    if (opt_.progress) opt_.progress->pass = static_cast<unsigned>(pass + 1);
+    const auto t0 = std::chrono::steady_clock::now();
+    arena().execute(f);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    static constexpr const char* kKinds[] = {"", "map", "tensor_reduce", "model_reduce"};
+    result_.passes.push_back({kKinds[plugin_.passes[pass].kind], s});
+  }
+
+  tbb::task_arena& arena() {
+    if (!arena_) {
+      const int n = opt_.threads == 0 ? tbb::this_task_arena::max_concurrency() : static_cast<int>(opt_.threads);
+      arena_ = std::make_unique<tbb::task_arena>(n);
+    }
+    return *arena_;
+  }
+
+  void check_cancel() const {
+    if (opt_.cancel && opt_.cancel->load(std::memory_order_relaxed)) throw MergeError("cancelled");
+  }
+
+  std::uint64_t merged_input_bytes() const {
+    std::uint64_t n = 0;
+    const std::uint64_t inputs = plan_.models().size() + (plan_.base() ? 1 : 0);
+    for (std::size_t i : merged_) n += inputs * plan_.items()[i].numel * element_bytes(plan_.items()[i].in_dtype);
+    return n;
+  }
+  std::uint64_t copied_bytes() const {
+    std::uint64_t n = 0;
+    for (const auto& item : plan_.items())
+      if (!item.merged) n += item.numel * element_bytes(item.in_dtype);
+    return n;
+  }
+
+  // Chunks of a tensor for a pass: fixed size, or whole rows.
+  std::uint64_t chunk_size(const cfx_tensor& t, const cfx_pass& pass) const {
+    std::uint64_t c = std::max<std::uint64_t>(1, opt_.chunk_elements);
+    if ((pass.flags & CFX_PASS_WHOLE_ROWS) && t.row_length > 0) c = std::max<std::uint64_t>(1, c / t.row_length) * t.row_length;
+    return c;
+  }
+
+  // Converts the chunk's inputs to float32 and releases the consumed pages.
+  void load(const PlannedItem& item, std::uint64_t begin, std::uint64_t count, const cfx_pass& pass, Scratch& s,
+            cfx_chunk& chunk, const cfx_tensor& t) {
+    const std::size_t n_models = plan_.models().size();
+    s.ensure(static_cast<std::size_t>(count), n_models);
+    const std::uint64_t esize = element_bytes(item.in_dtype);
+    const std::uint64_t b0 = begin * esize, b1 = (begin + count) * esize;
+    auto read = [&](const Checkpoint& c, const TensorRef& ref, float* dst) {
+      const TensorView v = c.view(ref);
+      to_f32(item.in_dtype, v.bytes.data() + b0, dst, static_cast<std::size_t>(count));
+      c.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
+    };
+    const float* base = nullptr;
+    if (plan_.base()) {
+      read(*plan_.base(), *item.base, s.base.get());
+      base = s.base.get();
+    }
+    for (std::size_t i = 0; i < n_models; ++i) {
+      read(plan_.models()[i], *item.models[i], s.models[i].get());
+      if (pass.flags & CFX_PASS_TASK_VECTORS) sub_f32(s.models[i].get(), base, static_cast<std::size_t>(count));
+    }
+    bytes_read_ += (n_models + (base ? 1 : 0)) * (b1 - b0);
+    if (opt_.progress) opt_.progress->bytes_done += (n_models + (base ? 1 : 0)) * (b1 - b0);
+    chunk.struct_size = sizeof chunk;
+    chunk.model_count = static_cast<std::uint32_t>(n_models);
+    chunk.tensor = &t;
+    chunk.begin = begin;
+    chunk.count = count;
+    chunk.models = s.model_ptrs.data();
+    chunk.base = base;
+  }
+
+  // Deterministic per-tensor reduction over the tensor's chunks.
+  class ReduceBody {
+   public:
+    ReduceBody(Runner& r, std::size_t pass, std::size_t k) : r_(r), pass_(pass), k_(k) {
+      partial_ = aligned_array<std::byte>(r.stats_sizes_[pass]);
+    }
+    ReduceBody(ReduceBody& other, tbb::split) : ReduceBody(other.r_, other.pass_, other.k_) {}
+    void operator()(const tbb::blocked_range<std::uint64_t>& range) {
+      const cfx_pass& pass = r_.plugin_.passes[pass_];
+      const cfx_tensor& t = r_.tensors_[k_];
+      const PlannedItem& item = r_.plan_.items()[r_.merged_[k_]];
+      const std::uint64_t size = r_.chunk_size(t, pass);
+      Scratch& s = r_.scratch_.local();
+      for (std::uint64_t c = range.begin(); c != range.end(); ++c) {
+        r_.check_cancel();
+        const std::uint64_t begin = c * size, count = std::min(size, t.numel - begin);
+        cfx_chunk chunk{};
+        r_.load(item, begin, count, pass, s, chunk, t);
+        if (pass.reduce(r_.instance_, &chunk, partial_.get()) != 0) throw r_.plugin_failure("reduce", &t);
+      }
+    }
+    void join(ReduceBody& rhs) {
+      const cfx_tensor* t = k_ == kModelScope ? nullptr : &r_.tensors_[k_];
+      if (r_.plugin_.passes[pass_].combine(r_.instance_, t, partial_.get(), rhs.partial_.get()) != 0)
+        throw r_.plugin_failure("combine", t);
+    }
+    std::byte* partial() { return partial_.get(); }
+
+   private:
+    Runner& r_;
+    std::size_t pass_, k_;
+    AlignedPtr<std::byte> partial_;
+  };
+  static constexpr std::size_t kModelScope = static_cast<std::size_t>(-1);
+
+  std::uint64_t chunk_count(const cfx_tensor& t, const cfx_pass& pass) const {
+    const std::uint64_t size = chunk_size(t, pass);
+    return (t.numel + size - 1) / size;
+  }
+
+  AlignedPtr<std::byte> reduce_tensor(std::size_t pass, std::size_t k) {
+    const cfx_tensor& t = tensors_[k];
+    ReduceBody body(*this, pass, k);
+    const std::uint64_t chunks = chunk_count(t, plugin_.passes[pass]);
+    if (chunks > 0)
+      tbb::parallel_deterministic_reduce(tbb::blocked_range<std::uint64_t>(0, chunks, 1), body,
+                                         tbb::simple_partitioner());
+    auto out = aligned_array<std::byte>(stats_sizes_[pass]);
+    std::memcpy(out.get(), body.partial(), stats_sizes_[pass]);
+    return out;
+  }
+
+  void model_reduce(std::size_t pass) {
+    const cfx_pass& p = plugin_.passes[pass];
+    std::vector<AlignedPtr<std::byte>> per_tensor(tensors_.size());
+    tbb::parallel_for(std::size_t{0}, tensors_.size(), [&](std::size_t k) { per_tensor[k] = reduce_tensor(pass, k); });
+    // Across tensors in tensor order: a sequential fold is as deterministic as it gets.
+    auto total = aligned_array<std::byte>(stats_sizes_[pass]);
+    for (std::size_t k = 0; k < tensors_.size(); ++k)
+      if (p.combine(instance_, nullptr, total.get(), per_tensor[k].get()) != 0) throw plugin_failure("combine", nullptr);
+    std::int32_t repeat = 0;
+    if (p.reduce_done(instance_, nullptr, total.get(), &repeat) != 0) throw plugin_failure("reduce_done", nullptr);
+  }
+
+  void tensor_stage(std::size_t first, std::size_t map_pass) {
+    const std::size_t n_items = plan_.items().size();
+    tbb::parallel_for(std::size_t{0}, n_items, [&](std::size_t i) {
+      const PlannedItem& item = plan_.items()[i];
+      if (!item.merged) return copy_tensor(i);
+      const std::size_t k = static_cast<std::size_t>(std::lower_bound(merged_.begin(), merged_.end(), i) - merged_.begin());
+      const cfx_tensor& t = tensors_[k];
+      for (std::size_t p = first; p < map_pass; ++p) {
+        for (int round = 0;; ++round) {
+          if (round > 64) throw MergeError("strategy '" + plugin_.id() + "' repeated a pass more than 64 times on tensor '" + item.name + "'");
+          auto stats = reduce_tensor(p, k);
+          std::int32_t repeat = 0;
+          if (plugin_.passes[p].reduce_done(instance_, &t, stats.get(), &repeat) != 0)
+            throw plugin_failure("reduce_done", &t);
+          if (!repeat) break;
+        }
+      }
+      map_tensor(map_pass, i, k);
+    });
+  }
+
+  void map_tensor(std::size_t pass, std::size_t item_index, std::size_t k) {
+    const cfx_pass& p = plugin_.passes[pass];
+    const cfx_tensor& t = tensors_[k];
+    const PlannedItem& item = plan_.items()[item_index];
+    const std::uint64_t size = chunk_size(t, p), chunks = chunk_count(t, p);
+    const std::uint64_t out_esize = element_bytes(item.out_dtype);
+    tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, 1), [&](const tbb::blocked_range<std::uint64_t>& r) {
+      Scratch& s = scratch_.local();
+      for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
+        check_cancel();
+        const std::uint64_t begin = c * size, count = std::min(size, t.numel - begin);
+        cfx_chunk chunk{};
+        load(item, begin, count, p, s, chunk, t);
+        float* out = s.out.get();
+        if (p.map(instance_, &chunk, out) != 0) throw plugin_failure("map", &t);
+        if (p.flags & CFX_PASS_OUTPUT_DELTA) add_f32(out, chunk.base, static_cast<std::size_t>(count));
+        from_f32(item.out_dtype, out, s.out_bytes.get(), static_cast<std::size_t>(count));
+        out_.write_at(item_index, begin * out_esize, {s.out_bytes.get(), count * out_esize});
+        bytes_written_ += count * out_esize;
+      }
+    }, tbb::simple_partitioner());
+  }
+
+  // A non-floating tensor goes to the output unchanged, from the reference input.
+  void copy_tensor(std::size_t item_index) {
+    const PlannedItem& item = plan_.items()[item_index];
+    const Checkpoint& c = plan_.base() ? *plan_.base() : plan_.models().front();
+    const TensorRef& ref = item.base ? *item.base : *item.models.front();
+    const TensorView v = c.view(ref);
+    constexpr std::uint64_t kBlock = 1 << 20;
+    for (std::uint64_t off = 0; off < v.bytes.size(); off += kBlock) {
+      check_cancel();
+      const std::uint64_t n = std::min<std::uint64_t>(kBlock, v.bytes.size() - off);
+      out_.write_at(item_index, off, v.bytes.subspan(off, n));
+      c.shards()[ref.shard].release(ref.info->begin + off, ref.info->begin + off + n);
+      bytes_read_ += n;
+      bytes_written_ += n;
+      if (opt_.progress) opt_.progress->bytes_done += n;
+    }
+  }
+
+  const MergePlan& plan_;
+  const LoadedPlugin& plugin_;
+  const ParamSet& params_;
+  CheckpointWriter& out_;
+  const EngineOptions& opt_;
+
+  std::vector<std::size_t> merged_;  // item indices of the floating tensors, ascending
+  std::vector<cfx_tensor> tensors_;  // one per merged item
+  std::vector<std::string> names_;
+  std::vector<const char*> name_ptrs_;
+  cfx_context ctx_;
+  cfx_job job_{};
+  void* instance_ = nullptr;
+  std::vector<std::uint64_t> stats_sizes_;
+  std::unique_ptr<tbb::task_arena> arena_;
+  tbb::enumerable_thread_specific<Scratch> scratch_;
+  std::atomic<std::uint64_t> bytes_read_{0}, bytes_written_{0};
+  MergeResult result_;
+};
+
+}  // namespace
+
+MergeResult run_merge(const MergePlan& plan, const LoadedPlugin& plugin, const ParamSet& params, CheckpointWriter& out,
+                      const EngineOptions& options) {
+  Runner runner(plan, plugin, params, out, options);
+  return runner.run();
+}
+
+MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const EngineOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  std::atomic<std::uint64_t> read{0}, written{0};
+  const int threads = options.threads == 0 ? tbb::this_task_arena::max_concurrency() : static_cast<int>(options.threads);
+  tbb::task_arena arena(threads);
+  tbb::enumerable_thread_specific<Scratch> scratch;
+  const std::size_t n_models = plan.models().size();
+  arena.execute([&] {
+    tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {
+      const PlannedItem& item = plan.items()[i];
+      const std::uint64_t in_esize = element_bytes(item.in_dtype), out_esize = element_bytes(item.out_dtype);
+      const std::uint64_t size = std::max<std::uint64_t>(1, options.chunk_elements);
+      const std::uint64_t chunks = (item.numel + size - 1) / size;
+      tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, 1), [&](const tbb::blocked_range<std::uint64_t>& r) {
+        Scratch& s = scratch.local();
+        s.ensure(static_cast<std::size_t>(size), n_models);
+        for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
+          const std::uint64_t begin = c * size, count = std::min(size, item.numel - begin);
+          const std::uint64_t b0 = begin * in_esize, b1 = (begin + count) * in_esize;
+          // Touch every input byte once (the sum keeps the reads from being optimised away).
+          auto consume = [&](const Checkpoint& ck, const TensorRef& ref) {
+            const TensorView v = ck.view(ref);
+            std::uint64_t acc = 0;
+            for (std::uint64_t b = b0; b < b1; b += 64) acc += static_cast<std::uint64_t>(v.bytes[b]);
+            read += (b1 - b0) + (acc & 0);
+            ck.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
+          };
+          if (!item.merged) {
+            const Checkpoint& ck = plan.base() ? *plan.base() : plan.models().front();
+            const TensorRef& ref = item.base ? *item.base : *item.models.front();
+            out.write_at(i, b0, ck.view(ref).bytes.subspan(b0, b1 - b0));
+            consume(ck, ref);
+            written += b1 - b0;
+            continue;
+          }
+          if (plan.base()) consume(*plan.base(), *item.base);
+          for (std::size_t m = 1; m < n_models; ++m) consume(plan.models()[m], *item.models[m]);
+          // The first model is converted and written: the write path of a merge.
+          const TensorView v = plan.models().front().view(*item.models.front());
+          to_f32(item.in_dtype, v.bytes.data() + b0, s.out.get(), static_cast<std::size_t>(count));
+          plan.models().front().shards()[item.models.front()->shard].release(item.models.front()->info->begin + b0,
+                                                                             item.models.front()->info->begin + b1);
+          read += b1 - b0;
+          from_f32(item.out_dtype, s.out.get(), s.out_bytes.get(), static_cast<std::size_t>(count));
+          out.write_at(i, begin * out_esize, {s.out_bytes.get(), count * out_esize});
+          written += count * out_esize;
+        }
+      }, tbb::simple_partitioner());
+    });
+  });
+  MergeResult r;
+  r.tensors = plan.items().size();
+  r.bytes_read = read;
+  r.bytes_written = written;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+}  // namespace conflux

@@ -1,0 +1,24 @@
+// passthrough: copies one model, optionally scaled (out = scale * theta). With scale 1 and the
+// model's own dtype the output is bit-identical to the input.
+#include <conflux/plugin.hpp>
+
+namespace sdk = conflux::sdk;
+
+struct Passthrough {
+  static constexpr sdk::Info info{"passthrough", "1.0.0", "Copies one model, optionally scaled", 1, 1,
+                                  CFX_BASE_UNUSED};
+  static inline const sdk::Param params[] = {
+      sdk::Param::real("scale", 1.0, "factor applied to every weight"),
+  };
+
+  explicit Passthrough(const sdk::Job& job) : scale_(job.number("scale")) {}
+
+  void map(const sdk::Chunk& c, sdk::Span<float> out) {
+    const float* x = c.models()[0];
+    for (std::size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(scale_ * x[k]);
+  }
+
+  double scale_;
+};
+
+CONFLUX_PLUGIN(Passthrough, sdk::map_pass<Passthrough, &Passthrough::map>())
