@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   g++ cmake make pkg-config
   libboost1.81-dev libboost-json1.81-dev libboost-program-options1.81-dev
-  libtomlplusplus-dev libtbb-dev libhwy-dev libgtest-dev libsystemd-dev libssl-dev
+  libtomlplusplus-dev libtbb-dev libhwy-dev libgtest-dev libgmock-dev libsystemd-dev libssl-dev
   clang libclang-rt-14-dev   # libFuzzer targets (scripts/fuzz.sh)
 )
 

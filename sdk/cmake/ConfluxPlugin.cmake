@@ -10,6 +10,8 @@ function(conflux_add_plugin target)
   add_library(${target} MODULE ${ARGN})
   target_link_libraries(${target} PRIVATE ConfluxSDK::sdk)
   target_compile_features(${target} PRIVATE cxx_std_17)
+  # Reproducible float results: no fused multiply-add unless the code asks for one.
+  target_compile_options(${target} PRIVATE -ffp-contract=off)
   set_target_properties(${target} PROPERTIES
     PREFIX ""
     C_VISIBILITY_PRESET hidden

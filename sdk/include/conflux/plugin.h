@@ -279,7 +279,7 @@ struct cfx_host {
        mix64(z):  z += 0x9E3779B97F4A7C15; z = (z ^ z>>30) * 0xBF58476D1CE4E5B9;
                   z = (z ^ z>>27) * 0x94D049BB133111EB; return z ^ z>>31      (SplitMix64)
        fmix32(h): h ^= h>>16; h *= 0x85EBCA6B; h ^= h>>13; h *= 0xC2B2AE35; return h ^ h>>16
-       key  = mix64(mix64(seed) ^ fnv1a64(tensor name bytes) ^ mix64(model + 1))
+       key  = mix64(mix64(mix64(seed) ^ fnv1a64(tensor name bytes)) ^ model)
        k0 = low 32 bits of key, k1 = high 32 bits; e = element index (64-bit)
        h  = fmix32(lo32(e) ^ k0);  h = fmix32(h ^ k1 ^ (hi32(e) * 0x9E3779B9))
        u  = (h >> 8) * 2^-24                                  (all arithmetic modulo 2^32/2^64)

@@ -1,0 +1,417 @@
+// The merge engine end to end through the library (run_job): values against float64 references
+// computed here, determinism across thread counts and chunk sizes, copying of non-floating
+// tensors, the checks of the plan, and that a failed merge publishes nothing.
+#include <atomic>
+#include <cmath>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include <boost/json.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+
+#include "conflux/checkpoint.h"
+#include "conflux/convert.h"
+#include "conflux/merge.h"
+#include "conflux/writer.h"
+#include "test_util.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace conflux;
+using ::testing::HasSubstr;
+
+struct Spec {
+  std::string name;
+  std::vector<std::uint64_t> shape;
+  DType dtype = DType::BF16;
+};
+
+// Odd sizes: none is a multiple of a vector width or of the chunk sizes used below.
+std::vector<Spec> default_specs(DType t) {
+  return {{"embed.weight", {131, 37}, t}, {"layer.0.w", {63, 41}, t}, {"layer.0.bias", {41}, t},
+          {"layer.1.w", {5, 7, 9}, t},    {"scalar", {}, t},          {"empty", {0}, t},
+          {"norm.weight", {1031}, t}};
+}
+
+std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
+  std::uint64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+// Writes a checkpoint whose element j of tensor `s` is value(s, j) rounded to the dtype.
+template <class F>
+void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value, std::uint64_t shard_size = 1 << 30) {
+  fs::create_directories(dir);
+  std::vector<OutputTensor> tensors;
+  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
+  CheckpointWriter w(dir, tensors, {shard_size, {}});
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const Spec& s = specs[i];
+    const std::uint64_t n = numel(s.shape);
+    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
+    std::vector<std::byte> bytes(n * esize);
+    if (dtype_is_mergeable(s.dtype)) {
+      std::vector<float> f(n);
+      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(s, j);
+      from_f32(s.dtype, f.data(), bytes.data(), n);
+    } else {
+      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
+    }
+    w.write_at(i, 0, bytes);
+  }
+  w.finish();
+  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "float32", "dtype": "float32"})";
+  std::ofstream(dir / "tokenizer.json") << R"({"version": "1.0"})";
+}
+
+float base_value(const Spec& s, std::uint64_t j) {
+  std::mt19937 rng(static_cast<unsigned>(std::hash<std::string>{}(s.name) + j * 7919));
+  return std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+}
+
+// Model m changes a sparse, partly overlapping set of entries by amounts well above a bf16 ulp.
+float model_value(const Spec& s, std::uint64_t j, int m) {
+  std::mt19937 rng(static_cast<unsigned>(std::hash<std::string>{}(s.name) * 31 + j * 104729 + static_cast<unsigned>(m) * 15485863));
+  std::uniform_real_distribution<float> u(0, 1);
+  const float b = base_value(s, j);
+  if (u(rng) > 0.3f) return b;
+  return b + (u(rng) - 0.5f) * 0.2f;
+}
+
+double ulp(DType t, double ref) {
+  int e = 0;
+  std::frexp(ref, &e);  // ref = f * 2^e, f in [0.5, 1): the leading bit is 2^(e-1)
+  switch (t) {
+    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
+    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
+    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
+    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
+  }
+}
+
+RawParam num(const std::string& key, double v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::floating;
+  p.number = v;
+  return p;
+}
+RawParam flag(const std::string& key, bool v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::boolean;
+  p.number = v ? 1 : 0;
+  return p;
+}
+RawParam list(const std::string& key, std::vector<double> v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::array;
+  p.list = std::move(v);
+  return p;
+}
+
+std::string read_bytes(const fs::path& p) { return conflux_test::read_file(p); }
+
+class EngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
+    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+    config_.file = dir_.path() / "job.toml";
+  }
+
+  void make_inputs(DType t, int n_models = 3, std::uint64_t shard_size = 1 << 30) {
+    specs_ = default_specs(t);
+    write_checkpoint(dir_ / "base", specs_, base_value, shard_size);
+    for (int m = 0; m < n_models; ++m)
+      write_checkpoint(dir_ / ("m" + std::to_string(m)), specs_,
+                       [m](const Spec& s, std::uint64_t j) { return model_value(s, j, m); }, shard_size);
+  }
+
+  JobConfig job(const std::string& strategy, int n_models, std::vector<RawParam> params, const std::string& out) {
+    JobConfig j;
+    j.name = "test";
+    j.strategy = strategy;
+    j.base = dir_ / "base";
+    for (int m = 0; m < n_models; ++m) j.models.push_back(dir_ / ("m" + std::to_string(m)));
+    j.output = dir_ / out;
+    j.params = std::move(params);
+    return j;
+  }
+
+  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000, bool force = false,
+                   const std::atomic<bool>* cancel = nullptr) {
+    MergeRequest r;
+    r.config = &config_;
+    r.job = &j;
+    r.threads = threads;
+    r.chunk_elements = chunk;
+    r.force = force;
+    r.cancel = cancel;
+    return run_job(r, plugins_);
+  }
+
+  // Max error of the output against `ref`, in ulps of the output dtype, over every element.
+  template <class Ref>
+  double max_ulps(const fs::path& out, Ref ref) {
+    const Checkpoint merged = Checkpoint::open(out);
+    const Checkpoint base = Checkpoint::open(dir_ / "base");
+    std::vector<Checkpoint> models;
+    for (int m = 0; fs::exists(dir_ / ("m" + std::to_string(m))); ++m)
+      models.push_back(Checkpoint::open(dir_ / ("m" + std::to_string(m))));
+    double worst = 0;
+    for (const TensorRef& t : merged.tensors()) {
+      const TensorView v = merged.view(t);
+      const TensorView b = base.view(base.at(t.name()));
+      std::vector<TensorView> xs;
+      for (const auto& c : models) xs.push_back(c.view(c.at(t.name())));
+      for (std::uint64_t k = 0; k < t.info->numel; ++k) {
+        std::vector<double> x;
+        for (const auto& mv : xs) x.push_back(mv.element(k));
+        const double r = ref(b.element(k), x);
+        const double got = v.element(k);
+        const double err = std::abs(got - r) / ulp(t.info->dtype, r);
+        worst = std::max(worst, err);
+      }
+    }
+    return worst;
+  }
+
+  conflux_test::TempDir dir_;
+  PluginRegistry plugins_;
+  Config config_;
+  std::vector<Spec> specs_;
+};
+
+TEST_F(EngineTest, TaskArithmeticMatchesFloat64Reference) {
+  for (DType out : {DType::BF16, DType::F16, DType::F32}) {
+    SCOPED_TRACE(std::string(dtype_name(out)));
+    make_inputs(DType::BF16);
+    JobConfig j = job("task_arithmetic", 3, {list("weights", {1.0, 0.5, -0.25}), num("lambda", 0.8)}, "ta");
+    j.out_dtype = out;
+    run(j, 2, 1000, true);
+    const double w[] = {1.0, 0.5, -0.25};
+    const double e = max_ulps(dir_ / "ta", [&](double b, const std::vector<double>& x) {
+      double acc = 0;
+      for (std::size_t i = 0; i < x.size(); ++i) acc += w[i] * (x[i] - b);
+      return b + 0.8 * acc;
+    });
+    EXPECT_LE(e, 1.0);
+  }
+}
+
+TEST_F(EngineTest, TaskArithmeticNormalizeDividesBySumOfWeights) {
+  make_inputs(DType::F16);
+  JobConfig j = job("task_arithmetic", 3, {list("weights", {2.0, 1.0, 1.0}), flag("normalize", true)}, "ta");
+  run(j);
+  const double e = max_ulps(dir_ / "ta", [](double b, const std::vector<double>& x) {
+    return b + (2 * (x[0] - b) + (x[1] - b) + (x[2] - b)) / 4.0;
+  });
+  EXPECT_LE(e, 1.0);
+}
+
+TEST_F(EngineTest, LinearMatchesFloat64Reference) {
+  make_inputs(DType::F32);
+  for (bool normalize : {true, false}) {
+    SCOPED_TRACE(normalize);
+    JobConfig j = job("linear", 3, {list("weights", {3.0, 1.0, 0.5}), flag("normalize", normalize)}, "lin");
+    run(j, 1, 777, true);
+    const double sum = normalize ? 4.5 : 1.0;
+    const double e = max_ulps(dir_ / "lin", [&](double, const std::vector<double>& x) {
+      return (3.0 * x[0] + 1.0 * x[1] + 0.5 * x[2]) / sum;
+    });
+    EXPECT_LE(e, 1.0);
+  }
+}
+
+TEST_F(EngineTest, PassthroughCopiesBitForBit) {
+  make_inputs(DType::BF16, 1);
+  JobConfig j = job("passthrough", 1, {}, "copy");
+  j.base.reset();
+  run(j);
+  const Checkpoint a = Checkpoint::open(dir_ / "copy"), b = Checkpoint::open(dir_ / "m0");
+  for (const TensorRef& t : b.tensors()) {
+    const auto x = b.view(t).bytes, y = a.view(a.at(t.name())).bytes;
+    ASSERT_EQ(x.size(), y.size());
+    EXPECT_EQ(0, std::memcmp(x.data(), y.data(), x.size())) << t.name();
+  }
+  JobConfig scaled = job("passthrough", 1, {num("scale", 2.0)}, "scaled");
+  scaled.base.reset();
+  run(scaled);
+  EXPECT_EQ(max_ulps(dir_ / "scaled", [](double, const std::vector<double>& x) { return 2 * x[0]; }), 0.0);
+}
+
+TEST_F(EngineTest, OutputIsBitIdenticalAcrossThreadCountsAndChunkSizes) {
+  make_inputs(DType::BF16, 3, 6000);  // several input shards
+  const auto params = std::vector<RawParam>{list("weights", {1.0, 0.7, 0.3})};
+  run(job("task_arithmetic", 3, params, "t1"), 1, 1000);
+  run(job("task_arithmetic", 3, params, "t2"), 2, 1000);
+  run(job("task_arithmetic", 3, params, "t3"), 2, 4096);
+  for (const char* other : {"t2", "t3"}) {
+    EXPECT_EQ(read_bytes(dir_ / "t1" / "model.safetensors"), read_bytes(dir_ / other / "model.safetensors")) << other;
+  }
+}
+
+TEST_F(EngineTest, ShardsTheOutputBySize) {
+  make_inputs(DType::BF16);
+  JobConfig j = job("task_arithmetic", 3, {}, "sharded");
+  j.shard_size = 5000;
+  run(j);
+  const Checkpoint c = Checkpoint::open(dir_ / "sharded");
+  EXPECT_TRUE(c.has_index());
+  EXPECT_GT(c.shards().size(), 2u);
+  EXPECT_EQ(c.size(), specs_.size());
+}
+
+TEST_F(EngineTest, NonFloatingTensorsAreCopiedFromTheBase) {
+  specs_ = default_specs(DType::BF16);
+  specs_.push_back({"position_ids", {3, 11}, DType::I64});
+  specs_.push_back({"mask", {13}, DType::U8});
+  write_checkpoint(dir_ / "base", specs_, base_value);
+  for (int m = 0; m < 2; ++m)
+    write_checkpoint(dir_ / ("m" + std::to_string(m)), specs_, [m](const Spec& s, std::uint64_t j) { return model_value(s, j, m); });
+  const MergeOutcome o = run(job("task_arithmetic", 2, {}, "out"));
+  EXPECT_EQ(o.result.copied_tensors, 2u);
+  const Checkpoint out = Checkpoint::open(dir_ / "out"), base = Checkpoint::open(dir_ / "base");
+  for (const char* name : {"position_ids", "mask"}) {
+    const auto a = out.view(out.at(name)).bytes, b = base.view(base.at(name)).bytes;
+    EXPECT_EQ(out.at(name).info->dtype, base.at(name).info->dtype);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size())) << name;
+  }
+}
+
+TEST_F(EngineTest, WritesManifestAndAuxiliaryFiles) {
+  make_inputs(DType::BF16, 2);
+  JobConfig j = job("task_arithmetic", 2, {num("lambda", 0.5)}, "out");
+  j.out_dtype = DType::F16;
+  j.seed = 42;
+  run(j);
+  const auto manifest = boost::json::parse(read_bytes(dir_ / "out" / "conflux-manifest.json")).as_object();
+  EXPECT_EQ(manifest.at("strategy").at("id").as_string(), "task_arithmetic");
+  EXPECT_EQ(manifest.at("strategy").at("version").as_string(), "1.0.0");
+  EXPECT_EQ(manifest.at("seed").to_number<std::uint64_t>(), 42u);
+  EXPECT_EQ(manifest.at("params").at("lambda").as_double(), 0.5);
+  EXPECT_EQ(manifest.at("params").at("weights").as_array().size(), 2u);
+  EXPECT_EQ(manifest.at("conflux_version").as_string(), CONFLUX_VERSION);
+  const auto& inputs = manifest.at("inputs").as_array();
+  ASSERT_EQ(inputs.size(), 3u);
+  EXPECT_EQ(inputs[0].at("role").as_string(), "base");
+  // The header hash is the SHA-256 of the header bytes of that shard.
+  const Checkpoint base = Checkpoint::open(dir_ / "base");
+  const auto header = base.shards()[0].header_bytes();
+  unsigned char digest[32];
+  unsigned len = 0;
+  EVP_Digest(header.data(), header.size(), digest, &len, EVP_sha256(), nullptr);
+  char hex[65];
+  for (int i = 0; i < 32; ++i) std::snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+  const auto& file = inputs[0].at("files").as_array()[0].as_object();
+  EXPECT_EQ(file.at("header_sha256").as_string(), hex);
+  EXPECT_EQ(file.at("size").to_number<std::uint64_t>(), fs::file_size(dir_ / "base" / "model.safetensors"));
+  EXPECT_TRUE(manifest.at("timings").as_object().contains("merge_seconds"));
+
+  const auto config = boost::json::parse(read_bytes(dir_ / "out" / "config.json")).as_object();
+  EXPECT_EQ(config.at("torch_dtype").as_string(), "float16");
+  EXPECT_EQ(config.at("dtype").as_string(), "float16");
+  EXPECT_EQ(config.at("model_type").as_string(), "test");
+  EXPECT_TRUE(fs::exists(dir_ / "out" / "tokenizer.json"));
+}
+
+std::vector<std::string> entries(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+TEST_F(EngineTest, ExistingOutputNeedsForce) {
+  make_inputs(DType::BF16, 2);
+  const JobConfig j = job("task_arithmetic", 2, {}, "out");
+  run(j);
+  const std::string before = read_bytes(dir_ / "out" / "model.safetensors");
+  EXPECT_THROW(run(j), ConfigError);
+  EXPECT_EQ(read_bytes(dir_ / "out" / "model.safetensors"), before);
+  const JobConfig j2 = job("task_arithmetic", 2, {num("lambda", 2.0)}, "out");
+  run(j2, 2, 1000, /*force=*/true);
+  EXPECT_NE(read_bytes(dir_ / "out" / "model.safetensors"), before);
+  // No partial or old directories are left beside the output.
+  for (const auto& name : entries(dir_.path())) EXPECT_FALSE(name.starts_with(".")) << name;
+}
+
+TEST_F(EngineTest, CancelledMergeLeavesNothing) {
+  make_inputs(DType::BF16, 2);
+  const std::atomic<bool> cancel{true};
+  try {
+    run(job("task_arithmetic", 2, {}, "out"), 2, 1000, false, &cancel);
+    FAIL() << "expected a cancellation";
+  } catch (const MergeError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("cancelled"));
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
+  for (const auto& name : entries(dir_.path())) EXPECT_FALSE(name.starts_with(".")) << name;
+}
+
+TEST_F(EngineTest, MalformedInputFailsBeforeWritingAnything) {
+  make_inputs(DType::BF16, 2);
+  // Truncate the second model's file: its header now runs past the data.
+  const fs::path f = dir_ / "m1" / "model.safetensors";
+  fs::resize_file(f, fs::file_size(f) - 3);
+  try {
+    run(job("task_arithmetic", 2, {}, "out"));
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("m1"));
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
+  for (const auto& name : entries(dir_.path())) EXPECT_FALSE(name.starts_with(".")) << name;
+}
+
+TEST_F(EngineTest, PlanNamesTheTensorAndModelThatDisagree) {
+  specs_ = default_specs(DType::BF16);
+  write_checkpoint(dir_ / "base", specs_, base_value);
+  write_checkpoint(dir_ / "m0", specs_, base_value);
+  auto expect_plan_error = [&](const std::vector<Spec>& m1, const std::string& tensor, const std::string& what) {
+    fs::remove_all(dir_ / "m1");
+    write_checkpoint(dir_ / "m1", m1, base_value);
+    try {
+      run(job("task_arithmetic", 2, {}, "out"));
+      FAIL() << "expected a plan error for " << what;
+    } catch (const MergeError& e) {
+      EXPECT_THAT(e.what(), HasSubstr("'" + tensor + "'"));
+      EXPECT_THAT(e.what(), HasSubstr((dir_ / "m1").string()));
+      EXPECT_THAT(e.what(), HasSubstr(what));
+    }
+    EXPECT_FALSE(fs::exists(dir_ / "out"));
+  };
+  auto missing = specs_;
+  missing.erase(missing.begin() + 2);
+  expect_plan_error(missing, "layer.0.bias", "missing");
+  auto reshaped = specs_;
+  reshaped[1].shape = {41, 63};
+  expect_plan_error(reshaped, "layer.0.w", "shape");
+  auto retyped = specs_;
+  retyped[3].dtype = DType::F16;
+  expect_plan_error(retyped, "layer.1.w", "dtype");
+  auto extra = specs_;
+  extra.push_back({"extra.weight", {3}, DType::BF16});
+  expect_plan_error(extra, "extra.weight", "not in");
+}
+
+TEST_F(EngineTest, StrategyRequirementsAreCheckedBeforeReading) {
+  make_inputs(DType::BF16, 2);
+  JobConfig no_base = job("task_arithmetic", 2, {}, "out");
+  no_base.base.reset();
+  EXPECT_THROW(run(no_base), ConfigError);
+  EXPECT_THROW(run(job("passthrough", 2, {}, "out")), ConfigError);
+  EXPECT_THROW(run(job("task_arithmetic", 2, {list("weights", {1.0})}, "out")), ConfigError);
+  EXPECT_THROW(run(job("no_such_strategy", 2, {}, "out")), PluginError);
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
+}
+
+}  // namespace
