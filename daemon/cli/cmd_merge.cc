@@ -30,7 +30,7 @@ int cmd_merge(int argc, char** argv) {
       "hidden partial directory beside the output and renamed into place when complete.\n"
       "Exit 0 on success, 1 when the merge fails, 2 on a usage or configuration error.\n\noptions");
   std::string config_file, job_name, output;
-  unsigned threads = 0;
+  int threads = 0;
   std::uint64_t chunk = 0;
   visible.add_options()("job", po::value(&job_name), "the [[job]] to run (needed when the file has several)")(
       "output", po::value(&output), "write here instead of the job's output")(
@@ -55,6 +55,10 @@ int cmd_merge(int argc, char** argv) {
   }
   if (config_file.empty()) {
     std::fprintf(stderr, "conflux merge: missing JOB.toml (try 'conflux merge --help')\n");
+    return kExitUsage;
+  }
+  if (threads < 0 || threads > 4096) {
+    std::fprintf(stderr, "conflux merge: --threads must be 1 to 4096 (0: the default), not %d\n", threads);
     return kExitUsage;
   }
 
@@ -84,7 +88,7 @@ int cmd_merge(int argc, char** argv) {
   req.config = &config;
   req.job = job;
   if (!output.empty()) req.output = output;
-  if (threads > 0) req.threads = threads;
+  if (threads > 0) req.threads = static_cast<unsigned>(threads);
   req.force = vm.count("force") > 0;
   req.chunk_elements = chunk;
   Progress progress;
@@ -101,7 +105,7 @@ int cmd_merge(int argc, char** argv) {
     std::fprintf(stderr, "conflux merge: %s\n", e.what());
     return kExitUsage;
   } catch (const PluginError& e) {
-    std::fprintf(stderr, "conflux merge: job '%s': %s\n", job->name.c_str(), e.what());
+    std::fprintf(stderr, "conflux merge: %s\n", e.what());
     return kExitUsage;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "conflux merge: job '%s' failed: %s\n", job->name.c_str(), e.what());

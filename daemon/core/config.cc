@@ -1,7 +1,9 @@
 #include "conflux/config.h"
 
 #include <cerrno>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -54,11 +56,23 @@ std::string get_string(const toml::node& n, const std::string& key, const Where&
   return *n.value<std::string>();
 }
 
-std::int64_t get_integer(const toml::node& n, const std::string& key, const Where& w, std::int64_t min) {
+std::int64_t get_integer(const toml::node& n, const std::string& key, const Where& w, std::int64_t min,
+                         std::int64_t max = INT64_MAX) {
   if (!n.is_integer()) w.fail(&n, key, "must be an integer, not " + type_name(n));
-  const std::int64_t v = *n.value<std::int64_t>();
+  const std::int64_t v = *n.value_exact<std::int64_t>();
   if (v < min) w.fail(&n, key, "must be at least " + std::to_string(min) + ", not " + std::to_string(v));
+  if (v > max) w.fail(&n, key, "must be at most " + std::to_string(max) + ", not " + std::to_string(v));
   return v;
+}
+
+// Threads and job counts: far beyond any machine, well inside `unsigned`.
+constexpr std::int64_t kMaxThreads = 4096;
+
+// A TOML number as a double; integers are converted explicitly (toml++'s value<double>() is
+// empty for integers it cannot represent exactly).
+double number_of(const toml::node& n) {
+  if (n.is_integer()) return static_cast<double>(*n.value_exact<std::int64_t>());
+  return *n.value_exact<double>();
 }
 
 fs::path get_path(const toml::node& n, const std::string& key, const Where& w, const fs::path& anchor) {
@@ -86,7 +100,7 @@ std::uint64_t get_bytes(const toml::node& n, const std::string& key, const Where
 
 std::chrono::milliseconds get_duration(const toml::node& n, const std::string& key, const Where& w) {
   if (n.is_integer() || n.is_floating_point()) {
-    const double s = *n.value<double>();
+    const double s = number_of(n);
     if (!(s >= 0) || s > 1e9) w.fail(&n, key, "must be a duration such as \"10s\"");
     return std::chrono::milliseconds(static_cast<std::int64_t>(std::llround(s * 1000)));
   }
@@ -111,11 +125,11 @@ RawParam raw_param(const std::string& key, const toml::node& n) {
   p.line = static_cast<int>(n.source().begin.line);
   if (n.is_integer()) {
     p.kind = RawParam::Kind::integer;
-    p.integer = *n.value<std::int64_t>();
+    p.integer = *n.value_exact<std::int64_t>();
     p.number = static_cast<double>(p.integer);
   } else if (n.is_floating_point()) {
     p.kind = RawParam::Kind::floating;
-    p.number = *n.value<double>();
+    p.number = *n.value_exact<double>();
   } else if (n.is_boolean()) {
     p.kind = RawParam::Kind::boolean;
     p.number = *n.value<bool>() ? 1 : 0;
@@ -125,7 +139,7 @@ RawParam raw_param(const std::string& key, const toml::node& n) {
   } else if (const toml::array* a = n.as_array()) {
     p.kind = RawParam::Kind::array;
     for (const toml::node& e : *a) {
-      if (e.is_integer() || e.is_floating_point()) p.list.push_back(*e.value<double>());
+      if (e.is_integer() || e.is_floating_point()) p.list.push_back(number_of(e));
       else p.list_numeric = false;
     }
   }
@@ -143,12 +157,12 @@ DaemonConfig parse_daemon(const toml::table& t, const Where& w, const fs::path& 
       const toml::array* a = v.as_array();
       if (!a) w.fail(&v, dkey, "must be an array of directory paths");
       for (const toml::node& e : *a) d.plugin_dirs.push_back(get_path(e, dkey, w, anchor));
-    } else if (key == "threads") d.threads = static_cast<unsigned>(get_integer(v, dkey, w, 0));
+    } else if (key == "threads") d.threads = static_cast<unsigned>(get_integer(v, dkey, w, 0, kMaxThreads));
     else if (key == "rescan") {
       d.rescan = get_duration(v, dkey, w);
       if (d.rescan.count() < 100) w.fail(&v, dkey, "must be at least 100ms");
     } else if (key == "max_parallel_jobs") {
-      d.max_parallel_jobs = static_cast<unsigned>(get_integer(v, dkey, w, 1));
+      d.max_parallel_jobs = static_cast<unsigned>(get_integer(v, dkey, w, 1, kMaxThreads));
     } else if (key == "socket_group") d.socket_group = get_string(v, dkey, w);
     else
       w.fail(&v, dkey,
@@ -194,7 +208,7 @@ JobConfig parse_job(const toml::table& t, std::size_t index, const Where& file_w
     } else if (key == "shard_size") {
       j.shard_size = get_bytes(v, key, w);
     } else if (key == "threads") {
-      j.threads = static_cast<unsigned>(get_integer(v, key, w, 0));
+      j.threads = static_cast<unsigned>(get_integer(v, key, w, 0, kMaxThreads));
     } else if (key == "seed") {
       j.seed = static_cast<std::uint64_t>(get_integer(v, key, w, 0));
     } else if (key == "params") {

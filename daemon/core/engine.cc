@@ -465,54 +465,70 @@ MergeResult run_merge(const MergePlan& plan, const LoadedPlugin& plugin, const P
   return runner.run();
 }
 
-MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const EngineOptions& options) {
+MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const EngineOptions& options, unsigned input_reads) {
   const auto start = std::chrono::steady_clock::now();
-  std::atomic<std::uint64_t> read{0}, written{0};
+  std::atomic<std::uint64_t> read{0}, written{0}, sink{0};
   const int threads = options.threads == 0 ? tbb::this_task_arena::max_concurrency() : static_cast<int>(options.threads);
   tbb::task_arena arena(threads);
   tbb::enumerable_thread_specific<Scratch> scratch;
   const std::size_t n_models = plan.models().size();
-  arena.execute([&] {
+  const std::uint64_t size = std::max<std::uint64_t>(1, options.chunk_elements);
+
+  // Touches every byte of a range once (one load per cache line, the same memory traffic as
+  // reading it all), then releases its pages as the engine does.
+  auto consume = [&](const Checkpoint& ck, const TensorRef& ref, std::uint64_t b0, std::uint64_t b1) {
+    const TensorView v = ck.view(ref);
+    std::uint64_t acc = 0;
+    for (std::uint64_t b = b0; b < b1; b += 64) acc += static_cast<std::uint64_t>(v.bytes[b]);
+    sink.fetch_add(acc, std::memory_order_relaxed);
+    read += b1 - b0;
+    ck.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
+  };
+  auto for_chunks = [&](auto&& body) {
     tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {
       const PlannedItem& item = plan.items()[i];
-      const std::uint64_t in_esize = element_bytes(item.in_dtype), out_esize = element_bytes(item.out_dtype);
-      const std::uint64_t size = std::max<std::uint64_t>(1, options.chunk_elements);
       const std::uint64_t chunks = (item.numel + size - 1) / size;
       tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, 1), [&](const tbb::blocked_range<std::uint64_t>& r) {
-        Scratch& s = scratch.local();
-        s.ensure(static_cast<std::size_t>(size), n_models);
-        for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
-          const std::uint64_t begin = c * size, count = std::min(size, item.numel - begin);
-          const std::uint64_t b0 = begin * in_esize, b1 = (begin + count) * in_esize;
-          // Touch every input byte once (the sum keeps the reads from being optimised away).
-          auto consume = [&](const Checkpoint& ck, const TensorRef& ref) {
-            const TensorView v = ck.view(ref);
-            std::uint64_t acc = 0;
-            for (std::uint64_t b = b0; b < b1; b += 64) acc += static_cast<std::uint64_t>(v.bytes[b]);
-            read += (b1 - b0) + (acc & 0);
-            ck.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
-          };
-          if (!item.merged) {
-            const Checkpoint& ck = plan.base() ? *plan.base() : plan.models().front();
-            const TensorRef& ref = item.base ? *item.base : *item.models.front();
-            out.write_at(i, b0, ck.view(ref).bytes.subspan(b0, b1 - b0));
-            consume(ck, ref);
-            written += b1 - b0;
-            continue;
-          }
-          if (plan.base()) consume(*plan.base(), *item.base);
-          for (std::size_t m = 1; m < n_models; ++m) consume(plan.models()[m], *item.models[m]);
-          // The first model is converted and written: the write path of a merge.
-          const TensorView v = plan.models().front().view(*item.models.front());
-          to_f32(item.in_dtype, v.bytes.data() + b0, s.out.get(), static_cast<std::size_t>(count));
-          plan.models().front().shards()[item.models.front()->shard].release(item.models.front()->info->begin + b0,
-                                                                             item.models.front()->info->begin + b1);
-          read += b1 - b0;
-          from_f32(item.out_dtype, s.out.get(), s.out_bytes.get(), static_cast<std::size_t>(count));
-          out.write_at(i, begin * out_esize, {s.out_bytes.get(), count * out_esize});
-          written += count * out_esize;
-        }
+        for (std::uint64_t c = r.begin(); c != r.end(); ++c)
+          body(i, item, c * size, std::min(size, item.numel - c * size));
       }, tbb::simple_partitioner());
+    });
+  };
+
+  arena.execute([&] {
+    // Extra read-only passes (strategies with a model-scope statistics pass).
+    for (unsigned pass = 1; pass < input_reads; ++pass)
+      for_chunks([&](std::size_t, const PlannedItem& item, std::uint64_t begin, std::uint64_t count) {
+        if (!item.merged) return;
+        const std::uint64_t e = element_bytes(item.in_dtype), b0 = begin * e, b1 = (begin + count) * e;
+        if (plan.base()) consume(*plan.base(), *item.base, b0, b1);
+        for (std::size_t m = 0; m < n_models; ++m) consume(plan.models()[m], *item.models[m], b0, b1);
+      });
+    // The final pass: read everything, write the output.
+    for_chunks([&](std::size_t i, const PlannedItem& item, std::uint64_t begin, std::uint64_t count) {
+      Scratch& s = scratch.local();
+      s.ensure(static_cast<std::size_t>(size), n_models);
+      const std::uint64_t in_esize = element_bytes(item.in_dtype), out_esize = element_bytes(item.out_dtype);
+      const std::uint64_t b0 = begin * in_esize, b1 = (begin + count) * in_esize;
+      if (!item.merged) {
+        const Checkpoint& ck = plan.base() ? *plan.base() : plan.models().front();
+        const TensorRef& ref = item.base ? *item.base : *item.models.front();
+        out.write_at(i, b0, ck.view(ref).bytes.subspan(b0, b1 - b0));
+        consume(ck, ref, b0, b1);
+        written += b1 - b0;
+        return;
+      }
+      if (plan.base()) consume(*plan.base(), *item.base, b0, b1);
+      for (std::size_t m = 1; m < n_models; ++m) consume(plan.models()[m], *item.models[m], b0, b1);
+      // The first model is converted and written: the write path of a merge.
+      const Checkpoint& first = plan.models().front();
+      const TensorRef& ref = *item.models.front();
+      to_f32(item.in_dtype, first.view(ref).bytes.data() + b0, s.out.get(), static_cast<std::size_t>(count));
+      first.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
+      read += b1 - b0;
+      from_f32(item.out_dtype, s.out.get(), s.out_bytes.get(), static_cast<std::size_t>(count));
+      out.write_at(i, begin * out_esize, {s.out_bytes.get(), count * out_esize});
+      written += count * out_esize;
     });
   });
   MergeResult r;

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <ctime>
 #include <fstream>
+#include <thread>
 
 #include <boost/json.hpp>
 #include <openssl/evp.h>
@@ -106,7 +107,14 @@ std::uint64_t peak_rss_bytes() {
 MergeOutcome run_job(const MergeRequest& req, const PluginRegistry& plugins) {
   const auto t0 = std::chrono::steady_clock::now();
   const JobConfig& job = *req.job;
-  const LoadedPlugin& plugin = plugins.get(job.strategy);
+  const LoadedPlugin& plugin = [&]() -> const LoadedPlugin& {
+    try {
+      return plugins.get(job.strategy);
+    } catch (const PluginError& e) {
+      throw PluginError(req.config->file.string() + (job.line > 0 ? ":" + std::to_string(job.line) : std::string()) +
+                        ": job '" + job.name + "': key 'strategy': " + e.what());
+    }
+  }();
   const ParamSet params = ParamSet::bind(plugin, job, req.config->file);
   MergeOutcome outcome;
   outcome.output = req.output ? *req.output : job.output;
@@ -144,7 +152,8 @@ MergeOutcome run_job(const MergeRequest& req, const PluginRegistry& plugins) {
         break;
       }
   copy_auxiliary_files(aux, partial.path(), dtype);
-  write_manifest(partial.path(), req, plugin, params, plan, outcome.result, eopt.threads, outcome.plan_seconds);
+  const unsigned threads_used = eopt.threads ? eopt.threads : std::max(1u, std::thread::hardware_concurrency());
+  write_manifest(partial.path(), req, plugin, params, plan, outcome.result, threads_used, outcome.plan_seconds);
   partial.publish(req.force);
   outcome.total_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return outcome;

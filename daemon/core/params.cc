@@ -96,6 +96,7 @@ ParamSet ParamSet::bind(const LoadedPlugin& plugin, const JobConfig& job, const 
       case CFX_PARAM_FLOAT:
         if (raw->kind != RawParam::Kind::floating && raw->kind != RawParam::Kind::integer)
           fail(line, key, "must be a number");
+        if (!std::isfinite(raw->number)) fail(line, key, "must be a finite number, not " + num(raw->number));
         if (!in_range(s, raw->number)) fail(line, key, "must be in " + range_text(s) + ", not " + num(raw->number));
         v.number = raw->number;
         break;
@@ -134,8 +135,10 @@ ParamSet ParamSet::bind(const LoadedPlugin& plugin, const JobConfig& job, const 
         if ((s.flags & CFX_PARAM_PER_MODEL) && list.size() != n_models)
           fail(line, key, "has " + std::to_string(list.size()) + " values but the job lists " +
                               std::to_string(n_models) + " models (give one per model, in the order of 'models')");
-        for (double x : list)
+        for (double x : list) {
+          if (!std::isfinite(x)) fail(line, key, "values must be finite numbers, not " + num(x));
           if (!in_range(s, x)) fail(line, key, "values must be in " + range_text(s) + ", not " + num(x));
+        }
         set.lists_[i] = std::move(list);
         break;
       }

@@ -85,10 +85,10 @@ std::span<const std::byte> SafetensorsFile::header_bytes() const {
 
 namespace {
 
-std::uintptr_t page_size() {
-  static const auto size = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-  return size;
-}
+// The kernel maps file pages in aligned windows of fault_around_bytes (64 KiB by default) on a
+// fault: touching one page of a window maps every cached page of it, including pages released
+// just before. Releasing whole windows makes the last reader of a window always unmap it.
+constexpr std::uintptr_t kReleaseAlign = 64 * 1024;
 
 }  // namespace
 
@@ -101,13 +101,16 @@ void SafetensorsFile::release(std::uint64_t begin, std::uint64_t end) const {
   const std::uint64_t data_size = file_size_ - layout_.data_offset();
   end = std::min(end, data_size);
   if (begin >= end) return;
-  // Widen to whole pages: a page shared with a neighbouring range that is still in use is simply
-  // faulted back in from the page cache, whereas narrowing would leave one page per boundary
-  // resident for the life of the mapping.
+  // Widen to whole windows (see kReleaseAlign), clipped to the mapping: pages shared with a
+  // neighbouring range still in use are faulted back in from the page cache, whereas narrowing
+  // would leave pages mapped for the life of the mapping.
+  const auto map_lo = reinterpret_cast<std::uintptr_t>(map_->region.get_address());
+  const std::uintptr_t map_hi = map_lo + map_->region.get_size();
   const auto first = reinterpret_cast<std::uintptr_t>(base_ + layout_.data_offset() + begin);
   const auto last = reinterpret_cast<std::uintptr_t>(base_ + layout_.data_offset() + end);
-  const std::uintptr_t lo = first & ~(page_size() - 1);
-  const std::uintptr_t hi = (last + page_size() - 1) & ~(page_size() - 1);
+  const std::uintptr_t lo = std::max(map_lo, first & ~(kReleaseAlign - 1));
+  std::uintptr_t hi = std::min(map_hi, (last + kReleaseAlign - 1) & ~(kReleaseAlign - 1));
+  hi = (hi + ::sysconf(_SC_PAGESIZE) - 1) & ~static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE) - 1);
   ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
