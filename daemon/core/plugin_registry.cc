@@ -147,14 +147,16 @@ const cfx_param_spec* LoadedPlugin::param(std::string_view name) const {
 void validate_plugin(const cfx_plugin* raw, const fs::path& file, LoadedPlugin& out) {
   const std::string where = "plugin " + file.string();
   if (!raw) throw PluginError(where + ": the entry point returned NULL (the plugin refused this host)");
-  if (raw->struct_size < kMinPluginSize)
-    throw PluginError(where + ": descriptor struct_size " + std::to_string(raw->struct_size) +
-                      " is smaller than ABI 1.0's " + std::to_string(kMinPluginSize));
-  if (raw->abi_major != CFX_ABI_MAJOR)
+  // The version comes first: struct_size, abi_major and abi_minor open the descriptor in every ABI,
+  // so a plugin of another major is refused as such, whatever its descriptor's size.
+  if (raw->struct_size >= offsetof(cfx_plugin, id) && raw->abi_major != CFX_ABI_MAJOR)
     throw PluginError(where + ": built for plugin ABI " + std::to_string(raw->abi_major) + "." +
                       std::to_string(raw->abi_minor) + ", but this Conflux speaks ABI " +
                       std::to_string(CFX_ABI_MAJOR) + "." + std::to_string(CFX_ABI_MINOR) +
                       ": rebuild the plugin against this SDK");
+  if (raw->struct_size < kMinPluginSize)
+    throw PluginError(where + ": descriptor struct_size " + std::to_string(raw->struct_size) +
+                      " is smaller than ABI 1.0's " + std::to_string(kMinPluginSize));
   cfx_plugin d{};
   std::memcpy(&d, raw, std::min<std::size_t>(raw->struct_size, sizeof d));
   d.struct_size = sizeof d;

@@ -238,7 +238,8 @@ typedef struct cfx_plugin {
   uint32_t reserved;
 
   /* Called once per job after parameters are validated. Returns the instance through *instance.
-     May reject a combination of parameters (host->fail + non-zero). */
+     May reject a combination of parameters (host->fail + non-zero). `job` and everything it
+     points to stay valid and unchanged until destroy() returns, so the instance may keep it. */
   int (*create)(const cfx_job* job, void** instance);
   /* Called once after the last pass (not after a failure); may report statistics. */
   int (*finish)(void* instance);
