@@ -32,6 +32,11 @@ std::string shape_text(const std::vector<std::uint64_t>& shape) {
 
 std::uint64_t element_bytes(DType t) { return static_cast<std::uint64_t>(dtype_bits(t) / 8); }
 
+// Chunks one task processes in a row before releasing their input pages (see Runner::release).
+// With simple_partitioner a range is split down to at most this many chunks, the same way at
+// any thread count, so reductions keep their fixed tree.
+constexpr std::uint64_t kChunksPerTask = 8;
+
 // 64-byte aligned, zero-initialised float/byte storage that survives moves.
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
@@ -173,13 +178,14 @@ class Runner {
     create();
     const auto& passes = plugin_.passes;
     if (opt_.progress) {
-      opt_.progress->pass_count = static_cast<unsigned>(passes.size());
-      opt_.progress->bytes_total = merged_input_bytes() * passes.size() + copied_bytes();
+      const auto active = static_cast<unsigned>(std::count(enabled_.begin(), enabled_.end(), true));
+      opt_.progress->pass_count = active;
+      opt_.progress->bytes_total = merged_input_bytes() * active + copied_bytes();
     }
     std::size_t p = 0;
     while (p < passes.size()) {
       if (passes[p].kind == CFX_PASS_MODEL_REDUCE) {
-        timed(p, [&] { model_reduce(p); });
+        if (enabled_[p]) timed(p, [&] { model_reduce(p); });
         ++p;
         continue;
       }
@@ -218,9 +224,10 @@ class Runner {
       throw plugin_failure("create", nullptr);
     }
     for (const cfx_pass& pass : plugin_.passes) {
+      enabled_.push_back(!pass.enabled || pass.enabled(instance_) != 0);
       std::uint64_t size = pass.stats_size;
       if (pass.kind != CFX_PASS_MAP && pass.instance_stats_size) size = pass.instance_stats_size(instance_);
-      if (pass.kind != CFX_PASS_MAP && (size == 0 || size > (std::uint64_t{1} << 30)))
+      if (pass.kind != CFX_PASS_MAP && enabled_.back() && (size == 0 || size > (std::uint64_t{1} << 30)))
         throw MergeError("strategy '" + plugin_.id() + "' declares reduce statistics of " + std::to_string(size) +
                          " bytes (must be 1 byte to 1 GiB)");
       stats_sizes_.push_back(size);
@@ -239,7 +246,8 @@ class Runner {
 
   template <class F>
   void timed(std::size_t pass, F&& f) {
-    if (opt_.progress) opt_.progress->pass = static_cast<unsigned>(pass + 1);
+    if (opt_.progress)
+      opt_.progress->pass = static_cast<unsigned>(std::count(enabled_.begin(), enabled_.begin() + static_cast<std::ptrdiff_t>(pass) + 1, true));
     const auto t0 = std::chrono::steady_clock::now();
     arena().execute(f);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -279,7 +287,19 @@ class Runner {
     return c;
   }
 
-  // Converts the chunk's inputs to float32 and releases the consumed pages.
+  // Drops the input pages of elements [begin, end) of an item from the process once consumed.
+  // Called per task (kChunksPerTask chunks), not per chunk: every release costs TLB shootdowns
+  // on the other cores, and a few chunks more in flight cost little memory.
+  void release(const PlannedItem& item, std::uint64_t begin, std::uint64_t end) const {
+    const std::uint64_t esize = element_bytes(item.in_dtype), b0 = begin * esize, b1 = end * esize;
+    auto drop = [&](const Checkpoint& c, const TensorRef& ref) {
+      c.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
+    };
+    if (plan_.base()) drop(*plan_.base(), *item.base);
+    for (std::size_t i = 0; i < plan_.models().size(); ++i) drop(plan_.models()[i], *item.models[i]);
+  }
+
+  // Converts the chunk's inputs to float32.
   void load(const PlannedItem& item, std::uint64_t begin, std::uint64_t count, const cfx_pass& pass, Scratch& s,
             cfx_chunk& chunk, const cfx_tensor& t) {
     const std::size_t n_models = plan_.models().size();
@@ -289,7 +309,6 @@ class Runner {
     auto read = [&](const Checkpoint& c, const TensorRef& ref, float* dst) {
       const TensorView v = c.view(ref);
       to_f32(item.in_dtype, v.bytes.data() + b0, dst, static_cast<std::size_t>(count));
-      c.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
     };
     const float* base = nullptr;
     if (plan_.base()) {
@@ -331,6 +350,7 @@ class Runner {
         r_.load(item, begin, count, pass, s, chunk, t);
         if (pass.reduce(r_.instance_, &chunk, partial_.get()) != 0) throw r_.plugin_failure("reduce", &t);
       }
+      r_.release(item, range.begin() * size, std::min(range.end() * size, t.numel));
     }
     void join(ReduceBody& rhs) {
       const cfx_tensor* t = k_ == kModelScope ? nullptr : &r_.tensors_[k_];
@@ -356,7 +376,7 @@ class Runner {
     ReduceBody body(*this, pass, k);
     const std::uint64_t chunks = chunk_count(t, plugin_.passes[pass]);
     if (chunks > 0)
-      tbb::parallel_deterministic_reduce(tbb::blocked_range<std::uint64_t>(0, chunks, 1), body,
+      tbb::parallel_deterministic_reduce(tbb::blocked_range<std::uint64_t>(0, chunks, kChunksPerTask), body,
                                          tbb::simple_partitioner());
     auto out = aligned_array<std::byte>(stats_sizes_[pass]);
     std::memcpy(out.get(), body.partial(), stats_sizes_[pass]);
@@ -383,6 +403,7 @@ class Runner {
       const std::size_t k = static_cast<std::size_t>(std::lower_bound(merged_.begin(), merged_.end(), i) - merged_.begin());
       const cfx_tensor& t = tensors_[k];
       for (std::size_t p = first; p < map_pass; ++p) {
+        if (!enabled_[p]) continue;
         for (int round = 0;; ++round) {
           if (round > 64) throw MergeError("strategy '" + plugin_.id() + "' repeated a pass more than 64 times on tensor '" + item.name + "'");
           auto stats = reduce_tensor(p, k);
@@ -402,7 +423,7 @@ class Runner {
     const PlannedItem& item = plan_.items()[item_index];
     const std::uint64_t size = chunk_size(t, p), chunks = chunk_count(t, p);
     const std::uint64_t out_esize = element_bytes(item.out_dtype);
-    tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, 1), [&](const tbb::blocked_range<std::uint64_t>& r) {
+    tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, kChunksPerTask), [&](const tbb::blocked_range<std::uint64_t>& r) {
       Scratch& s = scratch_.local();
       for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
         check_cancel();
@@ -416,6 +437,7 @@ class Runner {
         out_.write_at(item_index, begin * out_esize, {s.out_bytes.get(), count * out_esize});
         bytes_written_ += count * out_esize;
       }
+      release(item, r.begin() * size, std::min(r.end() * size, t.numel));
     }, tbb::simple_partitioner());
   }
 
@@ -451,6 +473,7 @@ class Runner {
   cfx_job job_{};
   void* instance_ = nullptr;
   std::vector<std::uint64_t> stats_sizes_;
+  std::vector<bool> enabled_;  // per pass, as the plugin decided for this job
   std::unique_ptr<tbb::task_arena> arena_;
   tbb::enumerable_thread_specific<Scratch> scratch_;
   std::atomic<std::uint64_t> bytes_read_{0}, bytes_written_{0};
@@ -482,15 +505,25 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
     for (std::uint64_t b = b0; b < b1; b += 64) acc += static_cast<std::uint64_t>(v.bytes[b]);
     sink.fetch_add(acc, std::memory_order_relaxed);
     read += b1 - b0;
-    ck.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
+  };
+  // Released per task, as the engine does.
+  auto release = [&](const PlannedItem& item, std::uint64_t begin, std::uint64_t end) {
+    const std::uint64_t e = element_bytes(item.in_dtype);
+    auto drop = [&](const Checkpoint& ck, const TensorRef& ref) {
+      ck.shards()[ref.shard].release(ref.info->begin + begin * e, ref.info->begin + end * e);
+    };
+    if (!item.merged) return drop(plan.base() ? *plan.base() : plan.models().front(), item.base ? *item.base : *item.models.front());
+    if (plan.base()) drop(*plan.base(), *item.base);
+    for (std::size_t m = 0; m < n_models; ++m) drop(plan.models()[m], *item.models[m]);
   };
   auto for_chunks = [&](auto&& body) {
     tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {
       const PlannedItem& item = plan.items()[i];
       const std::uint64_t chunks = (item.numel + size - 1) / size;
-      tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, 1), [&](const tbb::blocked_range<std::uint64_t>& r) {
+      tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, kChunksPerTask), [&](const tbb::blocked_range<std::uint64_t>& r) {
         for (std::uint64_t c = r.begin(); c != r.end(); ++c)
           body(i, item, c * size, std::min(size, item.numel - c * size));
+        release(item, r.begin() * size, std::min(r.end() * size, item.numel));
       }, tbb::simple_partitioner());
     });
   };
@@ -524,7 +557,6 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
       const Checkpoint& first = plan.models().front();
       const TensorRef& ref = *item.models.front();
       to_f32(item.in_dtype, first.view(ref).bytes.data() + b0, s.out.get(), static_cast<std::size_t>(count));
-      first.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
       read += b1 - b0;
       from_f32(item.out_dtype, s.out.get(), s.out_bytes.get(), static_cast<std::size_t>(count));
       out.write_at(i, begin * out_esize, {s.out_bytes.get(), count * out_esize});

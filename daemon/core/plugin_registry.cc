@@ -121,6 +121,7 @@ void validate_pass(const cfx_pass& p, std::size_t index, const cfx_plugin& d, co
   const std::string at = where + ": pass " + std::to_string(index);
   if (p.kind == CFX_PASS_MAP) {
     if (!p.map) throw PluginError(at + ": a map pass needs a map function");
+    if (p.enabled) throw PluginError(at + ": the map pass cannot be optional (enabled must be NULL)");
   } else if (p.kind == CFX_PASS_TENSOR_REDUCE || p.kind == CFX_PASS_MODEL_REDUCE) {
     if (!p.reduce || !p.combine || !p.reduce_done)
       throw PluginError(at + ": a reduce pass needs reduce, combine and reduce_done functions");

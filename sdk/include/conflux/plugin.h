@@ -209,6 +209,10 @@ typedef struct cfx_pass {
   /* REDUCE, optional: when set, overrides stats_size for this instance (e.g. statistics sized
      by the job's model count). Called once after create(). */
   uint64_t (*instance_stats_size)(void* instance);
+  /* Optional: when set and it returns 0, the host skips this pass for this job (e.g. a
+     statistics pass that the job's parameters make unnecessary). Called once after create().
+     The map pass cannot be skipped. */
+  int32_t (*enabled)(void* instance);
 } cfx_pass;
 
 /* ---------------------------------------------------------------------------------------------

@@ -40,6 +40,16 @@
 
 #include "conflux/plugin.h"
 
+// CONFLUX_MULTIVERSION before a function compiles it for AVX-512, AVX2 and baseline x86-64 and
+// picks the best at load time (function multiversioning), so plain loops get the widest vectors
+// the CPU has. Element-wise IEEE arithmetic gives the same bits on each version (plugins are
+// built with -ffp-contract=off): results do not depend on the CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
+#define CONFLUX_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CONFLUX_MULTIVERSION
+#endif
+
 namespace conflux::sdk {
 
 // A view of `size()` contiguous elements (std::span is C++20; this header is C++17).
@@ -315,6 +325,15 @@ constexpr cfx_pass reduce_pass(cfx_pass_kind kind, std::uint32_t flags = 0) {
     return detail::guarded<S>(i->job.host(), i->job.context(), [&] {
       *repeat = (i->strategy.*Done)(t, {std::launder(static_cast<const T*>(stats)), n}) ? 1 : 0;
     });
+  };
+  return p;
+}
+
+// Makes a reduce pass optional: it runs only for jobs where (strategy.*Enabled)() is true.
+template <class S, bool (S::*Enabled)() const>
+constexpr cfx_pass only_if(cfx_pass p) {
+  p.enabled = [](void* inst) -> std::int32_t {
+    return (detail::self<S>(inst)->strategy.*Enabled)() ? 1 : 0;
   };
   return p;
 }

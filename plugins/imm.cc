@@ -1,0 +1,82 @@
+// imm: Iterative Model Merging (EMNLP 2025).
+//
+// Self-improvement rounds overfit; after each round the new checkpoint is merged back with the
+// original model, and the merge seeds the next round:
+//   out = theta_orig + weight * DARE_p(theta_new - theta_orig)
+// DARE keeps each entry of the task vector with probability 1 - p and, with `rescale`, divides
+// the survivors by 1 - p (so the expected update is unchanged). The keep decision for element e
+// of a tensor is host->random_uniform(key(seed, tensor, model 0), e) >= p: it depends on the seed
+// and the element only, never on threads or chunking. With drop_rate = 0 the merge is
+// deterministic and needs no randomness.
+#include <conflux/plugin.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <string>
+
+namespace sdk = conflux::sdk;
+
+struct Imm {
+  static constexpr sdk::Info info{"imm", "1.0.0",
+                                  "Iterative Model Merging: the original plus a weighted DARE of the new round's "
+                                  "update",
+                                  1, 1, CFX_BASE_REQUIRED};
+  static inline const sdk::Param params[] = {
+      sdk::Param::real("weight", 0.5, "weight of the new round's (dropped, rescaled) task vector").min(0),
+      sdk::Param::real("drop_rate", 0.2, "DARE drop probability p").min(0).below(1),
+      sdk::Param::boolean("rescale", true, "divide the kept entries by 1 - p"),
+  };
+
+  explicit Imm(const sdk::Job& job)
+      : job_(job),
+        weight_(job.number("weight")),
+        p_(job.number("drop_rate")),
+        scale_(job.number("weight") * (job.flag("rescale") ? 1.0 / (1.0 - job.number("drop_rate")) : 1.0)) {}
+
+  void map(const sdk::Chunk& c, sdk::Span<float> out) {
+    const float* d = c.models()[0];
+    const float* base = c.base().data();
+    if (p_ == 0) {
+      for (std::size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(base[k] + weight_ * d[k]);
+      kept_ += out.size();
+      total_ += out.size();
+      return;
+    }
+    const std::uint64_t key = job_.random_key(c.tensor(), 0);
+    constexpr std::size_t kBlock = 1024;
+    float u[kBlock];
+    std::uint64_t kept = 0;
+    for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
+      const std::size_t m = std::min(kBlock, out.size() - k0);
+      job_.host()->random_uniform(key, c.begin() + k0, m, u);
+      for (std::size_t k = 0; k < m; ++k) {
+        const bool keep = u[k] >= p_;
+        kept += keep;
+        out[k0 + k] = static_cast<float>(base[k0 + k] + (keep ? scale_ * d[k0 + k] : 0.0));
+      }
+    }
+    kept_ += kept;
+    total_ += out.size();
+  }
+
+  void finish() {
+    const double kept = total_ ? static_cast<double>(kept_.load()) / static_cast<double>(total_.load()) : 1.0;
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "{\"weight\":%.17g,\"drop_rate\":%.17g,\"scale_of_kept\":%.17g,\"elements\":%llu,\"kept\":%llu,"
+                  "\"kept_fraction\":%.9g}",
+                  weight_, p_, scale_, static_cast<unsigned long long>(total_.load()),
+                  static_cast<unsigned long long>(kept_.load()), kept);
+    job_.report(buf);
+    std::snprintf(buf, sizeof buf, "kept %.4f%% of the update's entries (expected %.4f%%), each scaled by %.6g", 100 * kept,
+                  100 * (1 - p_), scale_);
+    job_.log(CFX_LOG_INFO, buf);
+  }
+
+  const sdk::Job& job_;
+  double weight_, p_, scale_;
+  std::atomic<std::uint64_t> kept_{0}, total_{0};
+};
+
+CONFLUX_PLUGIN(Imm, sdk::map_pass<Imm, &Imm::map>(CFX_PASS_TASK_VECTORS))
