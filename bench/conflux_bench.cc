@@ -123,10 +123,17 @@ Measurement in_child(F body) {
   return m;
 }
 
+fs::path kOut;  // the output directory of every measurement, removed between runs
+
 Measurement best_of(unsigned repeat, const std::function<Measurement()>& once) {
   Measurement best;
   for (unsigned i = 0; i < repeat; ++i) {
+    // The previous run's output (a model's worth of dirty pages) must reach the disk before the
+    // next run starts, or its writeback is measured as part of the next one.
+    ::sync();
     Measurement m = in_child(once);
+    std::error_code ec;
+    fs::remove_all(kOut, ec);
     if (!m.ok) return m;
     if (!best.ok || m.seconds < best.seconds) {
       const std::uint64_t rss = std::max(best.peak_rss, m.peak_rss);
@@ -148,7 +155,7 @@ std::string mib(std::uint64_t b) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string dir, preset, cases_text, bin_dir;
+  std::string dir, preset, cases_text, bin_dir, out_dir;
   unsigned agents = 3, threads = 0, repeat = 3, layers = 0;
   std::uint64_t chunk = 0;
   po::options_description opts("usage: conflux-bench --dir DIR [options]\n\noptions");
@@ -161,6 +168,8 @@ int main(int argc, char** argv) {
       "threads", po::value(&threads)->default_value(0), "threads for the all-thread runs (0: all cores)")(
       "repeat", po::value(&repeat)->default_value(3), "runs per measurement (the best is kept)")(
       "chunk-elements", po::value(&chunk)->default_value(0), "engine chunk size (0: default)")(
+      "out-dir", po::value(&out_dir),
+      "where outputs are written (default: DIR); a tmpfs such as /dev/shm takes the disk's speed out of the figures")(
       "single-thread", "also measure every case at one thread");
   po::variables_map vm;
   try {
@@ -219,14 +228,14 @@ int main(int argc, char** argv) {
     j.params = c.params;
     return j;
   };
-  const fs::path out = work / "out";
+  const fs::path out = (out_dir.empty() ? work : fs::absolute(out_dir)) / "conflux-bench-out";
+  kOut = out;
   auto floor_run = [&](unsigned n_models, unsigned reads, unsigned t) {
     return [=, &data]() {
       const auto t0 = std::chrono::steady_clock::now();
       std::vector<fs::path> models;
       for (unsigned i = 1; i <= n_models; ++i) models.push_back(data / ("agent-" + std::to_string(i)));
       const MergePlan plan = MergePlan::open(data / "base", true, models, DType::BF16);
-      fs::remove_all(out);
       PartialDir partial(out);
       CheckpointWriter w(partial.path(), plan.output_tensors(), {5'000'000'000, {}});
       EngineOptions o;
@@ -244,7 +253,6 @@ int main(int argc, char** argv) {
   };
   auto merge_run = [&](const Case& c, unsigned t) {
     return [=, &config, &plugins]() {
-      fs::remove_all(out);
       const JobConfig j = make_job(c, out);
       MergeRequest req;
       req.config = &config;
@@ -268,7 +276,8 @@ int main(int argc, char** argv) {
   std::printf("\nConflux benchmark: base + %u agents, %s shapes%s, BF16, %.1fM parameters per model\n", agents,
               preset.c_str(), layers ? (" (" + std::to_string(layers) + " layers)").c_str() : "",
               static_cast<double>(base.data_bytes()) / 2e6);
-  std::printf("threads %u, best of %u, each measurement in its own process\n\n", threads, repeat);
+  std::printf("threads %u, best of %u, each measurement in its own process, output in %s\n\n", threads, repeat,
+              out.parent_path().c_str());
   std::printf("%-18s %7s %9s %8s %12s %10s\n", "case", "threads", "seconds", "GB/s", "ratio/floor", "peak RSS");
   auto row = [](const std::string& label, unsigned t, const Measurement& m, double floor_s) {
     if (!m.ok) {

@@ -12,10 +12,35 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
 namespace sdk = conflux::sdk;
+
+namespace {
+
+// out = base + (u >= p ? scale * d : 0), in double lanes; returns how many entries were kept.
+CONFLUX_MULTIVERSION void dare_block(const float* d, const float* base, const float* u, std::size_t m, double p,
+                                     double scale, float* out) {
+  for (std::size_t k = 0; k < m; ++k) {
+    const double kept = scale * static_cast<double>(d[k]);
+    out[k] = static_cast<float>(base[k] + (static_cast<double>(u[k]) >= p ? kept : 0.0));
+  }
+}
+
+// Kept entries of a block (an integer reduction, which vectorizes).
+CONFLUX_MULTIVERSION std::uint32_t count_kept(const float* u, std::size_t m, double p) {
+  std::uint32_t kept = 0;
+  for (std::size_t k = 0; k < m; ++k) kept += static_cast<double>(u[k]) >= p ? 1u : 0u;
+  return kept;
+}
+
+CONFLUX_MULTIVERSION void weighted_add(const float* d, const float* base, std::size_t m, double w, float* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(base[k] + w * static_cast<double>(d[k]));
+}
+
+}  // namespace
 
 struct Imm {
   static constexpr sdk::Info info{"imm", "1.0.0",
@@ -38,7 +63,7 @@ struct Imm {
     const float* d = c.models()[0];
     const float* base = c.base().data();
     if (p_ == 0) {
-      for (std::size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(base[k] + weight_ * d[k]);
+      weighted_add(d, base, out.size(), weight_, out.data());
       kept_ += out.size();
       total_ += out.size();
       return;
@@ -50,11 +75,8 @@ struct Imm {
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       job_.host()->random_uniform(key, c.begin() + k0, m, u);
-      for (std::size_t k = 0; k < m; ++k) {
-        const bool keep = u[k] >= p_;
-        kept += keep;
-        out[k0 + k] = static_cast<float>(base[k0 + k] + (keep ? scale_ * d[k0 + k] : 0.0));
-      }
+      dare_block(d + k0, base + k0, u, m, p_, scale_, out.data() + k0);
+      kept += count_kept(u, m, p_);
     }
     kept_ += kept;
     total_ += out.size();

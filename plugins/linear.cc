@@ -8,6 +8,21 @@
 
 namespace sdk = conflux::sdk;
 
+namespace {
+
+constexpr std::size_t kBlock = 512;
+
+// acc[k] += w * x[k]
+CONFLUX_MULTIVERSION void add_weighted(const float* x, std::size_t m, double w, double* acc) {
+  for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<double>(x[k]);
+}
+
+CONFLUX_MULTIVERSION void round_block(const double* acc, std::size_t m, float* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(acc[k]);
+}
+
+}  // namespace
+
 struct Linear {
   static constexpr sdk::Info info{"linear", "1.0.0", "Weighted average of the models' weights",
                                   1, 0, CFX_BASE_UNUSED};
@@ -27,16 +42,11 @@ struct Linear {
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
     // Blocks small enough for the stack and the L1 cache.
-    constexpr std::size_t kBlock = 512;
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       double acc[kBlock] = {};
-      for (std::uint32_t i = 0; i < c.model_count(); ++i) {
-        const float* x = c.models()[i] + k0;
-        const double w = weights_[i];
-        for (std::size_t k = 0; k < m; ++k) acc[k] += w * x[k];
-      }
-      for (std::size_t k = 0; k < m; ++k) out[k0 + k] = static_cast<float>(acc[k]);
+      for (std::uint32_t i = 0; i < c.model_count(); ++i) add_weighted(c.models()[i] + k0, m, weights_[i], acc);
+      round_block(acc, m, out.data() + k0);
     }
   }
 

@@ -4,6 +4,14 @@
 
 namespace sdk = conflux::sdk;
 
+namespace {
+
+CONFLUX_MULTIVERSION void scale_values(const float* x, std::size_t m, double scale, float* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(scale * static_cast<double>(x[k]));
+}
+
+}  // namespace
+
 struct Passthrough {
   static constexpr sdk::Info info{"passthrough", "1.0.0", "Copies one model, optionally scaled", 1, 1,
                                   CFX_BASE_UNUSED};
@@ -14,8 +22,7 @@ struct Passthrough {
   explicit Passthrough(const sdk::Job& job) : scale_(job.number("scale")) {}
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    const float* x = c.models()[0];
-    for (std::size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(scale_ * x[k]);
+    scale_values(c.models()[0], out.size(), scale_, out.data());
   }
 
   double scale_;

@@ -9,6 +9,22 @@
 
 namespace sdk = conflux::sdk;
 
+namespace {
+
+constexpr std::size_t kBlock = 512;
+
+// acc[k] += w * (x[k] - base[k])
+CONFLUX_MULTIVERSION void add_task_vector(const float* x, const float* base, std::size_t m, double w, double* acc) {
+  for (std::size_t k = 0; k < m; ++k) acc[k] += w * (static_cast<double>(x[k]) - base[k]);
+}
+
+// out[k] = base[k] + acc[k], rounded once
+CONFLUX_MULTIVERSION void finish_block(const float* base, const double* acc, std::size_t m, float* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(base[k] + acc[k]);
+}
+
+}  // namespace
+
 struct TaskArithmetic {
   static constexpr sdk::Info info{"task_arithmetic", "1.0.0",
                                   "Base plus the weighted sum of the models' task vectors", 1, 0,
@@ -30,17 +46,12 @@ struct TaskArithmetic {
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
     // Blocks small enough for the stack and the L1 cache.
-    constexpr std::size_t kBlock = 512;
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       const float* base = c.base().data() + k0;
       double acc[kBlock] = {};
-      for (std::uint32_t i = 0; i < c.model_count(); ++i) {
-        const float* x = c.models()[i] + k0;
-        const double w = weights_[i];
-        for (std::size_t k = 0; k < m; ++k) acc[k] += w * (static_cast<double>(x[k]) - base[k]);
-      }
-      for (std::size_t k = 0; k < m; ++k) out[k0 + k] = static_cast<float>(base[k] + acc[k]);
+      for (std::uint32_t i = 0; i < c.model_count(); ++i) add_task_vector(c.models()[i] + k0, base, m, weights_[i], acc);
+      finish_block(base, acc, m, out.data() + k0);
     }
   }
 

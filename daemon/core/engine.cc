@@ -32,10 +32,16 @@ std::string shape_text(const std::vector<std::uint64_t>& shape) {
 
 std::uint64_t element_bytes(DType t) { return static_cast<std::uint64_t>(dtype_bits(t) / 8); }
 
-// Chunks one task processes in a row before releasing their input pages (see Runner::release).
-// With simple_partitioner a range is split down to at most this many chunks, the same way at
-// any thread count, so reductions keep their fixed tree.
-constexpr std::uint64_t kChunksPerTask = 8;
+// Elements one task processes in a row (chunk by chunk) before releasing their input pages (see
+// Runner::release): every release costs TLB shootdowns on the other cores, so releases are
+// batched to about 2 MiB of bf16 per input, while chunks stay small enough for the cache. With
+// simple_partitioner a range is split down to this grain the same way at any thread count, so
+// reductions keep their fixed tree.
+constexpr std::uint64_t kTaskElements = std::uint64_t{1} << 20;
+
+std::uint64_t chunks_per_task(std::uint64_t chunk_elements) {
+  return std::max<std::uint64_t>(1, kTaskElements / std::max<std::uint64_t>(1, chunk_elements));
+}
 
 // 64-byte aligned, zero-initialised float/byte storage that survives moves.
 struct AlignedFree {
@@ -119,14 +125,24 @@ std::vector<OutputTensor> MergePlan::output_tensors() const {
 
 namespace {
 
-// Per-thread buffers for one chunk: the inputs as float32 and the output.
+// Per-thread buffers: one chunk's inputs as float32 and its output, and the output bytes of a
+// whole task (written with one call: every write is a system call).
 struct Scratch {
   std::size_t capacity = 0;
   AlignedPtr<float> base;
   std::vector<AlignedPtr<float>> models;
   std::vector<const float*> model_ptrs;
   AlignedPtr<float> out;
-  AlignedPtr<std::byte> out_bytes;
+  std::size_t staging_capacity = 0;
+  AlignedPtr<std::byte> staging;
+
+  std::byte* ensure_staging(std::size_t bytes) {
+    if (staging_capacity < bytes) {
+      staging = aligned_array<std::byte>(bytes);
+      staging_capacity = bytes;
+    }
+    return staging.get();
+  }
 
   void ensure(std::size_t n, std::size_t model_count) {
     if (capacity >= n && models.size() == model_count) return;
@@ -139,7 +155,6 @@ struct Scratch {
       model_ptrs.push_back(models.back().get());
     }
     out = aligned_array<float>(capacity);
-    out_bytes = aligned_array<std::byte>(capacity * 8);
   }
 };
 
@@ -288,8 +303,8 @@ class Runner {
   }
 
   // Drops the input pages of elements [begin, end) of an item from the process once consumed.
-  // Called per task (kChunksPerTask chunks), not per chunk: every release costs TLB shootdowns
-  // on the other cores, and a few chunks more in flight cost little memory.
+  // Called per task (kTaskElements), not per chunk: every release costs TLB shootdowns on the
+  // other cores, and a few MiB more in flight cost little memory.
   void release(const PlannedItem& item, std::uint64_t begin, std::uint64_t end) const {
     const std::uint64_t esize = element_bytes(item.in_dtype), b0 = begin * esize, b1 = end * esize;
     auto drop = [&](const Checkpoint& c, const TensorRef& ref) {
@@ -376,7 +391,7 @@ class Runner {
     ReduceBody body(*this, pass, k);
     const std::uint64_t chunks = chunk_count(t, plugin_.passes[pass]);
     if (chunks > 0)
-      tbb::parallel_deterministic_reduce(tbb::blocked_range<std::uint64_t>(0, chunks, kChunksPerTask), body,
+      tbb::parallel_deterministic_reduce(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(chunk_size(t, plugin_.passes[pass]))), body,
                                          tbb::simple_partitioner());
     auto out = aligned_array<std::byte>(stats_sizes_[pass]);
     std::memcpy(out.get(), body.partial(), stats_sizes_[pass]);
@@ -423,8 +438,10 @@ class Runner {
     const PlannedItem& item = plan_.items()[item_index];
     const std::uint64_t size = chunk_size(t, p), chunks = chunk_count(t, p);
     const std::uint64_t out_esize = element_bytes(item.out_dtype);
-    tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, kChunksPerTask), [&](const tbb::blocked_range<std::uint64_t>& r) {
+    tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(size)), [&](const tbb::blocked_range<std::uint64_t>& r) {
       Scratch& s = scratch_.local();
+      const std::uint64_t first = r.begin() * size, last = std::min(r.end() * size, t.numel);
+      std::byte* staged = s.ensure_staging(static_cast<std::size_t>((last - first) * out_esize));
       for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
         check_cancel();
         const std::uint64_t begin = c * size, count = std::min(size, t.numel - begin);
@@ -433,11 +450,11 @@ class Runner {
         float* out = s.out.get();
         if (p.map(instance_, &chunk, out) != 0) throw plugin_failure("map", &t);
         if (p.flags & CFX_PASS_OUTPUT_DELTA) add_f32(out, chunk.base, static_cast<std::size_t>(count));
-        from_f32(item.out_dtype, out, s.out_bytes.get(), static_cast<std::size_t>(count));
-        out_.write_at(item_index, begin * out_esize, {s.out_bytes.get(), count * out_esize});
-        bytes_written_ += count * out_esize;
+        from_f32(item.out_dtype, out, staged + (begin - first) * out_esize, static_cast<std::size_t>(count));
       }
-      release(item, r.begin() * size, std::min(r.end() * size, t.numel));
+      out_.write_at(item_index, first * out_esize, {staged, (last - first) * out_esize});
+      bytes_written_ += (last - first) * out_esize;
+      release(item, first, last);
     }, tbb::simple_partitioner());
   }
 
@@ -520,7 +537,7 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
     tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {
       const PlannedItem& item = plan.items()[i];
       const std::uint64_t chunks = (item.numel + size - 1) / size;
-      tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, kChunksPerTask), [&](const tbb::blocked_range<std::uint64_t>& r) {
+      tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(size)), [&](const tbb::blocked_range<std::uint64_t>& r) {
         for (std::uint64_t c = r.begin(); c != r.end(); ++c)
           body(i, item, c * size, std::min(size, item.numel - c * size));
         release(item, r.begin() * size, std::min(r.end() * size, item.numel));
@@ -537,30 +554,40 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
         if (plan.base()) consume(*plan.base(), *item.base, b0, b1);
         for (std::size_t m = 0; m < n_models; ++m) consume(plan.models()[m], *item.models[m], b0, b1);
       });
-    // The final pass: read everything, write the output.
-    for_chunks([&](std::size_t i, const PlannedItem& item, std::uint64_t begin, std::uint64_t count) {
-      Scratch& s = scratch.local();
-      s.ensure(static_cast<std::size_t>(size), n_models);
+    // The final pass: read everything, write the output (staged per task, as the engine does).
+    tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {
+      const PlannedItem& item = plan.items()[i];
+      const std::uint64_t chunks = (item.numel + size - 1) / size;
       const std::uint64_t in_esize = element_bytes(item.in_dtype), out_esize = element_bytes(item.out_dtype);
-      const std::uint64_t b0 = begin * in_esize, b1 = (begin + count) * in_esize;
-      if (!item.merged) {
-        const Checkpoint& ck = plan.base() ? *plan.base() : plan.models().front();
-        const TensorRef& ref = item.base ? *item.base : *item.models.front();
-        out.write_at(i, b0, ck.view(ref).bytes.subspan(b0, b1 - b0));
-        consume(ck, ref, b0, b1);
-        written += b1 - b0;
-        return;
-      }
-      if (plan.base()) consume(*plan.base(), *item.base, b0, b1);
-      for (std::size_t m = 1; m < n_models; ++m) consume(plan.models()[m], *item.models[m], b0, b1);
-      // The first model is converted and written: the write path of a merge.
-      const Checkpoint& first = plan.models().front();
-      const TensorRef& ref = *item.models.front();
-      to_f32(item.in_dtype, first.view(ref).bytes.data() + b0, s.out.get(), static_cast<std::size_t>(count));
-      read += b1 - b0;
-      from_f32(item.out_dtype, s.out.get(), s.out_bytes.get(), static_cast<std::size_t>(count));
-      out.write_at(i, begin * out_esize, {s.out_bytes.get(), count * out_esize});
-      written += count * out_esize;
+      tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(size)), [&](const tbb::blocked_range<std::uint64_t>& r) {
+        Scratch& s = scratch.local();
+        s.ensure(static_cast<std::size_t>(size), n_models);
+        const std::uint64_t first = r.begin() * size, last = std::min(r.end() * size, item.numel);
+        if (!item.merged) {
+          const Checkpoint& ck = plan.base() ? *plan.base() : plan.models().front();
+          const TensorRef& ref = item.base ? *item.base : *item.models.front();
+          out.write_at(i, first * in_esize, ck.view(ref).bytes.subspan(first * in_esize, (last - first) * in_esize));
+          consume(ck, ref, first * in_esize, last * in_esize);
+          written += (last - first) * in_esize;
+          release(item, first, last);
+          return;
+        }
+        std::byte* staged = s.ensure_staging(static_cast<std::size_t>((last - first) * out_esize));
+        for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
+          const std::uint64_t begin = c * size, count = std::min(size, item.numel - begin);
+          const std::uint64_t b0 = begin * in_esize, b1 = (begin + count) * in_esize;
+          if (plan.base()) consume(*plan.base(), *item.base, b0, b1);
+          for (std::size_t m = 1; m < n_models; ++m) consume(plan.models()[m], *item.models[m], b0, b1);
+          // The first model is converted and written: the write path of a merge.
+          const TensorView v = plan.models().front().view(*item.models.front());
+          to_f32(item.in_dtype, v.bytes.data() + b0, s.out.get(), static_cast<std::size_t>(count));
+          read += b1 - b0;
+          from_f32(item.out_dtype, s.out.get(), staged + (begin - first) * out_esize, static_cast<std::size_t>(count));
+        }
+        out.write_at(i, first * out_esize, {staged, (last - first) * out_esize});
+        written += (last - first) * out_esize;
+        release(item, first, last);
+      }, tbb::simple_partitioner());
     });
   });
   MergeResult r;
