@@ -40,6 +40,10 @@
  *   is rounded to the output dtype (nearest, ties to even) by the host.
  *   Non-floating tensors (integer buffers) never reach the plugin: the host copies them from the
  *   base (or the first model).
+ *   Chunks: within one job, every pass with the same CFX_PASS_WHOLE_ROWS flag cuts a tensor into
+ *   the same chunks (chunk j covers elements [j*size, min((j+1)*size, numel)), size fixed per
+ *   tensor and flag), so a plugin may keep per-chunk results of a reduce pass (indexed by
+ *   chunk->begin) for a later pass, e.g. prefix counts that make a selection exact.
  *
  * THREADING CONTRACT
  *   create/finish/destroy: called from one thread, never concurrently with anything else.
