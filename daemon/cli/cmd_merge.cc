@@ -30,7 +30,7 @@ int cmd_merge(int argc, char** argv) {
       "hidden partial directory beside the output and renamed into place when complete.\n"
       "Exit 0 on success, 1 when the merge fails, 2 on a usage or configuration error.\n\noptions");
   std::string config_file, job_name, output;
-  int threads = 0;
+  int threads = 0, progress_fd = -1;
   std::uint64_t chunk = 0;
   visible.add_options()("job", po::value(&job_name), "the [[job]] to run (needed when the file has several)")(
       "output", po::value(&output), "write here instead of the job's output")(
@@ -38,7 +38,8 @@ int cmd_merge(int argc, char** argv) {
       "force", "replace an existing output")("quiet,q", "no progress display")(
       "chunk-elements", po::value(&chunk), "elements per chunk (tuning)")("help,h", "show this help");
   po::options_description all;
-  all.add(visible).add_options()("config", po::value(&config_file));
+  all.add(visible).add_options()("config", po::value(&config_file))(
+      "progress-fd", po::value(&progress_fd), "write \"progress <percent>\" lines to this descriptor (confluxd)");
   po::positional_options_description pos;
   pos.add("config", 1);
   po::variables_map vm;
@@ -99,7 +100,7 @@ int cmd_merge(int argc, char** argv) {
 
   MergeOutcome outcome;
   try {
-    ProgressDisplay display(progress, vm.count("quiet") == 0);
+    ProgressDisplay display(progress, vm.count("quiet") == 0, progress_fd);
     outcome = run_job(req, plugins);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "conflux merge: %s\n", e.what());

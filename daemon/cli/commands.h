@@ -11,5 +11,9 @@ inline constexpr int kExitUsage = 2;
 int cmd_inspect(int argc, char** argv);
 int cmd_merge(int argc, char** argv);
 int cmd_plugins(int argc, char** argv);
+int cmd_status(int argc, char** argv);
+int cmd_run(int argc, char** argv);
+int cmd_cancel(int argc, char** argv);
+int cmd_reload(int argc, char** argv);
 
 }  // namespace conflux::cli

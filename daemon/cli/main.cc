@@ -19,6 +19,10 @@ constexpr Command kCommands[] = {
     {"plugins", "list the strategy plugins found and their parameters", conflux::cli::cmd_plugins},
     {"inspect", "validate a .safetensors file or checkpoint directory and list its tensors",
      conflux::cli::cmd_inspect},
+    {"status", "show the jobs of a running confluxd", conflux::cli::cmd_status},
+    {"run", "ask confluxd to run a job now", conflux::cli::cmd_run},
+    {"cancel", "ask confluxd to cancel a job's running merge", conflux::cli::cmd_cancel},
+    {"reload", "ask confluxd to reload its configuration", conflux::cli::cmd_reload},
 };
 
 void usage(std::FILE* out) {

@@ -7,9 +7,10 @@
 
 namespace conflux::cli {
 
-ProgressDisplay::ProgressDisplay(const Progress& progress, bool enabled)
-    : progress_(progress), tty_(::isatty(STDERR_FILENO) != 0), enabled_(enabled),
-      start_(std::chrono::steady_clock::now()) {
+ProgressDisplay::ProgressDisplay(const Progress& progress, bool enabled, int machine_fd)
+    : progress_(progress), tty_(::isatty(STDERR_FILENO) != 0), machine_fd_(machine_fd),
+      enabled_(enabled || machine_fd >= 0), start_(std::chrono::steady_clock::now()) {
+  if (machine_fd_ >= 0) tty_ = false;
   if (enabled_) thread_ = std::thread([this] { loop(); });
 }
 
@@ -21,12 +22,14 @@ ProgressDisplay::~ProgressDisplay() {
   }
   cv_.notify_all();
   thread_.join();
+  if (machine_fd_ >= 0) draw(true);
   if (tty_) std::fputs("\r\033[K", stderr);
 }
 
 void ProgressDisplay::loop() {
   std::unique_lock lock(mu_);
-  while (!cv_.wait_for(lock, std::chrono::milliseconds(tty_ ? 200 : 1000), [this] { return stop_; })) draw(false);
+  const auto period = std::chrono::milliseconds(tty_ || machine_fd_ >= 0 ? 200 : 1000);
+  while (!cv_.wait_for(lock, period, [this] { return stop_; })) draw(false);
 }
 
 void ProgressDisplay::draw(bool) {
@@ -35,6 +38,12 @@ void ProgressDisplay::draw(bool) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const double rate = secs > 0 ? static_cast<double>(progress_.bytes_done.load()) / secs / 1e9 : 0;
   const unsigned pass = progress_.pass.load(), passes = progress_.pass_count.load();
+  if (machine_fd_ >= 0) {
+    char line[64];
+    const int n = std::snprintf(line, sizeof line, "progress %.1f\n", frac * 100);
+    if (n > 0) (void)!::write(machine_fd_, line, static_cast<std::size_t>(n));
+    return;
+  }
   if (tty_) {
     constexpr int kWidth = 30;
     const int filled = static_cast<int>(frac * kWidth);

@@ -1,5 +1,6 @@
 // Progress display for long merges: a redrawn bar on a terminal, a plain line every 10% when
-// stderr is a pipe or a file (logs stay readable).
+// stderr is a pipe or a file (logs stay readable), or machine lines "progress <percent>" on a
+// file descriptor (how confluxd follows its worker processes).
 #pragma once
 
 #include <atomic>
@@ -14,7 +15,7 @@ namespace conflux::cli {
 
 class ProgressDisplay {
  public:
-  explicit ProgressDisplay(const Progress& progress, bool enabled);
+  ProgressDisplay(const Progress& progress, bool enabled, int machine_fd = -1);
   ~ProgressDisplay();  // stops the display thread and finishes the line
 
  private:
@@ -23,6 +24,7 @@ class ProgressDisplay {
 
   const Progress& progress_;
   bool tty_ = false;
+  int machine_fd_ = -1;
   bool enabled_;
   int last_decile_ = -1;
   std::chrono::steady_clock::time_point start_;
