@@ -79,20 +79,21 @@ std::vector<OutputTensor> tensors_of(const ModelShape& m, DType dtype) {
 }
 
 struct Recipe {
-  std::uint64_t seed = 0;
+  std::uint64_t seed = 0;        // the base's values
+  std::uint64_t agent_seed = 0;  // the agents' changes (another value: a later round of the same agents)
   int agent = -1;  // -1: the base
   double density = 0.05, shared = 0.01, scale = 0.01;
 };
 
 // Value of element j of a tensor for the recipe's model.
-float value(const Recipe& r, std::uint64_t key, bool is_norm, std::uint64_t j) {
+float value(const Recipe& r, std::uint64_t key, std::uint64_t agent_key, bool is_norm, std::uint64_t j) {
   const double u = uniform(key, j, 0);
   double base = is_norm ? 1.0 + 0.1 * (u - 0.5) : 0.04 * (u - 0.5);
   if (r.agent < 0) return static_cast<float>(base);
-  const bool active = uniform(key, j, 1) < r.shared ||
-                      uniform(key, j, 2 + static_cast<std::uint64_t>(r.agent)) < r.density;
+  const bool active = uniform(agent_key, j, 1) < r.shared ||
+                      uniform(agent_key, j, 2 + static_cast<std::uint64_t>(r.agent)) < r.density;
   if (!active) return static_cast<float>(base);
-  const double v = uniform(key, j, 1000 + static_cast<std::uint64_t>(r.agent));
+  const double v = uniform(agent_key, j, 1000 + static_cast<std::uint64_t>(r.agent));
   // Magnitude in [0.25, 1] x scale, either sign: far above a bf16 ulp of the base values.
   const double delta = (v < 0.5 ? -1.0 : 1.0) * (0.25 + 1.5 * std::abs(v - 0.5)) * r.scale;
   return static_cast<float>(base + delta);
@@ -122,8 +123,9 @@ void write_model(const fs::path& dir, const ModelShape& shape, DType dtype, cons
       for (auto d : t.shape) n *= d;
       const std::uint64_t count = std::min(kChunk, n - begin);
       const std::uint64_t key = mix(r.seed) ^ name_hash(t.name);
+      const std::uint64_t agent_key = mix(r.agent_seed) ^ name_hash(t.name);
       const bool is_norm = t.name.find("norm") != std::string::npos;
-      for (std::uint64_t j = 0; j < count; ++j) f[j] = value(r, key, is_norm, begin + j);
+      for (std::uint64_t j = 0; j < count; ++j) f[j] = value(r, key, agent_key, is_norm, begin + j);
       from_f32(dtype, f.data(), out.data(), count);
       w.write_at(i, begin * esize, {out.data(), count * esize});
     }
@@ -163,6 +165,7 @@ int main(int argc, char** argv) {
       "shared", po::value(&r.shared)->default_value(0.01), "fraction of entries every agent changes")(
       "scale", po::value(&r.scale)->default_value(0.01), "magnitude of the changes")(
       "seed", po::value(&r.seed)->default_value(0), "random seed")(
+      "agent-seed", po::value<std::uint64_t>(), "seed of the agents' changes (default: --seed); another value gives a later round over the same base")(
       "shard-size", po::value(&shard_text)->default_value("5GB"), "largest shard")(
       "threads", po::value(&threads)->default_value(0), "worker threads (0: all cores)");
   po::variables_map vm;
@@ -203,13 +206,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  r.agent_seed = vm.count("agent-seed") ? vm["agent-seed"].as<std::uint64_t>() : r.seed;
   try {
     const std::uint64_t shard_size = parse_byte_size(shard_text);
-    write_model(fs::path(out) / "base", m, dtype, Recipe{r.seed, -1, r.density, r.shared, r.scale},
+    write_model(fs::path(out) / "base", m, dtype, Recipe{r.seed, r.agent_seed, -1, r.density, r.shared, r.scale},
                 shard_size, threads);
     for (int i = 0; i < agents; ++i)
       write_model(fs::path(out) / ("agent-" + std::to_string(i + 1)), m, dtype,
-                  Recipe{r.seed, i, r.density, r.shared, r.scale}, shard_size, threads);
+                  Recipe{r.seed, r.agent_seed, i, r.density, r.shared, r.scale}, shard_size, threads);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "conflux-synth: %s\n", e.what());
     return 1;
