@@ -8,6 +8,7 @@ packages=(
   libboost1.81-dev libboost-json1.81-dev libboost-program-options1.81-dev
   libtomlplusplus-dev libtbb-dev libhwy-dev libgtest-dev libgmock-dev libsystemd-dev libssl-dev
   clang libclang-rt-14-dev   # libFuzzer targets (scripts/fuzz.sh)
+  systemd                    # systemd-analyze, for the unit's checks
 )
 
 missing=()

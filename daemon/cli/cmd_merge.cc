@@ -97,6 +97,8 @@ int cmd_merge(int argc, char** argv) {
   req.cancel = &g_cancel;
   std::signal(SIGINT, on_interrupt);
   std::signal(SIGTERM, on_interrupt);
+  // Past a file-size limit a write then fails with EFBIG, a clear error, instead of killing us.
+  std::signal(SIGXFSZ, SIG_IGN);
 
   MergeOutcome outcome;
   try {

@@ -52,6 +52,12 @@ int main(int argc, char** argv) {
   // Under systemd, stderr goes to the journal: mark each line's priority the way it reads them.
   conflux::log_configure(std::getenv("JOURNAL_STREAM") ? conflux::LogStyle::journal : conflux::LogStyle::timestamped, min);
 
+  // Strategies load only from the configured directories (and the installed ones); the
+  // environment of whoever started the daemon does not add any, and workers inherit this.
+  if (const char* p = std::getenv("CONFLUX_PLUGIN_PATH"); p && *p) {
+    conflux::log_warning(std::string("ignoring CONFLUX_PLUGIN_PATH=") + p + ": confluxd loads plugins only from [daemon].plugin_dirs");
+    ::unsetenv("CONFLUX_PLUGIN_PATH");
+  }
   conflux::Config config;
   try {
     config = conflux::load_config(config_file);

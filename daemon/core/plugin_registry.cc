@@ -1,6 +1,7 @@
 #include "conflux/plugin_registry.h"
 
 #include <dlfcn.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdlib>
+#include <cerrno>
 #include <cstring>
 #include <set>
 
@@ -234,9 +236,30 @@ void PluginRegistry::load_dirs(const std::vector<fs::path>& dirs) {
   }
 }
 
+namespace {
+
+// Like sshd's StrictModes: code loaded into the process must not be replaceable by anyone but
+// root or the user running it. Returns the reason a path is refused, or empty.
+std::string untrusted(const fs::path& p, const char* what) {
+  struct stat st {};
+  if (::stat(p.c_str(), &st) != 0) return std::string("cannot stat ") + what + " " + p.string() + ": " + std::strerror(errno);
+  if (st.st_uid != 0 && st.st_uid != ::geteuid())
+    return std::string(what) + " " + p.string() + " is owned by uid " + std::to_string(st.st_uid) +
+           ", neither root nor this process's user";
+  if (st.st_mode & (S_IWGRP | S_IWOTH))
+    return std::string(what) + " " + p.string() + " is writable by " +
+           ((st.st_mode & S_IWOTH) ? "others" : "its group") + " (chmod go-w it)";
+  return {};
+}
+
+}  // namespace
+
 std::optional<PluginProblem> PluginRegistry::load_file(const fs::path& file) {
   std::error_code ec;
   const fs::path canon = fs::weakly_canonical(file, ec);
+  for (const auto& [p, what] : {std::pair{canon.parent_path(), "directory"}, std::pair{canon, "file"}})
+    if (std::string why = untrusted(p, what); !why.empty())
+      return PluginProblem{file, "plugin " + file.string() + ": refused: " + why};
   if (std::find(loaded_files_.begin(), loaded_files_.end(), canon) != loaded_files_.end()) return std::nullopt;
   loaded_files_.push_back(canon);
 
