@@ -400,12 +400,19 @@ class Runner {
 
   void model_reduce(std::size_t pass) {
     const cfx_pass& p = plugin_.passes[pass];
-    std::vector<AlignedPtr<std::byte>> per_tensor(tensors_.size());
-    tbb::parallel_for(std::size_t{0}, tensors_.size(), [&](std::size_t k) { per_tensor[k] = reduce_tensor(pass, k); });
-    // Across tensors in tensor order: a sequential fold is as deterministic as it gets.
     auto total = aligned_array<std::byte>(stats_sizes_[pass]);
-    for (std::size_t k = 0; k < tensors_.size(); ++k)
-      if (p.combine(instance_, nullptr, total.get(), per_tensor[k].get()) != 0) throw plugin_failure("combine", nullptr);
+    // Tensors are reduced a batch at a time (in parallel) and folded into the total in tensor
+    // order: deterministic, and only a batch of partials is alive, whatever their size.
+    constexpr std::size_t kBatch = 8;
+    std::vector<AlignedPtr<std::byte>> partials(kBatch);
+    for (std::size_t first = 0; first < tensors_.size(); first += kBatch) {
+      const std::size_t n = std::min(kBatch, tensors_.size() - first);
+      tbb::parallel_for(std::size_t{0}, n, [&](std::size_t j) { partials[j] = reduce_tensor(pass, first + j); });
+      for (std::size_t j = 0; j < n; ++j) {
+        if (p.combine(instance_, nullptr, total.get(), partials[j].get()) != 0) throw plugin_failure("combine", nullptr);
+        partials[j].reset();
+      }
+    }
     std::int32_t repeat = 0;
     if (p.reduce_done(instance_, nullptr, total.get(), &repeat) != 0) throw plugin_failure("reduce_done", nullptr);
   }
