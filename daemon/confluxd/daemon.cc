@@ -152,10 +152,9 @@ void Daemon::start() {
 
   log_info("confluxd " CONFLUX_VERSION " started: " + std::to_string(jobs_.size()) + " job(s), control socket " +
            config_.daemon.control_socket.string());
-  evaluate_all();
   notifier_.ready();
   notifier_.start_watchdog();
-  update_status_line();
+  evaluate_all();
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -175,6 +174,9 @@ void Daemon::watch_inputs() {
       if (fs::is_directory(in, ec)) wanted.insert(in);
       if (fs::is_directory(in.parent_path(), ec)) wanted.insert(in.parent_path());
       for (const auto& c : candidate_checkpoints(in)) wanted.insert(c);
+      if (fs::is_directory(in, ec) && !holds_weights(in))
+        for (const auto& e : fs::directory_iterator(in, ec))
+          if (e.is_directory(ec) && !is_ignored_name(e.path().filename().string())) wanted.insert(e.path());
     }
   }
   constexpr std::uint32_t kMask = IN_CREATE | IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE |
@@ -271,6 +273,10 @@ void Daemon::evaluate(JobRuntime& job) {
   const JobConfig& cfg = job.config;
   if (cfg.trigger == "manual" && !job.forced) {
     if (job.state == JobRuntime::State::waiting) job.state = JobRuntime::State::idle;
+    std::string why;
+    auto nc = Clock::time_point::max();
+    if (cfg.base) (void)resolve(*cfg.base, cfg, why, nc);
+    for (const auto& in : cfg.models) (void)resolve(in, cfg, why, nc);
     return;
   }
   std::vector<ResolvedInput> inputs;
@@ -280,6 +286,7 @@ void Daemon::evaluate(JobRuntime& job) {
   if (cfg.base) wanted.push_back(*cfg.base);
   wanted.insert(wanted.end(), cfg.models.begin(), cfg.models.end());
   bool ready = true;
+  std::string note;
   for (const auto& in : wanted) {
     std::string why;
     auto r = resolve(in, cfg, why, next_check);
@@ -288,6 +295,7 @@ void Daemon::evaluate(JobRuntime& job) {
       if (waiting_for.empty()) waiting_for = why;
       continue;
     }
+    if (why.starts_with("incomplete: ") && note.empty()) note = why;
     inputs.push_back(std::move(*r));
   }
   if (next_check != Clock::time_point::max())
@@ -304,7 +312,7 @@ void Daemon::evaluate(JobRuntime& job) {
   }
   job.inputs = std::move(inputs);
   job.signature = signature_of(job.inputs);
-  job.waiting_for.clear();
+  job.waiting_for = note;
   const JobRecord& rec = state_.job(cfg.name);
   if (job.signature == rec.finished_inputs && !job.forced) {
     job.state = rec.last_ok ? JobRuntime::State::idle : JobRuntime::State::failed;
@@ -500,6 +508,12 @@ void Daemon::finish_run(const std::string& name, const WorkerResult& r) {
     bool any = false;
     for (const auto& [n, j] : jobs_) any = any || j.worker;
     if (!any) stop();
+    return;
+  }
+  if (std::none_of(config_.jobs.begin(), config_.jobs.end(), [&](const JobConfig& c) { return c.name == name; })) {
+    std::erase(queue_, name);
+    jobs_.erase(it);
+    evaluate_all();
     return;
   }
   if (job.follow_up) {

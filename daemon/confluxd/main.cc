@@ -1,5 +1,6 @@
 // confluxd --config FILE [--foreground]: the merge daemon. It stays in the foreground (as a
 // systemd Type=notify service does); logs go to stderr, one event per line with its level.
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -58,6 +59,8 @@ int main(int argc, char** argv) {
     conflux::log_warning(std::string("ignoring CONFLUX_PLUGIN_PATH=") + p + ": confluxd loads plugins only from [daemon].plugin_dirs");
     ::unsetenv("CONFLUX_PLUGIN_PATH");
   }
+  // Over a file-size limit, a write fails with EFBIG (reported) instead of killing the daemon.
+  std::signal(SIGXFSZ, SIG_IGN);
   conflux::Config config;
   try {
     config = conflux::load_config(config_file);

@@ -149,6 +149,12 @@ void Worker::maybe_finish() {
     r.error = last_error_.empty() ? "merge worker exited with status " + std::to_string(WEXITSTATUS(s)) : last_error_;
     if (r.error.starts_with("conflux merge: ")) r.error.erase(0, 15);
   }
+  // RLIMIT_DATA shows up as whatever allocation failed first (a thread, a buffer): say so.
+  if (!r.ok && memory_limit_ &&
+      (r.error.find("bad_alloc") != std::string::npos || r.error.find("Resource temporarily unavailable") != std::string::npos ||
+       r.error.find("Cannot allocate memory") != std::string::npos))
+    r.error += " (the job's memory_limit of " + std::to_string(*memory_limit_) +
+               " bytes was reached; each worker thread also reserves its stack against it)";
   if (r.cancelled && !r.ok) r.error = "cancelled";
   progress_pipe_.close();
   stderr_pipe_.close();

@@ -252,6 +252,23 @@ std::string untrusted(const fs::path& p, const char* what) {
   return {};
 }
 
+// The directories above a plugin's: whoever can rename entries in one of them can swap the
+// plugin's directory. World- or group-writable ancestors are fine only with the sticky bit
+// (like /tmp), where nobody can rename what they do not own.
+std::string untrusted_ancestor(const fs::path& dir) {
+  for (fs::path p = dir.parent_path(); !p.empty(); p = p.parent_path()) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) != 0) break;
+    if (st.st_uid != 0 && st.st_uid != ::geteuid())
+      return "directory " + p.string() + " above it is owned by uid " + std::to_string(st.st_uid) +
+             ", neither root nor this process's user";
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))
+      return "directory " + p.string() + " above it is writable by " + ((st.st_mode & S_IWOTH) ? "others" : "its group");
+    if (p == p.root_path()) break;
+  }
+  return {};
+}
+
 }  // namespace
 
 std::optional<PluginProblem> PluginRegistry::load_file(const fs::path& file) {
@@ -260,6 +277,8 @@ std::optional<PluginProblem> PluginRegistry::load_file(const fs::path& file) {
   for (const auto& [p, what] : {std::pair{canon.parent_path(), "directory"}, std::pair{canon, "file"}})
     if (std::string why = untrusted(p, what); !why.empty())
       return PluginProblem{file, "plugin " + file.string() + ": refused: " + why};
+  if (std::string why = untrusted_ancestor(canon.parent_path()); !why.empty())
+    return PluginProblem{file, "plugin " + file.string() + ": refused: " + why};
   if (std::find(loaded_files_.begin(), loaded_files_.end(), canon) != loaded_files_.end()) return std::nullopt;
   loaded_files_.push_back(canon);
 
