@@ -1,0 +1,594 @@
+// Exact streaming top-k selection by magnitude, per tensor, for the trimming strategies (ties,
+// breadcrumbs, breadcrumbs_ties). Header-only; used inside one tensor-scope reduce pass that
+// repeats itself, and the map pass after it.
+//
+// DEFINITION
+//   The entries of a tensor (n of them) of one source, a model's float32 task vector
+//   d = x - base, are ranked by (|d| descending, flat index ascending). The passes take the raw
+//   values and the base (no CFX_PASS_TASK_VECTORS) and form d = x - base in float32 inside their
+//   kernels: the same IEEE subtraction as the host's task vectors, without a separate sweep.
+//   A target "top m" selects the entries of rank < m: exactly m entries, and among equal
+//   magnitudes the lower flat index wins.
+//   Magnitudes compare as the float32 bit patterns with the sign bit cleared (the "key"):
+//   for non-negative floats the unsigned order of the bits is the order of the values; -0 and
+//   +0 are the same magnitude; a NaN ranks above +inf.
+//   mergekit ranks with torch.argsort / torch.sort, whose order among equal values is
+//   unspecified (and differs between CPU and GPU, and between releases): it keeps the same
+//   number of entries and the same magnitudes, but which of several equal magnitudes at the
+//   boundary survive is up to torch. Here it is always the lowest flat indices.
+//
+// HOW (no sort, nothing materialised; every target of every source in the same passes)
+//   Execution 1 (of the tensor's reduce pass): per source, a histogram of the high 16 key bits
+//     (65536 bins; exact zeros counted apart, so sparse task vectors do not serialise on one
+//     bin) and a byte flag per bin for "impure" bins (bins holding a key whose low 15 bits are
+//     not 0).
+//     reduce_done walks each target's histogram from the top: the boundary bin B holds the
+//     m-th entry; `above` entries lie above it, `need` = m - above (1 <= need <= count(B)).
+//       need == count(B)        -> resolved: select key >= B << 15.
+//       B pure (low bits all 0) -> the threshold T = B << 15 is known: ties (below).
+//       otherwise               -> low round.
+//   Low round (next execution): a histogram of the low 15 key bits of the entries in bin B
+//     (32768 bins per target) pins the exact key T, its count and the entries above it;
+//     need == count(T) resolves it (select key >= T), otherwise ties. When bin B holds at most
+//     min(kListBudget, n / 8) entries, each chunk also keeps the low bits of its bin-B entries
+//     (in index order), so the tie counts come from these lists in reduce_done, without another
+//     pass.
+//   Ties (next execution): each chunk counts its entries with key == T; the counts are kept
+//     per chunk (plugin memory, indexed by chunk->begin / chunk size: the chunking guarantee
+//     of plugin.h gives the map pass the same chunks), and reduce_done turns them into an
+//     exclusive prefix. The map then knows how many T-valued entries precede each chunk: a
+//     chunk selects key > T, plus its first `quota` entries with key == T.
+//   T == 0 needs no tie counts: which zero entries are "selected" cannot change a merge (a zero
+//   task-vector entry adds nothing), so all of them are; the set differs from the exact-k one
+//   only in zero entries, the merge not at all. That is the usual case for sparse task vectors
+//   with a density above their fill.
+//   So a tensor's reduce pass runs 1 time (boundary resolved by the coarse histogram: k == 0,
+//   k == n, a boundary bin taken whole, or threshold 0), 2 times (bf16-like data: pure bin, tie
+//   counts; float32-like data: low round, with listed ties) or at most 3 times (a boundary bin
+//   too large to list, with ties), for all targets at once; a target that needs fewer
+//   executions does nothing in the later ones.
+//
+// MEMORY
+//   One partial (execution 1): per source a 65536-bin uint32 histogram and 64 KiB of flags,
+//   then one spare histogram (about 320 KiB per source + 256 KiB); later executions use the
+//   first targets x 32768 words of the same partial (targets <= 2 x sources). Per tensor: a few
+//   words per target, and for targets that need tie counts one uint32 per chunk (numel / chunk),
+//   freed when the tensor's map pass has seen all its elements; during a low round, at most
+//   min(kListBudget, n / 8) uint16 (2 MiB) per target, freed when it ends.
+//   Counts are uint32: a tensor must have fewer than 2^32 elements (checked at construction).
+#pragma once
+
+#include <conflux/plugin.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+namespace conflux::plugins::topk {
+
+namespace sdk = conflux::sdk;
+
+inline constexpr std::uint32_t kHiBins = 1u << 16;            // execution 1: key bits 30..15
+inline constexpr std::uint32_t kLoBins = 1u << 15;            // low round: key bits 14..0
+inline constexpr std::uint32_t kImpureWords = kHiBins / 4 + 16;  // a byte per high bin, and a
+                                                                 // dummy slot (kHiBins)
+inline constexpr std::uint32_t kNothing = 0x80000000u;        // a key bound above every key
+inline constexpr std::size_t kBlock = 1024;                   // entries per kernel call
+inline constexpr std::uint64_t kListBudget = 1u << 20;        // low round: entries listed per target
+
+// The magnitude key of x: its float32 bits without the sign.
+inline std::uint32_t key_of(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u & 0x7FFFFFFFu;
+}
+
+// One selection: the top m entries of source `source` (rank < m).
+struct Target {
+  std::uint32_t source = 0;
+  std::uint64_t m = 0;
+};
+
+// Where one target stands in one chunk, for the map: selected are the keys >= U, and also the
+// next `quota` entries (in index order) whose key is T (then U == T + 1).
+struct Cursor {
+  std::uint32_t U = 0;
+  std::uint32_t T = 0;
+  std::uint64_t quota = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernels (scalar where they scatter; the counting and masking loops vectorize)
+// ---------------------------------------------------------------------------------------------
+
+namespace kernels {
+
+// keys[0, nz) = the nonzero keys of d = x - b over [0, m), in order; returns nz. keys has room
+// for m + 16.
+static inline std::size_t compact_nonzero_scalar(const float* x, const float* b, std::size_t m, std::uint32_t* keys) {
+  std::size_t nz = 0;
+  for (std::size_t k = 0; k < m; ++k) {  // branch-free
+    const std::uint32_t key = key_of(x[k] - b[k]);
+    keys[nz] = key;
+    nz += key != 0 ? 1 : 0;
+  }
+  return nz;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The same with AVX-512 (vpcompressd): sparse task vectors are mostly zeros, and the scalar
+// compaction's dependency chain costs more than the histogram itself.
+__attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx512(const float* x, const float* b,
+                                                                                    std::size_t m,
+                                                                                    std::uint32_t* keys) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  std::size_t nz = 0, k = 0;
+  for (; k + 16 <= m; k += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(b + k));
+    const __m512i v = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
+    const __mmask16 on = _mm512_test_epi32_mask(v, v);
+    _mm512_storeu_si512(keys + nz, _mm512_maskz_compress_epi32(on, v));
+    nz += static_cast<std::size_t>(__builtin_popcount(on));
+  }
+  return nz + compact_nonzero_scalar(x + k, b + k, m - k, keys + nz);
+}
+
+static inline bool have_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+#endif
+
+static inline std::size_t compact_nonzero(const float* x, const float* b, std::size_t m, std::uint32_t* keys) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (have_avx512()) return compact_nonzero_avx512(x, b, m, keys);
+#endif
+  return compact_nonzero_scalar(x, b, m, keys);
+}
+
+// Whether a key of keys[0, n) has nonzero low 15 bits.
+CONFLUX_MULTIVERSION static inline bool any_low_bits(const std::uint32_t* keys, std::size_t n) {
+  std::uint32_t any = 0;
+  for (std::size_t j = 0; j < n; ++j) any |= keys[j];
+  return (any & 0x7FFFu) != 0;
+}
+
+// The smallest and largest of keys[0, n).
+CONFLUX_MULTIVERSION static inline void key_range(const std::uint32_t* keys, std::size_t n, std::uint32_t& lo,
+                                                  std::uint32_t& hi) {
+  std::uint32_t a = lo, z = hi;
+  for (std::size_t j = 0; j < n; ++j) {
+    a = std::min(a, keys[j]);
+    z = std::max(z, keys[j]);
+  }
+  lo = a;
+  hi = z;
+}
+
+// Execution 1 for one source's block: hist[key >> 15] += 1 (zeros counted in the return value
+// instead), and the impure flag of a bin whose key has nonzero low bits. Every other entry goes
+// to `spare` instead of `hist` (folded back by the caller over [lo >> 15, hi >> 15], the bins
+// touched): equal magnitudes are common, and increments of one bin in a row wait for each
+// other through memory; two histograms halve that chain.
+static inline std::uint32_t hist_high(const float* x, const float* b, std::size_t m, std::uint32_t* hist,
+                                      std::uint32_t* spare, std::uint8_t* impure, std::uint32_t& lo,
+                                      std::uint32_t& hi) {
+  std::uint32_t keys[kBlock + 16];
+  const std::size_t nz = compact_nonzero(x, b, m, keys);
+  key_range(keys, nz, lo, hi);
+  std::size_t j = 0;
+  for (; j + 2 <= nz; j += 2) {
+    const std::uint32_t k0 = keys[j], k1 = keys[j + 1];
+    ++hist[k0 >> 15];
+    ++spare[k1 >> 15];
+  }
+  if (j < nz) ++hist[keys[j] >> 15];
+  // Impure bins: none in most blocks of bf16-like data (a vectorized test); elsewhere a store
+  // of 1 to the bin's flag, or to the dummy slot for a pure key (stores only: no chain, no
+  // branch to mispredict).
+  if (any_low_bits(keys, nz))
+    for (std::size_t i = 0; i < nz; ++i) {
+      const std::uint32_t key = keys[i];
+      const std::uint32_t on = 0u - static_cast<std::uint32_t>((key & 0x7FFFu) != 0);  // all ones or 0
+      impure[((key >> 15) & on) | (kHiBins & ~on)] = 1;
+    }
+  return static_cast<std::uint32_t>(m - nz);
+}
+
+// hist[k] += spare[k], spare[k] = 0 over [first, last].
+CONFLUX_MULTIVERSION static inline void fold(std::uint32_t* hist, std::uint32_t* spare, std::size_t first,
+                                             std::size_t last) {
+  for (std::size_t k = first; k <= last; ++k) {
+    hist[k] += spare[k];
+    spare[k] = 0;
+  }
+}
+
+// Entries whose key lies in high bin `bin`.
+CONFLUX_MULTIVERSION static inline std::uint32_t count_in_bin(const float* x, const float* b, std::size_t m,
+                                                             std::uint32_t bin) {
+  std::uint32_t c = 0;
+  for (std::size_t k = 0; k < m; ++k) c += (key_of(x[k] - b[k]) >> 15) == bin ? 1u : 0u;
+  return c;
+}
+
+// Low round for one target's block: hist[key & 0x7FFF] += 1 for the keys in high bin `bin`
+// (rare: groups of 64 without one are skipped after a vectorized count), and their low bits
+// appended to `list` in index order when it is not null.
+static inline void hist_low(const float* x, const float* b, std::size_t m, std::uint32_t bin, std::uint32_t* hist,
+                            std::vector<std::uint16_t>* list) {
+  std::uint16_t lows[64];
+  for (std::size_t g = 0; g < m; g += 64) {
+    const std::size_t e = std::min(m, g + 64);
+    if (count_in_bin(x + g, b + g, e - g, bin) == 0) continue;
+    std::size_t hits = 0;
+    for (std::size_t k = g; k < e; ++k) {  // branch-free compaction of the bin's low bits
+      const std::uint32_t key = key_of(x[k] - b[k]);
+      lows[hits] = static_cast<std::uint16_t>(key & 0x7FFFu);
+      hits += (key >> 15) == bin ? 1 : 0;
+    }
+    for (std::size_t j = 0; j < hits; ++j) ++hist[lows[j]];
+    if (list) list->insert(list->end(), lows, lows + hits);
+  }
+}
+
+// Entries whose key is T.
+CONFLUX_MULTIVERSION static inline std::uint32_t count_equal(const float* x, const float* b, std::size_t m,
+                                                            std::uint32_t T) {
+  std::uint32_t c = 0;
+  for (std::size_t k = 0; k < m; ++k) c += key_of(x[k] - b[k]) == T ? 1u : 0u;
+  return c;
+}
+
+// out[k] = d[k] where lo <= key < hi, else 0.
+CONFLUX_MULTIVERSION static inline void select_range(const float* x, const float* b, std::size_t m, std::uint32_t lo,
+                                                     std::uint32_t hi, float* out) {
+  for (std::size_t k = 0; k < m; ++k) {
+    const float d = x[k] - b[k];
+    const std::uint32_t key = key_of(d);
+    out[k] = ((key >= lo) & (key < hi)) ? d : 0.0f;
+  }
+}
+
+CONFLUX_MULTIVERSION static inline void add_words(std::uint32_t* into, const std::uint32_t* from, std::size_t n) {
+  for (std::size_t k = 0; k < n; ++k) into[k] += from[k];
+}
+
+CONFLUX_MULTIVERSION static inline void or_words(std::uint32_t* into, const std::uint32_t* from, std::size_t n) {
+  for (std::size_t k = 0; k < n; ++k) into[k] |= from[k];
+}
+
+}  // namespace kernels
+
+// out[k] = d[k] = x[k] - b[k] where entry k of the block is selected by `keep` and not by
+// `drop` (a target selecting a subset of keep's entries: breadcrumbs' top outliers; a
+// Cursor{kNothing} for none), else 0. The cursors advance through the block (call block by
+// block, in order).
+inline void select_block(const float* x, const float* b, std::size_t m, Cursor& keep, Cursor& drop, float* out) {
+  if (keep.quota == 0 && drop.quota == 0) return kernels::select_range(x, b, m, keep.U, drop.U, out);
+  for (std::size_t k = 0; k < m; ++k) {  // the chunk where ties straddle a boundary
+    const float d = x[k] - b[k];
+    const std::uint32_t key = key_of(d);
+    bool in_keep = key >= keep.U, in_drop = key >= drop.U;
+    if (key == keep.T && keep.quota > 0) in_keep = true, --keep.quota;
+    if (key == drop.T && drop.quota > 0) in_drop = true, --drop.quota;
+    out[k] = in_keep && !in_drop ? d : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The selector: state of every tensor's targets, the reduce pass's callbacks, the map's cursors
+// ---------------------------------------------------------------------------------------------
+
+class Selector {
+ public:
+  // `targets(tensor, j)` gives target j (< targets_per_tensor) of a tensor; targets_per_tensor
+  // <= 2 * sources. Thread-safety as the plugin callbacks that call in.
+  template <class F>
+  Selector(sdk::Span<const cfx_tensor> tensors, std::uint32_t sources, std::uint32_t targets_per_tensor, F&& targets)
+      : sources_(sources), per_tensor_(targets_per_tensor), tensors_(new TensorState[tensors.size()]) {
+    if (targets_per_tensor > 2 * sources) throw sdk::Error("internal: more than two targets per source");
+    for (const cfx_tensor& t : tensors) {
+      TensorState& ts = tensors_[t.index];
+      ts.targets.resize(per_tensor_);
+      for (std::uint32_t j = 0; j < per_tensor_; ++j) {
+        const Target g = targets(t, j);
+        State& s = ts.targets[j];
+        s.source = g.source;
+        s.m = g.m;
+        if (g.m > t.numel) throw sdk::Error("internal: a target selects more entries than the tensor has");
+        if (g.m == 0) s.U = kNothing;
+        else if (g.m == t.numel) s.U = 0;
+        else s.phase = Phase::high;
+        if (s.phase != Phase::done) ts.trivial = false;
+      }
+      if (!ts.trivial) {
+        active_ = true;
+        if (t.numel >= (std::uint64_t{1} << 32))
+          throw sdk::Error("tensor '" + std::string(t.name) + "' has " + std::to_string(t.numel) +
+                           " elements; magnitude selection supports fewer than 2^32 per tensor");
+      }
+    }
+  }
+
+  // True when some tensor has a target that needs the reduce pass (else the pass is skipped).
+  bool active() const { return active_; }
+
+  // uint32 words of one partial of the reduce pass.
+  // (Execution 1: a histogram and impure flags per source, then one spare histogram that is
+  // zero between reduce calls.)
+  std::size_t stats_words() const { return std::size_t{sources_} * (kHiBins + kImpureWords) + kHiBins; }
+
+  void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
+    TensorState& ts = tensors_[c.tensor().index];
+    if (ts.trivial) return;
+    const std::size_t n = c.count();
+    const float* b = c.base().data();
+    if (!b) throw sdk::Error("internal: the selection needs the base");
+    if (ts.executions == 0) {
+      if (c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
+      for (std::uint32_t i = 0; i < sources_; ++i) {
+        if (!uses(ts, i)) continue;
+        std::uint32_t* hist = partial.data() + std::size_t{i} * kHiBins;
+        auto* impure = reinterpret_cast<std::uint8_t*>(partial.data() + std::size_t{sources_} * kHiBins +
+                                                       std::size_t{i} * kImpureWords);
+        std::uint32_t* spare = partial.data() + std::size_t{sources_} * (kHiBins + kImpureWords);
+        const float* x = c.model(i).data();
+        std::uint32_t zeros = 0, lo = 0xFFFFFFFFu, hi = 0;
+        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
+          zeros += kernels::hist_high(x + k0, b + k0, std::min(kBlock, n - k0), hist, spare, impure, lo, hi);
+        hist[0] += zeros;
+        if (lo <= hi) kernels::fold(hist, spare, lo >> 15, hi >> 15);  // spare is zero again
+      }
+      return;
+    }
+    for (std::uint32_t j = 0; j < per_tensor_; ++j) {
+      State& s = ts.targets[j];
+      const float* x = c.model(s.source).data();
+      if (s.phase == Phase::low) {
+        std::uint32_t* hist = partial.data() + std::size_t{j} * kLoBins;
+        std::vector<std::uint16_t> lows;
+        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
+          kernels::hist_low(x + k0, b + k0, std::min(kBlock, n - k0), s.bin, hist, s.listing ? &lows : nullptr);
+        if (s.listing) s.listing->add(chunk_index(ts, c), lows);
+      } else if (s.phase == Phase::ties) {
+        std::uint32_t cnt = 0;
+        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
+          cnt += kernels::count_equal(x + k0, b + k0, std::min(kBlock, n - k0), s.T);
+        s.chunk_ties[chunk_index(ts, c)] = cnt;
+      }
+    }
+  }
+
+  void combine(const cfx_tensor* t, sdk::Span<std::uint32_t> into, sdk::Span<const std::uint32_t> from) {
+    const TensorState& ts = tensors_[t->index];
+    if (ts.trivial) return;
+    if (ts.executions == 0) {
+      for (std::uint32_t i = 0; i < sources_; ++i) {
+        if (!uses(ts, i)) continue;
+        const std::size_t h = std::size_t{i} * kHiBins;
+        kernels::add_words(into.data() + h, from.data() + h, kHiBins);
+        const std::size_t b = std::size_t{sources_} * kHiBins + std::size_t{i} * kImpureWords;
+        kernels::or_words(into.data() + b, from.data() + b, kImpureWords);
+      }
+      return;
+    }
+    for (std::uint32_t j = 0; j < per_tensor_; ++j)
+      if (ts.targets[j].phase == Phase::low)
+        kernels::add_words(into.data() + std::size_t{j} * kLoBins, from.data() + std::size_t{j} * kLoBins, kLoBins);
+  }
+
+  // The tensor's statistics of one execution; true: run the pass again on this tensor.
+  bool done(const cfx_tensor* t, sdk::Span<const std::uint32_t> stats) {
+    TensorState& ts = tensors_[t->index];
+    if (ts.trivial) {
+      ++executions_hist_[0];
+      return false;
+    }
+    const std::uint32_t executions = ++ts.executions;
+    for (std::uint32_t j = 0; j < per_tensor_; ++j) {
+      State& s = ts.targets[j];
+      switch (s.phase) {
+        case Phase::done: break;
+        case Phase::high: {
+          const std::uint32_t* hist = stats.data() + std::size_t{s.source} * kHiBins;
+          const auto* impure = reinterpret_cast<const std::uint8_t*>(
+              stats.data() + std::size_t{sources_} * kHiBins + std::size_t{s.source} * kImpureWords);
+          std::uint32_t b = kHiBins - 1;
+          std::uint64_t above = 0;
+          while (above + hist[b] < s.m) above += hist[b--];  // stops: the bins sum to numel >= m
+          s.above = above;
+          s.need = s.m - above;
+          if (s.need == hist[b]) {
+            finish(s, b << 15);
+          } else if (impure[b] == 0) {
+            start_ties(ts, *t, s, b << 15, hist[b]);
+          } else {
+            s.bin = b;
+            s.phase = Phase::low;
+            // Small enough: keep the bin's low bits per chunk, so the tie counts need no pass.
+            if (hist[b] <= std::min(kListBudget, t->numel / 8))
+              s.listing = std::make_unique<Listing>(hist[b], chunk_count(ts, *t));
+          }
+          break;
+        }
+        case Phase::low: {
+          const std::uint32_t* hist = stats.data() + std::size_t{j} * kLoBins;
+          std::uint32_t b = kLoBins - 1;
+          std::uint64_t above = 0;
+          while (above + hist[b] < s.need) above += hist[b--];
+          s.above += above;
+          s.need -= above;
+          const std::uint32_t T = (s.bin << 15) | b;
+          if (s.need == hist[b]) {
+            finish(s, T);
+          } else {
+            start_ties(ts, *t, s, T, hist[b]);
+            if (s.listing && s.phase == Phase::ties) {  // count the ties from the lists
+              s.listing->count(static_cast<std::uint16_t>(b), s.chunk_ties);
+              make_prefix(*t, s);
+              ++listed_tie_breaks_;
+            }
+          }
+          s.listing.reset();
+          break;
+        }
+        case Phase::ties: make_prefix(*t, s); break;  // the chunk counts of this execution
+        case Phase::ready: break;
+      }
+    }
+    // Targets that moved to `low` or `ties` in this call need another execution.
+    bool again = false;
+    for (const State& s : ts.targets) again = again || s.phase == Phase::low || s.phase == Phase::ties;
+    if (!again) ++executions_hist_[std::min<std::uint32_t>(executions, 3)];
+    return again;
+  }
+
+  // Target j's cursor at the start of chunk c (map pass).
+  Cursor cursor(const sdk::Chunk& c, std::uint32_t j) const {
+    const TensorState& ts = tensors_[c.tensor().index];
+    const State& s = ts.targets[j];
+    if (s.phase != Phase::ready) return Cursor{s.U, 0, 0};
+    const std::size_t idx = chunk_index(ts, c);
+    const std::uint64_t before = s.chunk_ties[idx];
+    const std::uint64_t here = (idx + 1 < s.chunk_ties.size() ? s.chunk_ties[idx + 1] : s.tie_count) - before;
+    const std::uint64_t quota = s.need > before ? std::min(s.need - before, here) : 0;
+    if (quota == here) return Cursor{s.T, 0, 0};      // every tie of this chunk is selected
+    if (quota == 0) return Cursor{s.T + 1, 0, 0};     // none
+    return Cursor{s.T + 1, s.T, quota};
+  }
+
+  // Called by the map after a chunk: frees the tensor's per-chunk counts after its last chunk.
+  void mapped(const sdk::Chunk& c) {
+    TensorState& ts = tensors_[c.tensor().index];
+    if (!ts.has_chunk_counts) return;
+    if (ts.mapped.fetch_add(c.count(), std::memory_order_acq_rel) + c.count() == c.tensor().numel)
+      for (State& s : ts.targets) std::vector<std::uint32_t>().swap(s.chunk_ties);
+  }
+
+  // Tensors whose selection took e = 1, 2, 3 executions of the reduce pass (e = 0: tensors with
+  // nothing to select, which run it once and do nothing), and targets resolved by tie counts.
+  std::uint64_t tensors_by_executions(std::uint32_t e) const {
+    return executions_hist_[std::min<std::uint32_t>(e, 3)].load();
+  }
+  std::uint64_t tie_breaks() const { return tie_breaks_.load(); }
+  // Of these, the ones counted from the low round's lists (no pass of their own).
+  std::uint64_t listed_tie_breaks() const { return listed_tie_breaks_.load(); }
+
+ private:
+  enum class Phase : std::uint8_t { done, high, low, ties, ready };
+  // The low bits of one target's boundary-bin entries, chunk by chunk (each chunk's run in index
+  // order, the runs in any order), in one array of exactly the bin's count.
+  struct Listing {
+    std::unique_ptr<std::uint16_t[]> data;
+    std::uint64_t capacity;
+    std::atomic<std::uint64_t> used{0};
+    std::vector<std::pair<std::uint64_t, std::uint32_t>> runs;  // per chunk: offset, length
+
+    Listing(std::uint64_t entries, std::size_t chunks)
+        : data(new std::uint16_t[entries]), capacity(entries), runs(chunks, {0, 0}) {}
+    void add(std::size_t chunk, const std::vector<std::uint16_t>& lows) {
+      const std::uint64_t at = used.fetch_add(lows.size(), std::memory_order_relaxed);
+      if (at + lows.size() > capacity) throw sdk::Error("internal: a boundary bin grew between passes");
+      std::copy(lows.begin(), lows.end(), data.get() + at);
+      runs[chunk] = {at, static_cast<std::uint32_t>(lows.size())};
+    }
+    // counts[c] = entries of chunk c whose low bits are `low`.
+    void count(std::uint16_t low, std::vector<std::uint32_t>& counts) const {
+      for (std::size_t c = 0; c < runs.size(); ++c) {
+        const std::uint16_t* run = data.get() + runs[c].first;
+        counts[c] = static_cast<std::uint32_t>(std::count(run, run + runs[c].second, low));
+      }
+    }
+  };
+
+  struct State {
+    std::uint32_t source = 0;
+    std::uint64_t m = 0;
+    Phase phase = Phase::done;
+    std::uint32_t bin = 0;        // low: the high bin
+    std::uint32_t U = 0;          // done: keys >= U are selected
+    std::uint32_t T = 0;          // ties/ready: the threshold key
+    std::uint64_t above = 0;      // entries with a key above the candidates
+    std::uint64_t need = 0;       // entries still to select among the candidates
+    std::uint64_t tie_count = 0;  // ties/ready: entries with key T
+    std::vector<std::uint32_t> chunk_ties;  // ties: per chunk counts; ready: exclusive prefix
+    std::unique_ptr<Listing> listing;       // low round, when listed
+  };
+  struct TensorState {
+    std::vector<State> targets;
+    bool trivial = true;               // every target resolved without data
+    bool has_chunk_counts = false;
+    std::uint32_t executions = 0;      // of the reduce pass so far
+    std::uint64_t chunk_size = 0;      // learned in execution 1
+    std::atomic<std::uint64_t> mapped{0};
+  };
+
+  static void finish(State& s, std::uint32_t U) {
+    s.U = U;
+    s.phase = Phase::done;
+  }
+
+  static std::size_t chunk_count(const TensorState& ts, const cfx_tensor& t) {
+    if (ts.chunk_size == 0) throw sdk::Error("internal: no chunk size for tensor '" + std::string(t.name) + "'");
+    return static_cast<std::size_t>((t.numel + ts.chunk_size - 1) / ts.chunk_size);
+  }
+
+  void start_ties(TensorState& ts, const cfx_tensor& t, State& s, std::uint32_t T, std::uint64_t count) {
+    if (T == 0) return finish(s, 0);  // zeros: selecting them all changes nothing (see the top)
+    s.T = T;
+    s.tie_count = count;
+    s.chunk_ties.assign(chunk_count(ts, t), 0);
+    s.phase = Phase::ties;
+    ts.has_chunk_counts = true;
+  }
+
+  // Per-chunk tie counts -> exclusive prefix (checked against the histogram's count).
+  void make_prefix(const cfx_tensor& t, State& s) {
+    std::uint64_t sum = 0;
+    for (std::uint32_t& c : s.chunk_ties) {
+      const std::uint32_t here = c;
+      c = static_cast<std::uint32_t>(sum);
+      sum += here;
+    }
+    if (sum != s.tie_count)
+      throw sdk::Error("internal: tensor '" + std::string(t.name) + "': the chunks counted " + std::to_string(sum) +
+                       " entries at the threshold, the histogram " + std::to_string(s.tie_count));
+    s.phase = Phase::ready;
+    ++tie_breaks_;
+  }
+
+  bool uses(const TensorState& ts, std::uint32_t source) const {
+    for (const State& s : ts.targets)
+      if (s.source == source && s.phase != Phase::done) return true;
+    return false;
+  }
+
+  static std::size_t chunk_index(const TensorState& ts, const sdk::Chunk& c) {
+    const std::uint64_t size = ts.chunk_size;
+    if (size == 0 || c.begin() % size != 0 || (c.count() != size && c.begin() + c.count() != c.tensor().numel))
+      throw sdk::Error("internal: tensor '" + std::string(c.tensor().name) +
+                       "' was cut into different chunks by the passes of one job");
+    return static_cast<std::size_t>(c.begin() / size);
+  }
+
+  std::uint32_t sources_, per_tensor_;
+  std::unique_ptr<TensorState[]> tensors_;
+  bool active_ = false;
+  std::atomic<std::uint64_t> executions_hist_[4] = {};
+  std::atomic<std::uint64_t> tie_breaks_{0}, listed_tie_breaks_{0};
+};
+
+}  // namespace conflux::plugins::topk

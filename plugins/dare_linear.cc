@@ -1,0 +1,35 @@
+// dare_linear: DARE (Yu et al. 2023, arXiv 2311.03099) then task arithmetic; mergekit's
+// "dare_linear". Each entry of each task vector d_i = theta_i - theta_base is dropped with
+// probability 1 - density (the host's counter-based random stream of (seed, tensor, model i)),
+// the survivors are divided by density (rescale), then
+//   out = base + lambda * sum_i w_i d_i' / (normalize ? sum_i w_i : 1)
+// Defaults as mergekit: density 1 (nothing dropped), normalize false, rescale true.
+// The definition in full: common/drop_merge.h.
+#include "common/drop_merge.h"
+
+namespace dm = conflux::plugins::drop_merge;
+namespace sdk = conflux::sdk;
+
+namespace {
+
+struct Traits {
+  static constexpr sdk::Info info{"dare_linear", "1.0.0",
+                                  "DARE: randomly drop task-vector entries (keep density, rescale), then task "
+                                  "arithmetic",
+                                  1, 0, CFX_BASE_REQUIRED};
+  static inline const sdk::Param params[] = {
+      sdk::Param::real("density", 1.0, "fraction of each task vector's entries kept (1 keeps all)").above(0).max(1),
+      sdk::Param::per_model("weights", 1.0, "weight of each model's task vector"),
+      sdk::Param::real("lambda", 1.0, "scale of the merged task vector"),
+      sdk::Param::boolean("normalize", false, "divide by the sum of the weights"),
+      sdk::Param::boolean("rescale", true, "divide the kept entries by density"),
+  };
+  static constexpr dm::Drop drop = dm::Drop::dare;
+  static constexpr bool ties = false;
+};
+
+using DareLinear = dm::DropMerge<Traits>;
+
+}  // namespace
+
+CONFLUX_PLUGIN(DareLinear, sdk::map_pass<DareLinear, &DareLinear::map>(CFX_PASS_TASK_VECTORS))

@@ -1,0 +1,715 @@
+// The `dare_linear`, `dare_ties`, `della` and `della_linear` strategy plugins end to end through
+// the library (run_job), on synthetic bf16 checkpoints with odd tensor shapes (a 3-D tensor, a
+// 1-D one, a scalar, an empty one, rows longer than a chunk, rows of equal magnitudes). Every
+// keep decision is reproduced here from the host's counter-based stream
+// (random_uniform_at(random_key(seed, tensor, model i), element)); DELLA's ranks come from an
+// independent stable sort. Outputs are compared with float64 references within 1 ulp of the
+// output dtype, kept counts with the plugins' reports and with the binomial expectation.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <initializer_list>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <boost/json.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "conflux/checkpoint.h"
+#include "conflux/convert.h"
+#include "conflux/kernels.h"
+#include "conflux/merge.h"
+#include "conflux/writer.h"
+#include "test_util.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace json = boost::json;
+using namespace conflux;
+using ::testing::HasSubstr;
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic checkpoints
+// ---------------------------------------------------------------------------------------------
+
+struct Spec {
+  std::string name;
+  std::vector<std::uint64_t> shape;
+  DType dtype = DType::BF16;
+};
+
+std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
+  std::uint64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+template <class F>
+void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value) {
+  fs::create_directories(dir);
+  std::vector<OutputTensor> tensors;
+  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
+  CheckpointWriter w(dir, tensors, {1 << 30, {}});
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const Spec& s = specs[i];
+    const std::uint64_t n = numel(s.shape);
+    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
+    std::vector<std::byte> bytes(n * esize);
+    if (dtype_is_mergeable(s.dtype)) {
+      std::vector<float> f(n);
+      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(i, j);
+      from_f32(s.dtype, f.data(), bytes.data(), n);
+    } else {
+      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
+    }
+    w.write_at(i, 0, bytes);
+  }
+  w.finish();
+  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "bfloat16"})";
+}
+
+std::uint64_t mix64(std::uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// A uniform double in [0, 1) that depends only on (a, b, c).
+double rnd(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
+  return static_cast<double>(mix64(mix64(mix64(a) ^ b) ^ c) >> 11) * 0x1p-53;
+}
+
+float bf16(double x) { return bf16_bits_to_f32(f32_to_bf16_bits(static_cast<float>(x))); }
+
+std::uint64_t name_id(const std::string& s) {
+  std::uint64_t h = 0xCBF29CE484222325ull;
+  for (const char ch : s) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001B3ull;
+  return h;
+}
+
+// Odd sizes (none a multiple of 8, 16 or 1000), a 3-D tensor (rows of 7), a 1-D one (one row),
+// a scalar, an empty tensor, rows longer than a chunk of 1000 ("long_rows"), and rows whose
+// magnitudes take only three values ("equal"), so DELLA's tie rule decides most ranks.
+std::vector<Spec> scenario_specs() {
+  return {
+      {"model.embed.weight", {37, 29}},
+      {"layers.0.attn.w", {61, 47}},
+      {"layers.0.bias", {47}},
+      {"layers.1.mlp.w", {3, 5, 7}},
+      {"scalar", {}},
+      {"empty", {0}},
+      {"position_ids", {3, 11}, DType::I64},
+      {"big.w", {97, 101}},
+      {"long_rows", {3, 1501}},
+      {"equal", {5, 67}},
+      {"norm.weight", {1031}},
+  };
+}
+
+// Base values of magnitude 0.05..0.5; each model changes an entry with probability 0.7 by
+// 0.004..0.03 (else leaves it exactly), with signs that differ between models so the election
+// matters. In "equal" the base is 0.5 and a change is one of 0, +-2^-6, +-2^-5 (exact in bf16).
+struct Scenario {
+  std::vector<Spec> specs = scenario_specs();
+  std::size_t models = 3;
+
+  float base(std::size_t ti, std::uint64_t j) const {
+    const std::uint64_t t = name_id(specs[ti].name);
+    if (specs[ti].name == "equal") return 0.5f;
+    const double sign = rnd(t, j, 1) < 0.5 ? -1.0 : 1.0;
+    return bf16(sign * (0.05 + 0.45 * rnd(t, j, 2)));
+  }
+  float agent(std::size_t ti, std::uint64_t j, std::size_t i) const {
+    const std::uint64_t t = name_id(specs[ti].name);
+    const float b = base(ti, j);
+    if (specs[ti].name == "equal") {
+      const double steps[5] = {0.0, 0x1p-6, -0x1p-6, 0x1p-5, -0x1p-5};
+      return bf16(b + steps[static_cast<int>(rnd(t, j, 10 + i) * 5)]);
+    }
+    if (rnd(t, j, 20 + i) >= 0.7) return b;
+    // Model 0 leans positive, model 1 negative, model 2 either way.
+    const double up = i == 0 ? 0.7 : i == 1 ? 0.3 : 0.5;
+    const double sign = rnd(t, j, 30 + i) < up ? 1.0 : -1.0;
+    return bf16(b + sign * (0.004 + 0.026 * rnd(t, j, 40 + i)));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// References
+// ---------------------------------------------------------------------------------------------
+
+double ulp(DType t, double ref) {
+  int e = 0;
+  std::frexp(ref, &e);
+  switch (t) {
+    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
+    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
+    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
+    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
+  }
+}
+
+// The inputs as the host hands them to a plugin: base values and float32 task vectors.
+struct TensorInputs {
+  std::string name;
+  std::uint64_t row_length = 1;
+  std::vector<double> base;
+  std::vector<std::vector<float>> d;  // d[i][k] = float(theta_i) - float(theta_base)
+};
+
+std::vector<TensorInputs> read_inputs(const fs::path& base_dir, const std::vector<fs::path>& model_dirs) {
+  const Checkpoint base = Checkpoint::open(base_dir);
+  std::vector<Checkpoint> models;
+  for (const auto& m : model_dirs) models.push_back(Checkpoint::open(m));
+  std::vector<TensorInputs> out;
+  for (const TensorRef& t : base.tensors()) {
+    if (!dtype_is_mergeable(t.info->dtype)) continue;
+    TensorInputs in;
+    in.name = t.name();
+    in.row_length = t.info->shape.empty() ? 1 : t.info->shape.back();
+    const TensorView b = base.view(t);
+    const std::size_t n = static_cast<std::size_t>(t.info->numel);
+    in.base.resize(n);
+    for (std::size_t k = 0; k < n; ++k) in.base[k] = b.element(k);
+    for (const Checkpoint& c : models) {
+      const TensorView v = c.view(c.at(t.name()));
+      std::vector<float> d(n);
+      for (std::size_t k = 0; k < n; ++k) d[k] = static_cast<float>(v.element(k)) - static_cast<float>(in.base[k]);
+      in.d.push_back(std::move(d));
+    }
+    out.push_back(std::move(in));
+  }
+  return out;
+}
+
+struct Params {
+  explicit Params(std::string s) : strategy(std::move(s)) {}
+  std::string strategy;
+  double density = 1.0;
+  std::optional<double> epsilon;  // della, della_linear: default 0.15
+  std::vector<double> weights;    // empty: the default (1 for every model)
+  double lambda = 1.0;
+  std::optional<bool> normalize;  // empty: the plugin's default
+  bool rescale = true;
+  std::uint64_t seed = 0;
+
+  bool della() const { return strategy == "della" || strategy == "della_linear"; }
+  bool ties() const { return strategy == "dare_ties" || strategy == "della"; }
+  // mergekit's defaults: normalize only for della.
+  bool normalized() const { return normalize.value_or(strategy == "della"); }
+  double eps() const { return epsilon.value_or(0.15); }
+};
+
+struct Reference {
+  std::map<std::string, std::vector<double>> out;
+  std::vector<std::uint64_t> kept;          // per model: entries whose keep decision was "keep"
+  std::vector<double> expected, variance;   // per model: sum of q and of q (1 - q)
+  std::uint64_t elements = 0;
+  std::uint64_t survivors_nonzero = 0;      // kept entries with d != 0
+};
+
+// DELLA's ranks of one row: ascending |d|, equal magnitudes by lower index first.
+std::vector<std::size_t> ranks_of(const float* d, std::size_t n) {
+  std::vector<std::size_t> order(n), rank(n);
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return std::fabs(d[a]) < std::fabs(d[b]); });
+  for (std::size_t r = 0; r < n; ++r) rank[order[r]] = r;
+  return rank;
+}
+
+Reference reference(const std::vector<TensorInputs>& inputs, const Params& p) {
+  const std::size_t n = inputs.front().d.size();
+  std::vector<double> w = p.weights.empty() ? std::vector<double>(n, 1.0) : p.weights;
+  Reference ref;
+  ref.kept.assign(n, 0);
+  ref.expected.assign(n, 0);
+  ref.variance.assign(n, 0);
+  double wsum = 0;
+  for (double x : w) wsum += x;
+  const bool pruning = p.density < 1.0;
+  for (const TensorInputs& t : inputs) {
+    const std::size_t count = t.base.size();
+    // Keep probabilities and decisions of every model.
+    std::vector<std::vector<double>> W(n, std::vector<double>(count, 0.0));
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint64_t key = random_key(p.seed, t.name.c_str(), static_cast<std::uint32_t>(i));
+      std::vector<double> q(count, 1.0);
+      if (pruning && !p.della()) std::fill(q.begin(), q.end(), p.density);
+      if (pruning && p.della()) {
+        const std::size_t len = static_cast<std::size_t>(t.row_length);
+        for (std::size_t r0 = 0; r0 < count; r0 += len) {
+          const std::vector<std::size_t> rank = ranks_of(t.d[i].data() + r0, len);
+          for (std::size_t k = 0; k < len; ++k)
+            q[r0 + k] = len == 1 ? p.density
+                                 : std::min(1.0, (p.density - p.eps()) +
+                                                     static_cast<double>(rank[k]) *
+                                                         (2.0 * p.eps() / static_cast<double>(len - 1)));
+        }
+      }
+      for (std::size_t k = 0; k < count; ++k) {
+        const bool keep = static_cast<double>(random_uniform_at(key, k)) >= 1.0 - q[k];
+        ref.kept[i] += keep;
+        ref.expected[i] += q[k];
+        ref.variance[i] += q[k] * (1 - q[k]);
+        ref.survivors_nonzero += keep && t.d[i][k] != 0;
+        const double d = t.d[i][k];
+        // (w_i / q) * d, the order the definition fixes: where votes cancel exactly, the
+        // elected sign depends on the last bit.
+        if (keep) W[i][k] = p.rescale ? (w[i] / q[k]) * d : w[i] * d;
+      }
+    }
+    std::vector<double> out(count);
+    for (std::size_t k = 0; k < count; ++k) {
+      double merged = 0;
+      if (p.ties()) {
+        double vote = 0;
+        for (std::size_t i = 0; i < n; ++i) vote += W[i][k];
+        double sum = 0, div = 0;
+        for (std::size_t i = 0; i < n; ++i)
+          if (vote >= 0 ? W[i][k] > 0 : W[i][k] < 0) sum += W[i][k], div += w[i];
+        merged = p.normalized() ? (div != 0 ? sum / div : 0.0) : sum;
+      } else {
+        for (std::size_t i = 0; i < n; ++i) merged += W[i][k];
+        if (p.normalized()) merged /= wsum;
+      }
+      out[k] = t.base[k] + p.lambda * merged;
+    }
+    ref.elements += count;
+    ref.out[t.name] = std::move(out);
+  }
+  return ref;
+}
+
+// Max error of the output's floating tensors against `ref`, in ulps of the output dtype; every
+// element must be within 1 ulp.
+double max_ulps(const fs::path& out_dir, const std::map<std::string, std::vector<double>>& ref) {
+  const Checkpoint merged = Checkpoint::open(out_dir);
+  double worst = 0;
+  std::size_t seen = 0, failures = 0;
+  for (const TensorRef& t : merged.tensors()) {
+    if (!dtype_is_mergeable(t.info->dtype)) continue;
+    ++seen;
+    const auto it = ref.find(t.name());
+    EXPECT_NE(it, ref.end()) << t.name();
+    if (it == ref.end()) continue;
+    EXPECT_EQ(it->second.size(), t.info->numel) << t.name();
+    const TensorView v = merged.view(t);
+    for (std::size_t k = 0; k < it->second.size() && k < t.info->numel; ++k) {
+      const double r = it->second[k];
+      const double err = std::abs(v.element(k) - r) / ulp(t.info->dtype, r);
+      if (err > 1.0 && ++failures <= 10)
+        ADD_FAILURE() << t.name() << "[" << k << "]: got " << v.element(k) << ", expected " << r;
+      worst = std::max(worst, err);
+    }
+  }
+  EXPECT_EQ(seen, ref.size());
+  EXPECT_EQ(failures, 0u);
+  return worst;
+}
+
+::testing::AssertionResult near_rel(double got, double want, double rel = 1e-12) {
+  if (want == 0 ? got == 0 : std::fabs(got - want) <= rel * std::fabs(want)) return ::testing::AssertionSuccess();
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "got %.17g, expected %.17g (relative tolerance %g)", got, want, rel);
+  return ::testing::AssertionFailure() << buf;
+}
+
+double number(const json::object& o, const char* key) { return o.at(key).to_number<double>(); }
+std::uint64_t count(const json::object& o, const char* key) { return o.at(key).to_number<std::uint64_t>(); }
+
+RawParam num(const std::string& key, double v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::floating;
+  p.number = v;
+  return p;
+}
+RawParam flag(const std::string& key, bool v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::boolean;
+  p.number = v ? 1 : 0;
+  return p;
+}
+RawParam list(const std::string& key, const std::vector<double>& v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::array;
+  p.list = v;
+  return p;
+}
+
+template <class E, class F>
+void expect_error(F&& f, std::initializer_list<std::string> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an error mentioning " << *parts.begin();
+  } catch (const E& e) {
+    for (const auto& part : parts) EXPECT_THAT(e.what(), HasSubstr(part));
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "wrong exception type: " << e.what();
+  }
+}
+
+constexpr const char* kStrategies[] = {"dare_linear", "dare_ties", "della", "della_linear"};
+
+// ---------------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------------
+
+class DareDellaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
+    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+    config_.file = dir_.path() / "job.toml";
+  }
+
+  void write_scenario(const Scenario& sc = Scenario()) {
+    write_checkpoint(dir_ / "base", sc.specs, [&](std::size_t ti, std::uint64_t j) { return sc.base(ti, j); });
+    for (std::size_t i = 0; i < sc.models; ++i)
+      write_checkpoint(dir_ / model_name(i), sc.specs,
+                       [&](std::size_t ti, std::uint64_t j) { return sc.agent(ti, j, i); });
+    models_ = sc.models;
+  }
+
+  static std::string model_name(std::size_t i) { return "m" + std::to_string(i); }
+  std::vector<fs::path> model_dirs() const {
+    std::vector<fs::path> m;
+    for (std::size_t i = 0; i < models_; ++i) m.push_back(dir_ / model_name(i));
+    return m;
+  }
+  std::vector<TensorInputs> inputs() const { return read_inputs(dir_ / "base", model_dirs()); }
+
+  JobConfig job(const Params& p, const std::string& out) const {
+    JobConfig j;
+    j.name = "test";
+    j.strategy = p.strategy;
+    j.base = dir_ / "base";
+    j.models = model_dirs();
+    j.output = dir_ / out;
+    j.seed = p.seed;
+    j.params.push_back(num("density", p.density));
+    if (p.epsilon && p.della()) j.params.push_back(num("epsilon", *p.epsilon));  // DARE has none
+    if (!p.weights.empty()) j.params.push_back(list("weights", p.weights));
+    j.params.push_back(num("lambda", p.lambda));
+    if (p.normalize) j.params.push_back(flag("normalize", *p.normalize));
+    j.params.push_back(flag("rescale", p.rescale));
+    return j;
+  }
+
+  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000) {
+    MergeRequest r;
+    r.config = &config_;
+    r.job = &j;
+    r.threads = threads;
+    r.chunk_elements = chunk;
+    return run_job(r, plugins_);
+  }
+
+  json::object report(const std::string& out) const {
+    const auto manifest = json::parse(conflux_test::read_file(dir_ / out / "conflux-manifest.json")).as_object();
+    return manifest.at("report").as_object();
+  }
+
+  // Runs `p`, checks every output element within 1 ulp of the reference, the report's kept
+  // counts equal to the reference's, and the kept fractions within 4 standard deviations of
+  // their expectation (binomial for DARE; for DELLA the sum of independent Bernoulli(q)).
+  Reference check(const Params& p, const std::string& out, std::optional<DType> out_dtype = {}) {
+    SCOPED_TRACE(p.strategy + " -> " + out);
+    JobConfig j = job(p, out);
+    j.out_dtype = out_dtype;
+    run(j);
+    const Reference ref = reference(inputs(), p);
+    EXPECT_LE(max_ulps(dir_ / out, ref.out), 1.0);
+    const json::object rep = report(out);
+    EXPECT_EQ(rep.at("method").as_string(), p.strategy);
+    EXPECT_EQ(count(rep, "elements"), ref.elements);
+    EXPECT_TRUE(near_rel(number(rep, "density"), p.density));
+    EXPECT_EQ(rep.at("normalize").as_bool(), p.normalized());
+    EXPECT_EQ(rep.at("rescale").as_bool(), p.rescale);
+    EXPECT_TRUE(near_rel(number(rep, "expected_kept_fraction"), p.density));
+    if (p.della()) {
+      EXPECT_TRUE(near_rel(number(rep, "epsilon"), p.eps()));
+    }
+    const json::array& models = rep.at("models").as_array();
+    EXPECT_EQ(models.size(), models_);
+    for (std::size_t i = 0; i < models.size() && i < models_; ++i) {
+      SCOPED_TRACE("model " + std::to_string(i));
+      const json::object& m = models[i].as_object();
+      EXPECT_EQ(count(m, "kept"), ref.kept[i]);
+      const double kept = static_cast<double>(ref.kept[i]);
+      EXPECT_TRUE(near_rel(number(m, "kept_fraction"), kept / static_cast<double>(ref.elements), 1e-8));
+      // The mean keep probability is density (DELLA: linear in rank, symmetric about it).
+      EXPECT_TRUE(near_rel(ref.expected[i] / static_cast<double>(ref.elements), p.density, 1e-9));
+      EXPECT_LE(std::fabs(kept - ref.expected[i]), 4 * std::sqrt(ref.variance[i]) + 1e-9)
+          << "kept " << kept << " of " << ref.elements << ", expected " << ref.expected[i];
+    }
+    return ref;
+  }
+
+  conflux_test::TempDir dir_;
+  PluginRegistry plugins_;
+  Config config_;
+  std::size_t models_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Outputs against float64 references
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(DareDellaTest, DareLinearMatchesReference) {
+  write_scenario();
+  Params p{"dare_linear"};
+  p.density = 0.3;
+  p.weights = {1.0, 0.5, 0.8};
+  p.lambda = 0.9;
+  p.seed = 11;
+  const Reference ref = check(p, "plain");
+  EXPECT_GT(ref.survivors_nonzero, 5000u);
+  p.normalize = true;
+  check(p, "normalized");
+  p.rescale = false;
+  p.normalize = false;
+  check(p, "no_rescale");
+  p.rescale = true;
+  check(p, "f32", DType::F32);
+}
+
+TEST_F(DareDellaTest, DareTiesMatchesReference) {
+  write_scenario();
+  Params p{"dare_ties"};
+  p.density = 0.4;
+  p.weights = {1.0, 0.6, 1.3};
+  p.lambda = 1.1;
+  p.seed = 12;
+  check(p, "plain");
+  p.normalize = true;
+  check(p, "normalized");
+  check(p, "f32", DType::F32);
+  p.rescale = false;
+  check(p, "no_rescale");
+  // A negative weight flips a model's votes.
+  p.weights = {1.0, -0.5, 0.7};
+  p.rescale = true;
+  check(p, "negative_weight", DType::F32);
+}
+
+TEST_F(DareDellaTest, DellaMatchesReference) {
+  write_scenario();
+  Params p{"della"};
+  p.density = 0.5;
+  p.epsilon = 0.2;
+  p.weights = {1.0, 0.7, 1.2};
+  p.seed = 13;
+  check(p, "plain");  // normalize: della's default (true)
+  check(p, "f32", DType::F32);
+  p.normalize = false;
+  p.lambda = 0.8;
+  check(p, "unnormalized", DType::F32);
+  p.rescale = false;
+  check(p, "no_rescale");
+  // The default epsilon (0.15), and keep probabilities reaching exactly 1.
+  p = Params{"della"};
+  p.density = 0.85;
+  p.seed = 14;
+  check(p, "top_one", DType::F32);
+}
+
+TEST_F(DareDellaTest, DellaLinearMatchesReference) {
+  write_scenario();
+  Params p{"della_linear"};
+  p.density = 0.35;
+  p.epsilon = 0.1;
+  p.weights = {0.9, 1.0, 0.4};
+  p.lambda = 1.2;
+  p.seed = 15;
+  check(p, "plain");  // normalize: della_linear's default (false)
+  check(p, "f32", DType::F32);
+  p.normalize = true;
+  check(p, "normalized", DType::F32);
+  p.rescale = false;
+  check(p, "no_rescale");
+}
+
+// One model, f32 output: every keep decision shows in the output (dropped: the base exactly;
+// kept: the base plus the rescaled change), so the counts seen in the output follow the
+// stream's decisions and DELLA's per-rank rescale (1/q differs between neighbouring ranks).
+TEST_F(DareDellaTest, SingleModelShowsEveryDecision) {
+  Scenario sc;
+  sc.models = 1;
+  write_scenario(sc);
+  for (const char* strategy : kStrategies) {
+    Params p{strategy};
+    p.density = 0.4;
+    p.epsilon = 0.25;
+    p.seed = 21;
+    const Reference ref = check(p, std::string(strategy), DType::F32);
+    // Count the entries that changed in the output against the kept nonzero changes.
+    const Checkpoint out = Checkpoint::open(dir_ / strategy);
+    std::uint64_t changed = 0;
+    for (const TensorInputs& t : inputs()) {
+      const TensorView v = out.view(out.at(t.name));
+      for (std::size_t k = 0; k < t.base.size(); ++k) changed += v.element(k) != t.base[k];
+    }
+    EXPECT_EQ(changed, ref.survivors_nonzero) << strategy;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Special cases
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(DareDellaTest, DensityOneIsTaskArithmeticOrTiesWithoutTrimming) {
+  write_scenario();
+  const std::vector<TensorInputs> in = inputs();
+  const std::vector<double> w{1.0, 0.5, 0.8};
+  // Computed here from the definitions, without the drop machinery.
+  std::map<std::string, std::vector<double>> ta, ties, ties_norm;
+  for (const TensorInputs& t : in)
+    for (std::size_t k = 0; k < t.base.size(); ++k) {
+      double sum = 0, vote = 0, agree = 0, div = 0;
+      for (std::size_t i = 0; i < 3; ++i) sum += w[i] * t.d[i][k], vote += w[i] * t.d[i][k];
+      for (std::size_t i = 0; i < 3; ++i) {
+        const double x = w[i] * t.d[i][k];
+        if (vote >= 0 ? x > 0 : x < 0) agree += x, div += w[i];
+      }
+      ta[t.name].push_back(t.base[k] + 0.9 * sum);
+      ties[t.name].push_back(t.base[k] + 0.9 * agree);
+      ties_norm[t.name].push_back(t.base[k] + 0.9 * (div != 0 ? agree / div : 0.0));
+    }
+  for (const TensorInputs& t : in) {  // empty tensors too
+    ta.try_emplace(t.name);
+    ties.try_emplace(t.name);
+    ties_norm.try_emplace(t.name);
+  }
+  for (const char* strategy : kStrategies) {
+    SCOPED_TRACE(strategy);
+    Params p{strategy};
+    p.density = 1.0;
+    p.weights = w;
+    p.lambda = 0.9;
+    p.normalize = false;
+    p.seed = 5;
+    const std::string out = std::string(strategy) + "_1";
+    run(job(p, out));
+    EXPECT_LE(max_ulps(dir_ / out, p.ties() ? ties : ta), 1.0);
+    const json::object rep = report(out);
+    for (const auto& m : rep.at("models").as_array()) EXPECT_EQ(count(m.as_object(), "kept"), count(rep, "elements"));
+    if (p.ties()) {
+      p.normalize = true;
+      run(job(p, out + "n"));
+      EXPECT_LE(max_ulps(dir_ / (out + "n"), ties_norm), 1.0);
+    }
+  }
+  // DELLA with density 1 prunes nothing whatever epsilon is (mergekit's della_magprune).
+  Params p{"della_linear"};
+  p.density = 1.0;
+  p.epsilon = 0.4;
+  p.weights = w;
+  p.lambda = 0.9;
+  run(job(p, "della_eps"));
+  EXPECT_LE(max_ulps(dir_ / "della_eps", ta), 1.0);
+}
+
+// With epsilon = 0 every keep probability is density: DELLA is DARE, bit for bit.
+TEST_F(DareDellaTest, DellaWithoutSpreadIsDare) {
+  write_scenario();
+  for (const auto& [della, dare] : {std::pair{"della", "dare_ties"}, std::pair{"della_linear", "dare_linear"}}) {
+    Params a{della}, b{dare};
+    a.density = b.density = 0.3;
+    a.epsilon = 0.0;
+    a.weights = b.weights = {1.0, 0.5, 0.8};
+    a.normalize = b.normalize = true;
+    a.seed = b.seed = 99;
+    run(job(a, della));
+    run(job(b, dare));
+    const Checkpoint x = Checkpoint::open(dir_ / della), y = Checkpoint::open(dir_ / dare);
+    for (const TensorRef& t : x.tensors()) {
+      const TensorView u = x.view(t), v = y.view(y.at(t.name()));
+      EXPECT_TRUE(std::equal(u.bytes.begin(), u.bytes.end(), v.bytes.begin(), v.bytes.end()))
+          << della << " vs " << dare << ": " << t.name();
+    }
+  }
+}
+
+TEST_F(DareDellaTest, BitIdenticalAcrossThreadsAndChunksAndFollowsTheSeed) {
+  write_scenario();
+  for (const char* strategy : kStrategies) {
+    SCOPED_TRACE(strategy);
+    Params p{strategy};
+    p.density = 0.3;
+    p.epsilon = 0.2;
+    p.weights = {1.0, 0.5, 0.8};
+    p.seed = 1234;
+    const std::string s(strategy);
+    run(job(p, s + "_t1"), 1, 1000);
+    run(job(p, s + "_t2"), 2, 1000);
+    run(job(p, s + "_t3"), 2, 4096);
+    run(job(p, s + "_t4"), 1, 333);  // whole-row chunks round this to rows
+    run(job(p, s + "_t5"), 2, 1);    // one row (DELLA) or one element (DARE) per chunk
+    p.seed = 1235;
+    run(job(p, s + "_other"), 2, 1000);
+    const std::string first = conflux_test::read_file(dir_ / (s + "_t1") / "model.safetensors");
+    for (const char* o : {"_t2", "_t3", "_t4", "_t5"})
+      EXPECT_EQ(first, conflux_test::read_file(dir_ / (s + o) / "model.safetensors")) << o;
+    EXPECT_NE(first, conflux_test::read_file(dir_ / (s + "_other") / "model.safetensors"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad jobs
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(DareDellaTest, BadParametersAreRefused) {
+  write_scenario();
+  const auto nothing_written = [&] { EXPECT_FALSE(fs::exists(dir_ / "out")); };
+  for (const char* strategy : kStrategies) {
+    SCOPED_TRACE(strategy);
+    for (double density : {0.0, 1.5, -0.1}) {
+      Params p{strategy};
+      p.density = density;
+      expect_error<ConfigError>([&] { run(job(p, "out")); }, {"density", "(0, 1]"});
+      nothing_written();
+    }
+  }
+  // DELLA: keep probabilities must stay within (0, 1].
+  for (const char* strategy : {"della", "della_linear"}) {
+    SCOPED_TRACE(strategy);
+    Params p{strategy};
+    p.density = 0.2;
+    p.epsilon = 0.25;
+    expect_error<MergeError>([&] { run(job(p, "out")); }, {strategy, "density - epsilon", "(0, 1]"});
+    nothing_written();
+    p.density = 0.9;
+    p.epsilon = 0.15;
+    expect_error<MergeError>([&] { run(job(p, "out")); }, {strategy, "density + epsilon", "exceeds 1"});
+    nothing_written();
+    p.density = 0.5;
+    p.epsilon = -0.1;
+    expect_error<ConfigError>([&] { run(job(p, "out")); }, {"epsilon", ">= 0"});
+    nothing_written();
+  }
+  // Normalizing weights that sum to 0.
+  Params p{"dare_linear"};
+  p.weights = {1.0, -1.0, 0.0};
+  p.normalize = true;
+  expect_error<MergeError>([&] { run(job(p, "out")); }, {"dare_linear", "weights sum to 0"});
+  nothing_written();
+  // No base: task vectors need one.
+  JobConfig j = job(Params{"dare_ties"}, "out");
+  j.base.reset();
+  expect_error<ConfigError>([&] { run(j); }, {"'base'"});
+  nothing_written();
+}
+
+}  // namespace

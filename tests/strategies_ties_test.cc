@@ -1,0 +1,644 @@
+// The `ties`, `breadcrumbs` and `breadcrumbs_ties` strategy plugins end to end through the
+// library (run_job), against float64 references computed here from the stored inputs (task
+// vectors in float32, as the host computes them). The trim's kept set is the reference's
+// stable sort by (|d| descending, index ascending): bf16 inputs with few distinct deltas make
+// magnitude ties common at every boundary, float32 tensors exercise the low-bits round (and
+// ties inside it), a tensor of several chunks puts the tie boundary inside a chunk.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <initializer_list>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <boost/json.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "conflux/checkpoint.h"
+#include "conflux/convert.h"
+#include "conflux/merge.h"
+#include "conflux/writer.h"
+#include "test_util.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace json = boost::json;
+using namespace conflux;
+using ::testing::HasSubstr;
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic checkpoints
+// ---------------------------------------------------------------------------------------------
+
+struct Spec {
+  std::string name;
+  std::vector<std::uint64_t> shape;
+  DType dtype = DType::BF16;
+};
+
+std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
+  std::uint64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+template <class F>
+void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value) {
+  fs::create_directories(dir);
+  std::vector<OutputTensor> tensors;
+  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
+  CheckpointWriter w(dir, tensors, {1 << 30, {}});
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const Spec& s = specs[i];
+    const std::uint64_t n = numel(s.shape);
+    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
+    std::vector<std::byte> bytes(n * esize);
+    if (dtype_is_mergeable(s.dtype)) {
+      std::vector<float> f(n);
+      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(i, j);
+      from_f32(s.dtype, f.data(), bytes.data(), n);
+    } else {
+      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
+    }
+    w.write_at(i, 0, bytes);
+  }
+  w.finish();
+  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "bfloat16"})";
+}
+
+std::uint64_t mix64(std::uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// A uniform double in [0, 1) that depends only on (a, b, c).
+double rnd(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
+  return static_cast<double>(mix64(mix64(mix64(a) ^ b) ^ c) >> 11) * 0x1p-53;
+}
+
+float bf16(float x) { return bf16_bits_to_f32(f32_to_bf16_bits(x)); }
+
+// How a tensor's values are made.
+enum class Kind {
+  steps,     // bf16: base in +-[0.5, 1), deltas of a few bf16 steps (many equal magnitudes)
+  sparse,    // bf16: as steps, but 90% of the deltas are 0
+  f32_cont,  // f32: continuous base and deltas (no ties; the low-bits round)
+  f32_ties,  // f32: base 0, deltas from a few full-mantissa values, half of them in one
+             // high-bits bin (low-bits round, then a pass of tie counts)
+  f32_many,  // f32: base 0, deltas from 16 full-mantissa values in distinct bins (low-bits
+             // round, ties counted from its lists)
+};
+
+struct TensorPlan {
+  Spec spec;
+  Kind kind = Kind::steps;
+};
+
+std::uint64_t id_of(const std::string& name) {
+  std::uint64_t h = 0xCBF29CE484222325ull;
+  for (const char ch : name) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001B3ull;
+  return h;
+}
+
+struct Scenario {
+  std::vector<TensorPlan> tensors;
+
+  std::vector<Spec> specs() const {
+    std::vector<Spec> s;
+    for (const auto& t : tensors) s.push_back(t.spec);
+    return s;
+  }
+  float base(std::size_t ti, std::uint64_t j) const {
+    const std::uint64_t t = id_of(tensors[ti].spec.name);
+    const double sign = rnd(t, j, 1) < 0.5 ? -1.0 : 1.0;
+    switch (tensors[ti].kind) {
+      case Kind::steps:
+      case Kind::sparse: return bf16(static_cast<float>(sign * (0.5 + 0.5 * rnd(t, j, 2))));
+      case Kind::f32_cont: return static_cast<float>(sign * (0.1 + rnd(t, j, 2)));
+      case Kind::f32_ties:
+      case Kind::f32_many: return 0.0f;
+    }
+    return 0;
+  }
+  float agent(std::size_t ti, std::uint64_t j, std::size_t i) const {
+    const std::uint64_t t = id_of(tensors[ti].spec.name);
+    const float b = base(ti, j);
+    const double sign = rnd(t, j, 20 + i) < 0.5 ? -1.0 : 1.0;
+    const double u = rnd(t, j, 30 + i);
+    switch (tensors[ti].kind) {
+      case Kind::steps:
+      case Kind::sparse: {
+        if (u < (tensors[ti].kind == Kind::sparse ? 0.9 : 0.15)) return b;
+        // 1..3 steps of 2^-8 (the bf16 spacing in [0.5, 1)), sometimes an outlier of 8..40.
+        const double steps = rnd(t, j, 40 + i) < 0.05 ? 8 + std::floor(33 * rnd(t, j, 50 + i))
+                                                      : 1 + std::floor(3 * rnd(t, j, 50 + i));
+        return bf16(static_cast<float>(b + sign * steps * 0x1p-8));
+      }
+      case Kind::f32_cont:
+        return static_cast<float>(b + sign * 0.05 * rnd(t, j, 40 + i));
+      case Kind::f32_ties: {
+        if (u < 0.1) return 0.0f;
+        // Full-mantissa values; 0.3f and its neighbours share their high 16 bits.
+        static const float kValues[] = {0.3f, std::nextafter(0.3f, 1.0f),
+                                        std::nextafter(std::nextafter(0.3f, 1.0f), 1.0f),
+                                        0.1f, std::nextafter(0.1f, 0.0f), 0.7f};
+        const auto v = kValues[static_cast<std::size_t>(rnd(t, j, 40 + i) * 6)];
+        return static_cast<float>(sign * v);
+      }
+      case Kind::f32_many: {
+        if (u < 0.1) return 0.0f;
+        const double step = std::floor(16 * rnd(t, j, 40 + i));
+        return static_cast<float>(sign * static_cast<double>(0.3f * static_cast<float>(1 + step / 16)));
+      }
+    }
+    return 0;
+  }
+};
+
+Scenario main_scenario() {
+  Scenario sc;
+  // Odd sizes (none a multiple of 8, 16 or 1000); big.w spans ten chunks of 1000.
+  sc.tensors = {
+      {{"model.embed.weight", {37, 29}}, Kind::steps},
+      {{"layers.0.attn.w", {61, 47}}, Kind::steps},
+      {{"layers.0.bias", {47}}, Kind::steps},
+      {{"layers.1.mlp.w", {3, 5, 7}}, Kind::steps},
+      {{"scalar", {}}, Kind::steps},
+      {{"empty", {0}}, Kind::steps},
+      {{"position_ids", {3, 11}, DType::I64}, Kind::steps},
+      {{"sparse.w", {1031}}, Kind::sparse},
+      {{"f32.cont", {53, 19}, DType::F32}, Kind::f32_cont},
+      {{"f32.ties", {2503}, DType::F32}, Kind::f32_ties},
+      {{"f32.many", {41, 43}, DType::F32}, Kind::f32_many},
+      {{"big.w", {97, 101}}, Kind::steps},
+  };
+  return sc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// References
+// ---------------------------------------------------------------------------------------------
+
+double ulp(DType t, double ref) {
+  int e = 0;
+  std::frexp(ref, &e);
+  switch (t) {
+    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
+    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
+    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
+    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
+  }
+}
+
+struct TensorInputs {
+  std::string name;
+  std::vector<double> base;
+  std::vector<std::vector<float>> d;  // d[i][k] = float(theta_i) - float(theta_base)
+};
+
+std::vector<TensorInputs> read_inputs(const fs::path& base_dir, const std::vector<fs::path>& model_dirs) {
+  const Checkpoint base = Checkpoint::open(base_dir);
+  std::vector<Checkpoint> models;
+  for (const auto& m : model_dirs) models.push_back(Checkpoint::open(m));
+  std::vector<TensorInputs> out;
+  for (const TensorRef& t : base.tensors()) {
+    if (!dtype_is_mergeable(t.info->dtype)) continue;
+    TensorInputs in;
+    in.name = t.name();
+    const TensorView b = base.view(t);
+    const std::size_t n = static_cast<std::size_t>(t.info->numel);
+    in.base.resize(n);
+    for (std::size_t k = 0; k < n; ++k) in.base[k] = b.element(k);
+    for (const Checkpoint& c : models) {
+      const TensorView v = c.view(c.at(t.name()));
+      std::vector<float> d(n);
+      for (std::size_t k = 0; k < n; ++k)
+        d[k] = static_cast<float>(v.element(k)) - static_cast<float>(in.base[k]);  // float32 subtraction
+      in.d.push_back(std::move(d));
+    }
+    out.push_back(std::move(in));
+  }
+  return out;
+}
+
+struct Params {
+  std::vector<double> density, gamma, weights;  // per model; gamma empty: none (ties)
+  double lambda = 1;
+  bool normalize = true;
+  bool elect = true;
+};
+
+// Model i's kept entries: ranks [a, a + k) of a stable sort by |d| descending.
+std::vector<bool> kept_set(const std::vector<float>& d, double density, double gamma) {
+  const std::uint64_t n = d.size();
+  const auto k = static_cast<std::uint64_t>(density * static_cast<double>(n));
+  auto a = static_cast<std::uint64_t>(gamma * static_cast<double>(n));
+  if (a + k > n) a = n - k;
+  std::vector<std::size_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) {
+    return std::fabs(static_cast<double>(d[x])) > std::fabs(static_cast<double>(d[y]));
+  });
+  std::vector<bool> keep(n, false);
+  for (std::uint64_t r = a; r < a + k; ++r) keep[order[r]] = true;
+  return keep;
+}
+
+struct Reference {
+  std::map<std::string, std::vector<double>> out;
+  std::vector<std::uint64_t> kept;  // per model, over all tensors
+  std::uint64_t elements = 0;
+};
+
+Reference reference(const std::vector<TensorInputs>& inputs, const Params& p) {
+  const std::size_t n = inputs.front().d.size();
+  Reference ref;
+  ref.kept.assign(n, 0);
+  double wsum = 0;
+  for (double w : p.weights) wsum += w;
+  for (const TensorInputs& t : inputs) {
+    const std::size_t size = t.base.size();
+    ref.elements += size;
+    std::vector<std::vector<double>> W(n, std::vector<double>(size, 0.0));
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto keep = kept_set(t.d[i], p.density[i], p.gamma.empty() ? 0.0 : p.gamma[i]);
+      for (std::size_t k = 0; k < size; ++k) {
+        ref.kept[i] += keep[k];
+        if (keep[k]) W[i][k] = p.weights[i] * static_cast<double>(t.d[i][k]);
+      }
+    }
+    std::vector<double> out(size);
+    for (std::size_t k = 0; k < size; ++k) {
+      if (p.elect) {
+        double vote = 0, sum = 0, div = 0;
+        for (std::size_t i = 0; i < n; ++i) vote += W[i][k];
+        for (std::size_t i = 0; i < n; ++i) {
+          const bool on = vote >= 0 ? W[i][k] > 0 : W[i][k] < 0;
+          if (on) sum += W[i][k], div += p.weights[i];
+        }
+        const double merged = p.normalize ? (div != 0 ? sum / div : 0.0) : sum;
+        out[k] = t.base[k] + p.lambda * merged;
+      } else {
+        double acc = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+          const double scale = p.weights[i] * p.lambda / (p.normalize ? wsum : 1.0);
+          acc += W[i][k] == 0 ? 0.0 : scale * static_cast<double>(t.d[i][k]);
+        }
+        out[k] = t.base[k] + acc;
+      }
+    }
+    ref.out[t.name] = std::move(out);
+  }
+  return ref;
+}
+
+double max_ulps(const fs::path& out_dir, const std::map<std::string, std::vector<double>>& ref) {
+  const Checkpoint merged = Checkpoint::open(out_dir);
+  double worst = 0;
+  std::size_t seen = 0;
+  for (const TensorRef& t : merged.tensors()) {
+    if (!dtype_is_mergeable(t.info->dtype)) continue;
+    ++seen;
+    const auto it = ref.find(t.name());
+    EXPECT_NE(it, ref.end()) << t.name();
+    if (it == ref.end()) continue;
+    EXPECT_EQ(it->second.size(), t.info->numel) << t.name();
+    const TensorView v = merged.view(t);
+    int reported = 0;
+    for (std::size_t k = 0; k < it->second.size() && k < t.info->numel; ++k) {
+      const double r = it->second[k];
+      const double err = std::abs(v.element(k) - r) / ulp(t.info->dtype, r);
+      if (err > 1.0 && reported++ < 5)
+        ADD_FAILURE() << t.name() << "[" << k << "]: got " << v.element(k) << ", expected " << r;
+      worst = std::max(worst, err);
+    }
+  }
+  EXPECT_EQ(seen, ref.size());
+  return worst;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------------
+
+RawParam num(const std::string& key, double v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::floating;
+  p.number = v;
+  return p;
+}
+RawParam list(const std::string& key, const std::vector<double>& v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::array;
+  p.list = v;
+  p.list_numeric = true;
+  return p;
+}
+RawParam flag(const std::string& key, bool v) {
+  RawParam p;
+  p.key = key;
+  p.kind = RawParam::Kind::boolean;
+  p.number = v ? 1 : 0;
+  return p;
+}
+
+class TiesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
+    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+    config_.file = dir_.path() / "job.toml";
+    const Scenario sc = main_scenario();
+    write_checkpoint(dir_ / "base", sc.specs(), [&](std::size_t ti, std::uint64_t j) { return sc.base(ti, j); });
+    for (std::size_t i = 0; i < kWritten; ++i)
+      write_checkpoint(dir_ / model_name(i), sc.specs(),
+                       [&](std::size_t ti, std::uint64_t j) { return sc.agent(ti, j, i); });
+  }
+
+  static constexpr std::size_t kModels = 3;   // most tests
+  static constexpr std::size_t kWritten = 5;  // more than the fused kernels take (4)
+  static std::string model_name(std::size_t i) { return "m" + std::to_string(i); }
+
+  std::vector<fs::path> model_dirs(std::size_t n, std::size_t first = 0) const {
+    std::vector<fs::path> m;
+    for (std::size_t i = first; i < first + n; ++i) m.push_back(dir_ / model_name(i));
+    return m;
+  }
+
+  static std::vector<RawParam> params_of(const Params& p) {
+    std::vector<RawParam> v{list("density", p.density), list("weights", p.weights), num("lambda", p.lambda),
+                            flag("normalize", p.normalize)};
+    if (!p.gamma.empty()) v.push_back(list("gamma", p.gamma));
+    return v;
+  }
+
+  JobConfig job(const std::string& strategy, std::vector<fs::path> models, std::vector<RawParam> params,
+                const std::string& out, std::optional<DType> out_dtype = {}) const {
+    JobConfig j;
+    j.name = "test";
+    j.strategy = strategy;
+    j.base = dir_ / "base";
+    j.models = std::move(models);
+    j.output = dir_ / out;
+    j.params = std::move(params);
+    j.out_dtype = out_dtype;
+    return j;
+  }
+
+  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000) {
+    MergeRequest r;
+    r.config = &config_;
+    r.job = &j;
+    r.threads = threads;
+    r.chunk_elements = chunk;
+    return run_job(r, plugins_);
+  }
+
+  json::object report(const std::string& out) const {
+    const auto manifest = json::parse(conflux_test::read_file(dir_ / out / "conflux-manifest.json")).as_object();
+    return manifest.at("report").as_object();
+  }
+
+  // The output's tensor data (the file's metadata names the strategy).
+  std::string bytes(const std::string& out) const {
+    const Checkpoint c = Checkpoint::open(dir_ / out);
+    std::string all;
+    for (const TensorRef& t : c.tensors()) {
+      const TensorView v = c.view(t);
+      all += t.name() + ":";
+      all.append(reinterpret_cast<const char*>(v.bytes.data()), v.bytes.size());
+    }
+    return all;
+  }
+
+  // Runs `strategy` with `p` on all models, checks the output within 1 ulp of the reference
+  // (bf16 and float32 outputs) and the report's kept counts.
+  Reference check(const std::string& strategy, const Params& p, const std::string& out) {
+    const std::size_t models = p.weights.size();
+    const Reference ref = reference(read_inputs(dir_ / "base", model_dirs(models)), p);
+    for (const auto dtype : {DType::BF16, DType::F32}) {
+      SCOPED_TRACE(std::string(strategy) + " -> " + std::string(dtype_name(dtype)));
+      const std::string o = out + "_" + std::string(dtype_name(dtype));
+      run(job(strategy, model_dirs(models), params_of(p), o, dtype));
+      EXPECT_LE(max_ulps(dir_ / o, ref.out), 1.0);
+      const json::object rep = report(o);
+      EXPECT_EQ(rep.at("method").as_string(), strategy);
+      EXPECT_EQ(rep.at("elements").to_number<std::uint64_t>(), ref.elements);
+      const json::array& kept = rep.at("kept").as_array();
+      EXPECT_EQ(kept.size(), models);
+      for (std::size_t i = 0; i < kept.size() && i < models; ++i)
+        EXPECT_EQ(kept[i].to_number<std::uint64_t>(), ref.kept[i]);
+    }
+    return ref;
+  }
+
+  // One model alone, weight 1, no normalization, float32 output: out = base + (kept ? d : 0),
+  // which shows the kept set entry by entry. Compared exactly with the reference's set.
+  void check_kept_set(const std::string& strategy, std::size_t model, double density, double gamma) {
+    SCOPED_TRACE(strategy + " model " + std::to_string(model) + " density " + std::to_string(density) + " gamma " +
+                 std::to_string(gamma));
+    std::vector<RawParam> params{num("density", density), flag("normalize", false)};
+    if (strategy != "ties") params.push_back(num("gamma", gamma));
+    const std::string out = "kept_" + strategy;
+    fs::remove_all(dir_ / out);
+    run(job(strategy, model_dirs(1, model), params, out, DType::F32));
+    const auto inputs = read_inputs(dir_ / "base", model_dirs(1, model));
+    const Checkpoint merged = Checkpoint::open(dir_ / out);
+    std::size_t differences = 0, kept_nonzero = 0;
+    for (const TensorInputs& t : inputs) {
+      const auto keep = kept_set(t.d[0], density, strategy == "ties" ? 0.0 : gamma);
+      const TensorView v = merged.view(merged.at(t.name));
+      for (std::size_t k = 0; k < t.base.size(); ++k) {
+        const double want = keep[k] ? static_cast<double>(static_cast<float>(t.base[k] + t.d[0][k])) : t.base[k];
+        kept_nonzero += keep[k] && t.d[0][k] != 0;
+        if (v.element(k) != want && differences++ < 5)
+          ADD_FAILURE() << t.name << "[" << k << "]: got " << v.element(k) << ", expected " << want << " (d "
+                        << t.d[0][k] << (keep[k] ? ", kept)" : ", dropped)");
+      }
+    }
+    EXPECT_EQ(differences, 0u);
+    EXPECT_GT(kept_nonzero, 0u);
+  }
+
+  conflux_test::TempDir dir_;
+  PluginRegistry plugins_;
+  Config config_;
+};
+
+std::uint64_t at(const json::object& rep, std::size_t passes) {
+  return rep.at("selection").as_object().at("tensors_by_passes").as_array().at(passes).to_number<std::uint64_t>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(TiesTest, TiesMatchesFloat64Reference) {
+  Params p;
+  p.density = {0.3, 0.55, 0.02};  // 0.02: k = 0 on the 47-entry bias, 2 of 105, ...
+  p.weights = {1.0, 0.5, 2.0};
+  check("ties", p, "ties");
+  // Every selection path ran: the coarse histogram alone, tie counts after it (bf16), the
+  // low-bits round then tie counts (float32 with equal full-mantissa values).
+  const json::object rep = report("ties_F32");
+  EXPECT_GE(at(rep, 2), 1u);
+  EXPECT_GE(at(rep, 3), 1u);
+  EXPECT_GE(rep.at("selection").as_object().at("tie_breaks").to_number<std::uint64_t>(), 1u);
+  EXPECT_GE(rep.at("selection").as_object().at("tie_breaks_from_lists").to_number<std::uint64_t>(), 1u);
+  EXPECT_EQ(at(rep, 0) + at(rep, 1) + at(rep, 2) + at(rep, 3), 11u);  // the floating tensors
+
+  p.density = {0.3, 0.5, 0.4};
+  p.normalize = false;
+  p.lambda = 0.7;
+  p.weights = {-0.5, 1.0, 0.75};
+  check("ties", p, "ties_raw");
+  // sparse.w: 90% zeros, so every threshold is 0 and the coarse histogram settles it.
+  EXPECT_GE(at(report("ties_raw_F32"), 1), 1u);
+}
+
+TEST_F(TiesTest, BreadcrumbsMatchesFloat64Reference) {
+  Params p;
+  p.density = {0.3, 0.5, 0.9};
+  p.gamma = {0.05, 0.0, 0.2};  // the last: gamma + density > 1, so fewer top entries go
+  p.weights = {1.0, 0.5, 2.0};
+  p.normalize = false;
+  p.elect = false;
+  check("breadcrumbs", p, "bc");
+  p.normalize = true;
+  p.lambda = 1.5;
+  check("breadcrumbs", p, "bc_norm");
+}
+
+TEST_F(TiesTest, BreadcrumbsTiesMatchesFloat64Reference) {
+  Params p;
+  p.density = {0.4, 0.25, 0.6};
+  p.gamma = {0.01, 0.1, 0.03};
+  p.weights = {1.0, 1.0, 0.5};
+  check("breadcrumbs_ties", p, "bct");
+}
+
+// Five models: past the fused kernels (up to four), the blockwise path of every block.
+TEST_F(TiesTest, FiveModelsMatchFloat64Reference) {
+  Params p;
+  p.density = {0.3, 0.55, 0.2, 0.7, 0.45};
+  p.weights = {1.0, 0.5, 2.0, -0.25, 1.0};
+  check("ties", p, "ties5");
+  p.gamma = {0.05, 0.0, 0.1, 0.02, 0.3};
+  check("breadcrumbs_ties", p, "bct5");
+  p.normalize = false;
+  p.elect = false;
+  check("breadcrumbs", p, "bc5");
+}
+
+TEST_F(TiesTest, KeptSetIsExactlyTheReferences) {
+  for (std::size_t model = 0; model < kModels; ++model) {
+    check_kept_set("ties", model, 0.37, 0);
+    check_kept_set("breadcrumbs", model, 0.45, 0.07);
+    check_kept_set("breadcrumbs_ties", model, 0.2, 0.3);
+  }
+  check_kept_set("ties", 1, 1.0 / 3.0, 0);
+  check_kept_set("breadcrumbs", 2, 0.8, 0.5);  // clamped: a = n - k
+}
+
+TEST_F(TiesTest, DensityOneIsTheUntrimmedElection) {
+  Params p;
+  p.density = {1, 1, 1};
+  p.weights = {1.0, 0.5, 2.0};
+  check("ties", p, "full");
+  // No selection pass ran.
+  const json::object rep = report("full_F32");
+  for (std::size_t e = 0; e < 4; ++e) EXPECT_EQ(at(rep, e), 0u) << e;
+  // breadcrumbs_ties with gamma 0 is ties; with density 1 gamma cannot remove anything.
+  std::vector<RawParam> params{list("density", {1, 1, 1}), list("weights", p.weights)};
+  run(job("ties", model_dirs(kModels), params, "t"));
+  params.push_back(num("gamma", 0.25));
+  run(job("breadcrumbs_ties", model_dirs(kModels), params, "bt"));
+  EXPECT_EQ(bytes("t"), bytes("bt"));
+}
+
+TEST_F(TiesTest, BreadcrumbsWithoutTrimmingIsTaskArithmetic) {
+  const std::vector<double> w{1.0, 0.5, 2.0};
+  run(job("task_arithmetic", model_dirs(kModels), {list("weights", w), num("lambda", 0.8)}, "ta"));
+  run(job("breadcrumbs", model_dirs(kModels), {list("weights", w), num("lambda", 0.8), num("gamma", 0.0)}, "bc0"));
+  run(job("breadcrumbs", model_dirs(kModels), {list("weights", w), num("lambda", 0.8)}, "bc1"));  // density 1
+  EXPECT_EQ(bytes("ta"), bytes("bc0"));
+  EXPECT_EQ(bytes("ta"), bytes("bc1"));
+}
+
+TEST_F(TiesTest, BreadcrumbsTiesWithoutGammaIsTies) {
+  std::vector<RawParam> params{list("density", {0.3, 0.6, 0.45}), list("weights", {1.0, 0.25, 1.0})};
+  run(job("ties", model_dirs(kModels), params, "t"));
+  params.push_back(num("gamma", 0.0));
+  run(job("breadcrumbs_ties", model_dirs(kModels), params, "bt"));
+  EXPECT_EQ(bytes("t"), bytes("bt"));
+}
+
+TEST_F(TiesTest, BitIdenticalAcrossThreadsAndChunks) {
+  for (const char* strategy : {"ties", "breadcrumbs", "breadcrumbs_ties"}) {
+    SCOPED_TRACE(strategy);
+    std::vector<RawParam> params{list("density", {0.3, 0.55, 0.4}), list("weights", {1.0, 0.5, 2.0})};
+    if (std::string(strategy) != "ties") params.push_back(num("gamma", 0.05));
+    const auto j = [&](const std::string& out) { return job(strategy, model_dirs(kModels), params, out); };
+    run(j("a"), 1, 1000);
+    run(j("b"), 2, 1000);
+    run(j("c"), 2, 4096);
+    run(j("d"), 1, 333);
+    run(j("e"), 2, 1 << 16);
+    const std::string first = bytes("a");
+    for (const char* o : {"b", "c", "d", "e"}) EXPECT_EQ(first, bytes(o)) << o;
+    for (const char* o : {"a", "b", "c", "d", "e"}) fs::remove_all(dir_ / o);
+  }
+}
+
+template <class E, class F>
+void expect_error(F&& f, std::initializer_list<std::string> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "expected an error mentioning " << *parts.begin();
+  } catch (const E& e) {
+    for (const auto& part : parts) EXPECT_THAT(e.what(), HasSubstr(part));
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "wrong exception type: " << e.what();
+  }
+}
+
+TEST_F(TiesTest, BadParametersAreRejected) {
+  for (const char* strategy : {"ties", "breadcrumbs", "breadcrumbs_ties"}) {
+    SCOPED_TRACE(strategy);
+    for (double density : {0.0, 1.5, -0.1})
+      expect_error<ConfigError>([&] { run(job(strategy, model_dirs(2), {num("density", density)}, "out")); },
+                                {"params.density", "(0, 1]"});
+    expect_error<ConfigError>([&] { run(job(strategy, model_dirs(2), {list("density", {0.5, 1.01})}, "out")); },
+                              {"params.density", "(0, 1]", "1.01"});
+    expect_error<ConfigError>([&] { run(job(strategy, model_dirs(2), {list("density", {0.5, 0.5, 0.5})}, "out")); },
+                              {"params.density", "3 values", "2 models"});
+    EXPECT_FALSE(fs::exists(dir_ / "out"));
+  }
+  for (const char* strategy : {"breadcrumbs", "breadcrumbs_ties"}) {
+    SCOPED_TRACE(strategy);
+    for (double gamma : {-0.1, 1.0, 2.0})
+      expect_error<ConfigError>([&] { run(job(strategy, model_dirs(2), {num("gamma", gamma)}, "out")); },
+                                {"params.gamma", "[0, 1)"});
+  }
+  expect_error<ConfigError>([&] { run(job("ties", model_dirs(2), {num("gamma", 0.1)}, "out")); },
+                            {"params.gamma", "unknown parameter"});
+  expect_error<MergeError>(
+      [&] { run(job("breadcrumbs", model_dirs(2), {list("weights", {1, -1}), flag("normalize", true)}, "out")); },
+      {"weights sum to 0"});
+  JobConfig no_base = job("ties", model_dirs(2), {}, "out");
+  no_base.base.reset();
+  expect_error<ConfigError>([&] { run(no_base); }, {"'base'"});
+  EXPECT_FALSE(fs::exists(dir_ / "out"));
+}
+
+}  // namespace
