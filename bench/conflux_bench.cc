@@ -71,7 +71,7 @@ std::vector<Case> all_cases() {
       {"breadcrumbs_ties", "breadcrumbs_ties", {param("density", 0.2)}, 1, 0},
       {"della", "della", {param("density", 0.2)}, 1, 0},
       {"della_linear", "della_linear", {param("density", 0.2)}, 1, 0},
-      {"slerp", "slerp", {param("t", 0.5)}, 1, 2},
+      {"slerp", "slerp", {param("t", 0.5)}, 1, 1},  // base + one model: exactly two checkpoints
       {"model_stock", "model_stock", {}, 1, 0},
   };
 }

@@ -314,6 +314,16 @@ class Runner {
     for (std::size_t i = 0; i < plan_.models().size(); ++i) drop(plan_.models()[i], *item.models[i]);
   }
 
+  // A tensor-scope statistics pass is followed by another pass over the same tensor: a tensor
+  // whose inputs are small stays mapped in between (no re-faults), so memory stays bounded by
+  // kKeepResident per tensor in flight, whatever the model size. Model-scope passes release.
+  static constexpr std::uint64_t kKeepResident = std::uint64_t{64} << 20;
+  bool release_after_reduce(const PlannedItem& item, std::size_t pass) const {
+    if (plugin_.passes[pass].kind == CFX_PASS_MODEL_REDUCE) return true;
+    const std::uint64_t inputs = plan_.models().size() + (plan_.base() ? 1 : 0);
+    return inputs * item.numel * element_bytes(item.in_dtype) > kKeepResident;
+  }
+
   // Converts the chunk's inputs to float32.
   void load(const PlannedItem& item, std::uint64_t begin, std::uint64_t count, const cfx_pass& pass, Scratch& s,
             cfx_chunk& chunk, const cfx_tensor& t) {
@@ -365,7 +375,8 @@ class Runner {
         r_.load(item, begin, count, pass, s, chunk, t);
         if (pass.reduce(r_.instance_, &chunk, partial_.get()) != 0) throw r_.plugin_failure("reduce", &t);
       }
-      r_.release(item, range.begin() * size, std::min(range.end() * size, t.numel));
+      if (r_.release_after_reduce(item, pass_))
+        r_.release(item, range.begin() * size, std::min(range.end() * size, t.numel));
     }
     void join(ReduceBody& rhs) {
       const cfx_tensor* t = k_ == kModelScope ? nullptr : &r_.tensors_[k_];

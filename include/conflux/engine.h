@@ -10,7 +10,8 @@
 // offset. Reductions fold their partials with tbb::parallel_deterministic_reduce (a fixed split
 // tree), so results are bit-identical at any thread count. Consumed input pages are released
 // from the process (madvise) so memory stays at threads x chunk x models, whatever the model
-// size. Non-floating tensors are copied from the base (or the first model) unchanged.
+// size (a tensor of at most 64 MiB of inputs stays mapped between its statistics pass and its
+// map pass). Non-floating tensors are copied from the base (or the first model) unchanged.
 #pragma once
 
 #include <atomic>

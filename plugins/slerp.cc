@@ -1,0 +1,293 @@
+// slerp: spherical linear interpolation of two models (mergekit's "slerp").
+//
+// INPUTS. Exactly two checkpoints: v0 ("model 1") and v1 ("model 2").
+//   - a base and one model:    v0 = the base,      v1 = models[0]   (mergekit: base_model + one)
+//   - two models, no base:     v0 = models[0],     v1 = models[1]
+// Anything else (one model alone, three models, a base and two models) is refused before any
+// tensor is read. t = 0 gives v0, t = 1 gives v1.
+//
+// DEFINITION, per floating tensor (flattened; a, b its float32 values in v0 and v1, n elements):
+//   ss0 = sum a[k]^2,  ss1 = sum b[k]^2,  dot = sum a[k] b[k]        (double; order below)
+//   n0 = sqrt(ss0), n1 = sqrt(ss1)
+//   n0 == 0 or n1 == 0 (a zero tensor has no direction)    -> linear:  c0 = 1 - t, c1 = t
+//   else cos = dot / (n0 * n1)
+//        |cos| > 0.9995 (near-parallel or -antiparallel)   -> linear:  c0 = 1 - t, c1 = t
+//        else theta = acos(cos), s = sin(theta)             -> spherical:
+//             c0 = sin(theta - theta * t) / s,  c1 = sin(theta * t) / s
+//   out[k] = c0 * a[k] + c1 * b[k]   in double, rounded once to float32 (the host then rounds to
+//                                    the output dtype, nearest-even)
+// This is mergekit's slerp (DOT_THRESHOLD 0.9995; cos of the normalized vectors, here dot/(n0 n1),
+// the same quantity) computed in double instead of float32. Differences from mergekit:
+//   - a zero-norm tensor falls back to linear interpolation; mergekit leaves a vector of norm
+//     <= 1e-8 unnormalized and interpolates with a meaningless angle (~90 degrees);
+//   - t is one number in [0, 1]; mergekit also accepts per-layer gradients of t (a list
+//     interpolated over the layers), which this plugin does not (write one job per t instead).
+//
+// ORDER OF THE SUMS (what makes the statistics, hence the output, bit-identical at any thread
+// count and chunking). The statistics pass runs on whole rows (CFX_PASS_WHOLE_ROWS; the last
+// dimension; a 1-D tensor is one row, a scalar a row of one element). Within a row, element j
+// (0-based in the row) is added to lane j mod 16, each lane in increasing j, products exact in
+// double (float x float); the row's value is ((l0 + l1) + l2) + ... + l15. Row values are stored
+// per row and folded in reduce_done in row order: ((row0 + row1) + row2) + ... So a sum depends
+// only on the tensor's values and shape, never on how the host cut it into chunks. Memory: three
+// doubles per row of the tensors being processed.
+//
+// REPORT (conflux-manifest.json, "report"): t, which checkpoints are v0 and v1, how many tensors
+// were interpolated spherically / linearly (near-parallel) / linearly (zero norm), the range of
+// the angles, and per tensor its method, cos, c0 and c1 (numbers printed with %.17g).
+#include <conflux/plugin.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+
+namespace sdk = conflux::sdk;
+
+namespace {
+
+// GCC/Clang vector extensions: element-wise IEEE double arithmetic in a fixed lane layout, which
+// CONFLUX_MULTIVERSION compiles to one zmm (AVX-512), two ymm (AVX2) or four xmm (SSE2) per
+// vector, with the same bits on each (plugins are built with -ffp-contract=off: no FMA). A plain
+// 16-lane loop does not vectorize well (the accumulators stay in memory).
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+constexpr std::size_t kLanes = 16;
+
+double fold_lanes(const double* l) {
+  double s = l[0];
+  for (std::size_t j = 1; j < kLanes; ++j) s += l[j];
+  return s;
+}
+
+// out[0] = sum a^2, out[1] = sum b^2, out[2] = sum a b over one row, in the lane order above.
+CONFLUX_MULTIVERSION void row_sums(const float* a, const float* b, std::size_t n, double* out) {
+  v8d aa0 = {}, aa1 = {}, bb0 = {}, bb1 = {}, ab0 = {}, ab1 = {};
+  std::size_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    v8f fa0, fa1, fb0, fb1;
+    std::memcpy(&fa0, a + k, sizeof fa0);
+    std::memcpy(&fa1, a + k + 8, sizeof fa1);
+    std::memcpy(&fb0, b + k, sizeof fb0);
+    std::memcpy(&fb1, b + k + 8, sizeof fb1);
+    const v8d x0 = __builtin_convertvector(fa0, v8d), x1 = __builtin_convertvector(fa1, v8d);
+    const v8d y0 = __builtin_convertvector(fb0, v8d), y1 = __builtin_convertvector(fb1, v8d);
+    aa0 += x0 * x0;
+    aa1 += x1 * x1;
+    bb0 += y0 * y0;
+    bb1 += y1 * y1;
+    ab0 += x0 * y0;
+    ab1 += x1 * y1;
+  }
+  double aa[kLanes], bb[kLanes], ab[kLanes];
+  std::memcpy(aa, &aa0, sizeof aa0);
+  std::memcpy(aa + 8, &aa1, sizeof aa1);
+  std::memcpy(bb, &bb0, sizeof bb0);
+  std::memcpy(bb + 8, &bb1, sizeof bb1);
+  std::memcpy(ab, &ab0, sizeof ab0);
+  std::memcpy(ab + 8, &ab1, sizeof ab1);
+  for (std::size_t j = 0; k + j < n; ++j) {
+    const double x = a[k + j], y = b[k + j];
+    aa[j] += x * x;
+    bb[j] += y * y;
+    ab[j] += x * y;
+  }
+  out[0] = fold_lanes(aa);
+  out[1] = fold_lanes(bb);
+  out[2] = fold_lanes(ab);
+}
+
+// out[k] = c0 * a[k] + c1 * b[k] in double, rounded once.
+CONFLUX_MULTIVERSION void mix(const float* a, const float* b, std::size_t n, double c0, double c1, float* out) {
+  for (std::size_t k = 0; k < n; ++k)
+    out[k] = static_cast<float>(c0 * static_cast<double>(a[k]) + c1 * static_cast<double>(b[k]));
+}
+
+// `s` as a JSON string literal.
+std::string json_string(const char* s) {
+  std::string out = "\"";
+  for (; *s != '\0'; ++s) {
+    const unsigned char ch = static_cast<unsigned char>(*s);
+    if (ch == '"' || ch == '\\') {
+      out += '\\';
+      out += static_cast<char>(ch);
+    } else if (ch < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", ch);
+      out += buf;
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  return out + "\"";
+}
+
+constexpr double kDotThreshold = 0.9995;  // mergekit's DOT_THRESHOLD
+constexpr double kPi = 3.14159265358979323846;
+
+enum class Kind : std::uint8_t { empty, spherical, parallel, zero_norm };
+
+}  // namespace
+
+struct Slerp {
+  static constexpr sdk::Info info{"slerp", "1.0.0",
+                                  "Spherical linear interpolation of two models (base + one, or two models)", 1, 2,
+                                  CFX_BASE_OPTIONAL};
+  static inline const sdk::Param params[] = {
+      sdk::Param::real("t", 0.5, "interpolation factor: 0 gives the first model (the base), 1 the second")
+          .min(0)
+          .max(1)
+          .required(),
+  };
+
+  explicit Slerp(const sdk::Job& job)
+      : job_(job), t_(job.number("t")), has_base_(job.has_base()), state_(new TensorState[job.tensors().size()]) {
+    const std::uint32_t n = job.model_count();
+    if (has_base_ ? n != 1 : n != 2)
+      throw sdk::Error(
+          "slerp interpolates exactly two checkpoints: a base and one model (the base is t = 0), or two models "
+          "without a base (models[0] is t = 0); this job gives " +
+          std::string(has_base_ ? "a base and " : "no base and ") + std::to_string(n) + (n == 1 ? " model" : " models"));
+  }
+
+  // Statistics pass: one row at a time (whole rows), results stored per row.
+  void stats(const sdk::Chunk& c, sdk::Span<std::uint64_t> rows_seen) {
+    const cfx_tensor& t = c.tensor();
+    const std::uint64_t len = t.row_length;
+    if (len == 0 || c.begin() % len != 0 || c.count() % len != 0)
+      throw sdk::Error("internal: the host handed a chunk that is not made of whole rows");
+    TensorState& s = state_[t.index];
+    std::call_once(s.once, [&] { s.rows.reset(new double[3 * (t.numel / len)]); });
+    const float* a = first(c);
+    const float* b = second(c);
+    double* out = s.rows.get() + 3 * (c.begin() / len);
+    const std::uint64_t rows = c.count() / len;
+    for (std::uint64_t r = 0; r < rows; ++r) row_sums(a + r * len, b + r * len, len, out + 3 * r);
+    rows_seen[0] += rows;
+  }
+
+  void combine(const cfx_tensor*, sdk::Span<std::uint64_t> into, sdk::Span<const std::uint64_t> from) {
+    into[0] += from[0];
+  }
+
+  bool done(const cfx_tensor* t, sdk::Span<const std::uint64_t> rows_seen) {
+    TensorState& s = state_[t->index];
+    const std::uint64_t rows = t->numel == 0 ? 0 : t->numel / t->row_length;
+    if (rows_seen[0] != rows) throw sdk::Error("internal: the statistics pass did not see every row once");
+    if (rows == 0) return false;  // empty tensor: never mapped
+    double ss0 = 0, ss1 = 0, dot = 0;
+    const double* r = s.rows.get();
+    for (std::uint64_t i = 0; i < rows; ++i) {
+      ss0 += r[3 * i];
+      ss1 += r[3 * i + 1];
+      dot += r[3 * i + 2];
+    }
+    s.rows.reset();
+    const double n0 = std::sqrt(ss0), n1 = std::sqrt(ss1);
+    s.c0 = 1 - t_;
+    s.c1 = t_;
+    if (n0 == 0 || n1 == 0) {
+      s.kind = Kind::zero_norm;
+      return false;
+    }
+    const double cos = dot / (n0 * n1);
+    s.cos = cos;
+    s.angle = std::acos(std::clamp(cos, -1.0, 1.0));
+    if (std::fabs(cos) > kDotThreshold) {
+      s.kind = Kind::parallel;
+      return false;
+    }
+    s.kind = Kind::spherical;
+    const double theta = s.angle, sin_theta = std::sin(theta), theta_t = theta * t_;  // |cos| <= 0.9995: unclamped
+    s.c0 = std::sin(theta - theta_t) / sin_theta;
+    s.c1 = std::sin(theta_t) / sin_theta;
+    return false;
+  }
+
+  void map(const sdk::Chunk& c, sdk::Span<float> out) {
+    const TensorState& s = state_[c.tensor().index];
+    mix(first(c), second(c), out.size(), s.c0, s.c1, out.data());
+  }
+
+  void finish() {
+    std::uint64_t counts[4] = {0, 0, 0, 0};
+    double lo = 0, hi = 0;
+    bool any_angle = false;
+    for (std::size_t i = 0; i < job_.tensors().size(); ++i) {
+      const TensorState& s = state_[i];
+      ++counts[static_cast<int>(s.kind)];
+      if (s.kind == Kind::spherical || s.kind == Kind::parallel) {
+        lo = any_angle ? std::min(lo, s.angle) : s.angle;
+        hi = any_angle ? std::max(hi, s.angle) : s.angle;
+        any_angle = true;
+      }
+    }
+    const double deg = 180.0 / kPi;
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "{\"t\":%.17g,\"v0\":\"%s\",\"v1\":\"%s\",\"tensors\":%llu,\"spherical\":%llu,"
+                  "\"linear_near_parallel\":%llu,\"linear_zero_norm\":%llu",
+                  t_, has_base_ ? "base" : "models[0]", has_base_ ? "models[0]" : "models[1]",
+                  static_cast<unsigned long long>(counts[1] + counts[2] + counts[3]),
+                  static_cast<unsigned long long>(counts[1]), static_cast<unsigned long long>(counts[2]),
+                  static_cast<unsigned long long>(counts[3]));
+    std::string json = buf;
+    if (any_angle) {
+      std::snprintf(buf, sizeof buf, ",\"angle_min_degrees\":%.17g,\"angle_max_degrees\":%.17g", lo * deg, hi * deg);
+      json += buf;
+    }
+    // Every tensor: how it was interpolated, its cosine and the coefficients.
+    json += ",\"per_tensor\":[";
+    for (std::size_t i = 0; i < job_.tensors().size(); ++i) {
+      const TensorState& s = state_[i];
+      if (s.kind == Kind::empty) continue;
+      static constexpr const char* kMethods[] = {"", "spherical", "linear_near_parallel", "linear_zero_norm"};
+      json += (json.back() == '[' ? "{\"name\":" : ",{\"name\":") + json_string(job_.tensors()[i].name) +
+              ",\"method\":\"" + kMethods[static_cast<int>(s.kind)] + "\"";
+      if (s.kind != Kind::zero_norm) {
+        std::snprintf(buf, sizeof buf, ",\"cos\":%.17g", s.cos);
+        json += buf;
+      }
+      std::snprintf(buf, sizeof buf, ",\"c0\":%.17g,\"c1\":%.17g}", s.c0, s.c1);
+      json += buf;
+    }
+    json += "]}";
+    job_.report(json);
+    std::snprintf(buf, sizeof buf,
+                  "slerp t = %g: %llu tensors spherical, %llu linear (near-parallel), %llu linear (zero norm)%s", t_,
+                  static_cast<unsigned long long>(counts[1]), static_cast<unsigned long long>(counts[2]),
+                  static_cast<unsigned long long>(counts[3]), any_angle ? "; angles " : "");
+    std::string line = buf;
+    if (any_angle) {
+      std::snprintf(buf, sizeof buf, "%.4g to %.4g degrees", lo * deg, hi * deg);
+      line += buf;
+    }
+    job_.log(CFX_LOG_INFO, line);
+  }
+
+ private:
+  struct TensorState {
+    std::once_flag once;
+    std::unique_ptr<double[]> rows;  // statistics pass: ss0, ss1, dot of each row
+    double c0 = 0, c1 = 0;           // out = c0 * v0 + c1 * v1
+    double cos = 0, angle = 0;       // angle in radians (when both norms are nonzero)
+    Kind kind = Kind::empty;
+  };
+
+  const float* first(const sdk::Chunk& c) const { return has_base_ ? c.base().data() : c.models()[0]; }
+  const float* second(const sdk::Chunk& c) const { return has_base_ ? c.models()[0] : c.models()[1]; }
+
+  const sdk::Job& job_;
+  double t_;
+  bool has_base_;
+  std::unique_ptr<TensorState[]> state_;  // one per floating tensor
+};
+
+CONFLUX_PLUGIN(Slerp,
+               sdk::reduce_pass<Slerp, std::uint64_t, 0, &Slerp::stats, &Slerp::combine, &Slerp::done>(
+                   CFX_PASS_TENSOR_REDUCE, CFX_PASS_WHOLE_ROWS),
+               sdk::map_pass<Slerp, &Slerp::map>())
