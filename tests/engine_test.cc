@@ -17,6 +17,7 @@
 #include "conflux/merge.h"
 #include "conflux/writer.h"
 #include "test_util.h"
+#include "strategy_test_util.h"
 
 namespace {
 
@@ -24,11 +25,12 @@ namespace fs = std::filesystem;
 using namespace conflux;
 using ::testing::HasSubstr;
 
-struct Spec {
-  std::string name;
-  std::vector<std::uint64_t> shape;
-  DType dtype = DType::BF16;
-};
+using conflux_test::Spec;
+using conflux_test::numel;
+using conflux_test::ulp;
+using conflux_test::num;
+using conflux_test::flag;
+using conflux_test::list;
 
 // Odd sizes: none is a multiple of a vector width or of the chunk sizes used below.
 std::vector<Spec> default_specs(DType t) {
@@ -37,35 +39,12 @@ std::vector<Spec> default_specs(DType t) {
           {"norm.weight", {1031}, t}};
 }
 
-std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
-  std::uint64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
 // Writes a checkpoint whose element j of tensor `s` is value(s, j) rounded to the dtype.
 template <class F>
 void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value, std::uint64_t shard_size = 1 << 30) {
-  fs::create_directories(dir);
-  std::vector<OutputTensor> tensors;
-  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
-  CheckpointWriter w(dir, tensors, {shard_size, {}});
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    const Spec& s = specs[i];
-    const std::uint64_t n = numel(s.shape);
-    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
-    std::vector<std::byte> bytes(n * esize);
-    if (dtype_is_mergeable(s.dtype)) {
-      std::vector<float> f(n);
-      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(s, j);
-      from_f32(s.dtype, f.data(), bytes.data(), n);
-    } else {
-      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
-    }
-    w.write_at(i, 0, bytes);
-  }
-  w.finish();
-  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "float32", "dtype": "float32"})";
+  conflux_test::write_checkpoint(
+      dir, specs, [&](std::size_t i, std::uint64_t j) { return value(specs[i], j); }, shard_size,
+      R"({"model_type": "test", "torch_dtype": "float32", "dtype": "float32"})");
   std::ofstream(dir / "tokenizer.json") << R"({"version": "1.0"})";
 }
 
@@ -83,49 +62,10 @@ float model_value(const Spec& s, std::uint64_t j, int m) {
   return b + (u(rng) - 0.5f) * 0.2f;
 }
 
-double ulp(DType t, double ref) {
-  int e = 0;
-  std::frexp(ref, &e);  // ref = f * 2^e, f in [0.5, 1): the leading bit is 2^(e-1)
-  switch (t) {
-    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
-    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
-    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
-    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
-  }
-}
-
-RawParam num(const std::string& key, double v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::floating;
-  p.number = v;
-  return p;
-}
-RawParam flag(const std::string& key, bool v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::boolean;
-  p.number = v ? 1 : 0;
-  return p;
-}
-RawParam list(const std::string& key, std::vector<double> v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::array;
-  p.list = std::move(v);
-  return p;
-}
-
 std::string read_bytes(const fs::path& p) { return conflux_test::read_file(p); }
 
-class EngineTest : public ::testing::Test {
+class EngineTest : public conflux_test::StrategyFixture {
  protected:
-  void SetUp() override {
-    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
-    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
-    config_.file = dir_.path() / "job.toml";
-  }
-
   void make_inputs(DType t, int n_models = 3, std::uint64_t shard_size = 1 << 30) {
     specs_ = default_specs(t);
     write_checkpoint(dir_ / "base", specs_, base_value, shard_size);
@@ -143,18 +83,6 @@ class EngineTest : public ::testing::Test {
     j.output = dir_ / out;
     j.params = std::move(params);
     return j;
-  }
-
-  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000, bool force = false,
-                   const std::atomic<bool>* cancel = nullptr) {
-    MergeRequest r;
-    r.config = &config_;
-    r.job = &j;
-    r.threads = threads;
-    r.chunk_elements = chunk;
-    r.force = force;
-    r.cancel = cancel;
-    return run_job(r, plugins_);
   }
 
   // Max error of the output against `ref`, in ulps of the output dtype, over every element.
@@ -183,9 +111,6 @@ class EngineTest : public ::testing::Test {
     return worst;
   }
 
-  conflux_test::TempDir dir_;
-  PluginRegistry plugins_;
-  Config config_;
   std::vector<Spec> specs_;
 };
 

@@ -27,6 +27,7 @@
 #include "conflux/merge.h"
 #include "conflux/writer.h"
 #include "test_util.h"
+#include "strategy_test_util.h"
 
 namespace {
 
@@ -35,65 +36,25 @@ namespace json = boost::json;
 using namespace conflux;
 using ::testing::HasSubstr;
 
+using conflux_test::Spec;
+using conflux_test::numel;
+using conflux_test::ulp;
+using conflux_test::num;
+using conflux_test::flag;
+using conflux_test::list;
+using conflux_test::write_checkpoint;
+using conflux_test::rnd;
+using conflux_test::name_id;
+using conflux_test::near_rel;
+using conflux_test::number;
+using conflux_test::count;
+using conflux_test::expect_error;
+
 // ---------------------------------------------------------------------------------------------
 // Synthetic checkpoints
 // ---------------------------------------------------------------------------------------------
 
-struct Spec {
-  std::string name;
-  std::vector<std::uint64_t> shape;
-  DType dtype = DType::BF16;
-};
-
-std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
-  std::uint64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
-template <class F>
-void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value) {
-  fs::create_directories(dir);
-  std::vector<OutputTensor> tensors;
-  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
-  CheckpointWriter w(dir, tensors, {1 << 30, {}});
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    const Spec& s = specs[i];
-    const std::uint64_t n = numel(s.shape);
-    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
-    std::vector<std::byte> bytes(n * esize);
-    if (dtype_is_mergeable(s.dtype)) {
-      std::vector<float> f(n);
-      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(i, j);
-      from_f32(s.dtype, f.data(), bytes.data(), n);
-    } else {
-      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
-    }
-    w.write_at(i, 0, bytes);
-  }
-  w.finish();
-  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "bfloat16"})";
-}
-
-std::uint64_t mix64(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// A uniform double in [0, 1) that depends only on (a, b, c).
-double rnd(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
-  return static_cast<double>(mix64(mix64(mix64(a) ^ b) ^ c) >> 11) * 0x1p-53;
-}
-
 float bf16(double x) { return bf16_bits_to_f32(f32_to_bf16_bits(static_cast<float>(x))); }
-
-std::uint64_t name_id(const std::string& s) {
-  std::uint64_t h = 0xCBF29CE484222325ull;
-  for (const char ch : s) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001B3ull;
-  return h;
-}
 
 // Odd sizes (none a multiple of 8, 16 or 1000), a 3-D tensor (rows of 7), a 1-D one (one row),
 // a scalar, an empty tensor, rows longer than a chunk of 1000 ("long_rows"), and rows whose
@@ -145,17 +106,6 @@ struct Scenario {
 // ---------------------------------------------------------------------------------------------
 // References
 // ---------------------------------------------------------------------------------------------
-
-double ulp(DType t, double ref) {
-  int e = 0;
-  std::frexp(ref, &e);
-  switch (t) {
-    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
-    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
-    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
-    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
-  }
-}
 
 // The inputs as the host hands them to a plugin: base values and float32 task vectors.
 struct TensorInputs {
@@ -316,64 +266,14 @@ double max_ulps(const fs::path& out_dir, const std::map<std::string, std::vector
   return worst;
 }
 
-::testing::AssertionResult near_rel(double got, double want, double rel = 1e-12) {
-  if (want == 0 ? got == 0 : std::fabs(got - want) <= rel * std::fabs(want)) return ::testing::AssertionSuccess();
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "got %.17g, expected %.17g (relative tolerance %g)", got, want, rel);
-  return ::testing::AssertionFailure() << buf;
-}
-
-double number(const json::object& o, const char* key) { return o.at(key).to_number<double>(); }
-std::uint64_t count(const json::object& o, const char* key) { return o.at(key).to_number<std::uint64_t>(); }
-
-RawParam num(const std::string& key, double v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::floating;
-  p.number = v;
-  return p;
-}
-RawParam flag(const std::string& key, bool v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::boolean;
-  p.number = v ? 1 : 0;
-  return p;
-}
-RawParam list(const std::string& key, const std::vector<double>& v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::array;
-  p.list = v;
-  return p;
-}
-
-template <class E, class F>
-void expect_error(F&& f, std::initializer_list<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error mentioning " << *parts.begin();
-  } catch (const E& e) {
-    for (const auto& part : parts) EXPECT_THAT(e.what(), HasSubstr(part));
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-  }
-}
-
 constexpr const char* kStrategies[] = {"dare_linear", "dare_ties", "della", "della_linear"};
 
 // ---------------------------------------------------------------------------------------------
 // Fixture
 // ---------------------------------------------------------------------------------------------
 
-class DareDellaTest : public ::testing::Test {
+class DareDellaTest : public conflux_test::StrategyFixture {
  protected:
-  void SetUp() override {
-    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
-    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
-    config_.file = dir_.path() / "job.toml";
-  }
-
   void write_scenario(const Scenario& sc = Scenario()) {
     write_checkpoint(dir_ / "base", sc.specs, [&](std::size_t ti, std::uint64_t j) { return sc.base(ti, j); });
     for (std::size_t i = 0; i < sc.models; ++i)
@@ -405,20 +305,6 @@ class DareDellaTest : public ::testing::Test {
     if (p.normalize) j.params.push_back(flag("normalize", *p.normalize));
     j.params.push_back(flag("rescale", p.rescale));
     return j;
-  }
-
-  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000) {
-    MergeRequest r;
-    r.config = &config_;
-    r.job = &j;
-    r.threads = threads;
-    r.chunk_elements = chunk;
-    return run_job(r, plugins_);
-  }
-
-  json::object report(const std::string& out) const {
-    const auto manifest = json::parse(conflux_test::read_file(dir_ / out / "conflux-manifest.json")).as_object();
-    return manifest.at("report").as_object();
   }
 
   // Runs `p`, checks every output element within 1 ulp of the reference, the report's kept
@@ -457,9 +343,6 @@ class DareDellaTest : public ::testing::Test {
     return ref;
   }
 
-  conflux_test::TempDir dir_;
-  PluginRegistry plugins_;
-  Config config_;
   std::size_t models_ = 0;
 };
 

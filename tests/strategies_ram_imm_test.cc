@@ -25,6 +25,7 @@
 #include "conflux/merge.h"
 #include "conflux/writer.h"
 #include "test_util.h"
+#include "strategy_test_util.h"
 
 namespace {
 
@@ -33,58 +34,26 @@ namespace json = boost::json;
 using namespace conflux;
 using ::testing::HasSubstr;
 
+using conflux_test::Spec;
+using conflux_test::numel;
+using conflux_test::ulp;
+using conflux_test::num;
+using conflux_test::flag;
+using conflux_test::str;
+using conflux_test::write_checkpoint;
+using conflux_test::rnd;
+using conflux_test::TensorInputs;
+using conflux_test::read_inputs;
+using conflux_test::elements_of;
+using conflux_test::near_rel;
+using conflux_test::number;
+using conflux_test::count;
+using conflux_test::entries;
+using conflux_test::expect_error;
+
 // ---------------------------------------------------------------------------------------------
 // Synthetic checkpoints
 // ---------------------------------------------------------------------------------------------
-
-struct Spec {
-  std::string name;
-  std::vector<std::uint64_t> shape;
-  DType dtype = DType::BF16;
-};
-
-std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
-  std::uint64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
-// Writes a checkpoint whose element j of tensor i is value(i, j) rounded to the dtype.
-template <class F>
-void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value) {
-  fs::create_directories(dir);
-  std::vector<OutputTensor> tensors;
-  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
-  CheckpointWriter w(dir, tensors, {1 << 30, {}});
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    const Spec& s = specs[i];
-    const std::uint64_t n = numel(s.shape);
-    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
-    std::vector<std::byte> bytes(n * esize);
-    if (dtype_is_mergeable(s.dtype)) {
-      std::vector<float> f(n);
-      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(i, j);
-      from_f32(s.dtype, f.data(), bytes.data(), n);
-    } else {
-      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
-    }
-    w.write_at(i, 0, bytes);
-  }
-  w.finish();
-  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "bfloat16"})";
-}
-
-std::uint64_t mix64(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// A uniform double in [0, 1) that depends only on (a, b, c).
-double rnd(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
-  return static_cast<double>(mix64(mix64(mix64(a) ^ b) ^ c) >> 11) * 0x1p-53;
-}
 
 float bf16(float x) { return bf16_bits_to_f32(f32_to_bf16_bits(x)); }
 // k bf16 steps away from zero (k > 0) or towards it (k < 0); x must stay clear of zero.
@@ -121,9 +90,7 @@ struct Scenario {
   }
   // FNV-1a of the name: the same scenario with every standard library.
   static std::uint64_t id(const TensorPlan& t) {
-    std::uint64_t h = 0xCBF29CE484222325ull;
-    for (const char ch : t.spec.name) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001B3ull;
-    return h;
+    return conflux_test::name_id(t.spec.name);
   }
   static bool near_zero_value(float b) { return std::fabs(b) < 1e-3f; }
 
@@ -184,49 +151,6 @@ Scenario main_scenario(std::size_t agents = 3) {
 // ---------------------------------------------------------------------------------------------
 // References
 // ---------------------------------------------------------------------------------------------
-
-double ulp(DType t, double ref) {
-  int e = 0;
-  std::frexp(ref, &e);  // ref = f * 2^e, f in [0.5, 1): the leading bit is 2^(e-1)
-  switch (t) {
-    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
-    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
-    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
-    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
-  }
-}
-
-// The inputs as the host hands them to a plugin: base values and float32 task vectors.
-struct TensorInputs {
-  std::string name;
-  std::vector<double> base;
-  std::vector<std::vector<float>> d;  // d[i][k] = float(theta_i) - float(theta_base)
-};
-
-std::vector<TensorInputs> read_inputs(const fs::path& base_dir, const std::vector<fs::path>& model_dirs) {
-  const Checkpoint base = Checkpoint::open(base_dir);
-  std::vector<Checkpoint> models;
-  for (const auto& m : model_dirs) models.push_back(Checkpoint::open(m));
-  std::vector<TensorInputs> out;
-  for (const TensorRef& t : base.tensors()) {
-    if (!dtype_is_mergeable(t.info->dtype)) continue;
-    TensorInputs in;
-    in.name = t.name();
-    const TensorView b = base.view(t);
-    const std::size_t n = static_cast<std::size_t>(t.info->numel);
-    in.base.resize(n);
-    for (std::size_t k = 0; k < n; ++k) in.base[k] = b.element(k);
-    for (const Checkpoint& c : models) {
-      const TensorView v = c.view(c.at(t.name()));
-      std::vector<float> d(n);
-      for (std::size_t k = 0; k < n; ++k)
-        d[k] = static_cast<float>(v.element(k)) - static_cast<float>(in.base[k]);  // float32 subtraction
-      in.d.push_back(std::move(d));
-    }
-    out.push_back(std::move(in));
-  }
-  return out;
-}
 
 struct RamParams {
   double eps = kEps, r = 0, alpha = 2;
@@ -338,67 +262,12 @@ double max_ulps(const fs::path& out_dir, const std::map<std::string, std::vector
   return worst;
 }
 
-// Elements of one output tensor, widened to double.
-std::vector<double> elements_of(const fs::path& dir, const std::string& name) {
-  const Checkpoint c = Checkpoint::open(dir);
-  const TensorRef& t = c.at(name);
-  const TensorView v = c.view(t);
-  std::vector<double> x(static_cast<std::size_t>(t.info->numel));
-  for (std::size_t k = 0; k < x.size(); ++k) x[k] = v.element(k);
-  return x;
-}
-
-::testing::AssertionResult near_rel(double got, double want, double rel = 1e-12) {
-  if (want == 0 ? got == 0 : std::fabs(got - want) <= rel * std::fabs(want)) return ::testing::AssertionSuccess();
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "got %.17g, expected %.17g (relative tolerance %g)", got, want, rel);
-  return ::testing::AssertionFailure() << buf;
-}
-
-double number(const json::object& o, const char* key) { return o.at(key).to_number<double>(); }
-std::uint64_t count(const json::object& o, const char* key) { return o.at(key).to_number<std::uint64_t>(); }
-
 // ---------------------------------------------------------------------------------------------
 // Fixture
 // ---------------------------------------------------------------------------------------------
 
-RawParam num(const std::string& key, double v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::floating;
-  p.number = v;
-  return p;
-}
-RawParam flag(const std::string& key, bool v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::boolean;
-  p.number = v ? 1 : 0;
-  return p;
-}
-RawParam str(const std::string& key, const std::string& v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::string;
-  p.string = v;
-  return p;
-}
-
-std::vector<std::string> entries(const fs::path& dir) {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-class StrategiesTest : public ::testing::Test {
+class StrategiesTest : public conflux_test::StrategyFixture {
  protected:
-  void SetUp() override {
-    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
-    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
-    config_.file = dir_.path() / "job.toml";
-  }
-
   // Writes base and m0..m{n-1} of a scenario, and checks that the generator did what it meant
   // to: intended changes survive bf16 rounding (|d| > eps), tiny ones are nonzero and below
   // epsilon, and every other entry is exactly unchanged.
@@ -446,21 +315,6 @@ class StrategiesTest : public ::testing::Test {
     j.output = dir_ / out;
     j.params = std::move(params);
     return j;
-  }
-
-  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000) {
-    MergeRequest r;
-    r.config = &config_;
-    r.job = &j;
-    r.threads = threads;
-    r.chunk_elements = chunk;
-    return run_job(r, plugins_);
-  }
-
-  json::object report(const std::string& out) const {
-    const auto manifest =
-        json::parse(conflux_test::read_file(dir_ / out / "conflux-manifest.json")).as_object();
-    return manifest.at("report").as_object();
   }
 
   static std::vector<RawParam> ram_params(const RamParams& p) {
@@ -516,9 +370,6 @@ class StrategiesTest : public ::testing::Test {
     }
   }
 
-  conflux_test::TempDir dir_;
-  PluginRegistry plugins_;
-  Config config_;
   Scenario scenario_;
   std::uint64_t tiny_entries_ = 0, changed_entries_ = 0;
 };
@@ -880,18 +731,6 @@ TEST_F(StrategiesTest, ImmIsBitIdenticalAcrossThreadsAndChunksAndFollowsTheSeed)
 // ---------------------------------------------------------------------------------------------
 // Bad jobs: clear errors before any tensor is written
 // ---------------------------------------------------------------------------------------------
-
-template <class E, class F>
-void expect_error(F&& f, std::initializer_list<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error mentioning " << *parts.begin();
-  } catch (const E& e) {
-    for (const auto& part : parts) EXPECT_THAT(e.what(), HasSubstr(part));
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-  }
-}
 
 TEST_F(StrategiesTest, BadJobsFailBeforeWritingAnything) {
   write_scenario(main_scenario(2));

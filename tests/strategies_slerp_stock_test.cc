@@ -29,6 +29,7 @@
 #include "conflux/merge.h"
 #include "conflux/writer.h"
 #include "test_util.h"
+#include "strategy_test_util.h"
 
 namespace {
 
@@ -37,80 +38,29 @@ namespace json = boost::json;
 using namespace conflux;
 using ::testing::HasSubstr;
 
+using conflux_test::Spec;
+using conflux_test::numel;
+using conflux_test::ulp;
+using conflux_test::num;
+using conflux_test::flag;
+using conflux_test::write_checkpoint;
+using conflux_test::rnd;
+using conflux_test::name_id;
+using conflux_test::near_rel;
+using conflux_test::elements_of;
+using conflux_test::number;
+using conflux_test::count;
+using conflux_test::entries;
+using conflux_test::expect_error;
+
 // ---------------------------------------------------------------------------------------------
 // Synthetic checkpoints
 // ---------------------------------------------------------------------------------------------
-
-struct Spec {
-  std::string name;
-  std::vector<std::uint64_t> shape;
-  DType dtype = DType::BF16;
-};
-
-std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
-  std::uint64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
-// Writes a checkpoint whose element j of tensor i is value(i, j) rounded to the dtype.
-template <class F>
-void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value) {
-  fs::create_directories(dir);
-  std::vector<OutputTensor> tensors;
-  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
-  CheckpointWriter w(dir, tensors, {1 << 30, {}});
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    const Spec& s = specs[i];
-    const std::uint64_t n = numel(s.shape);
-    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
-    std::vector<std::byte> bytes(n * esize);
-    if (dtype_is_mergeable(s.dtype)) {
-      std::vector<float> f(n);
-      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(i, j);
-      from_f32(s.dtype, f.data(), bytes.data(), n);
-    } else {
-      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
-    }
-    w.write_at(i, 0, bytes);
-  }
-  w.finish();
-  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "bfloat16"})";
-}
-
-std::uint64_t mix64(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// A uniform double in [0, 1) that depends only on (a, b, c).
-double rnd(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
-  return static_cast<double>(mix64(mix64(mix64(a) ^ b) ^ c) >> 11) * 0x1p-53;
-}
 
 // A standard normal deviate that depends only on (a, b, c) (Box-Muller).
 double gauss(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
   const double u1 = 1.0 - rnd(a, b, 2 * c), u2 = rnd(a, b, 2 * c + 1);
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
-}
-
-std::uint64_t name_id(const std::string& name) {
-  std::uint64_t h = 0xCBF29CE484222325ull;
-  for (const char ch : name) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001B3ull;
-  return h;
-}
-
-double ulp(DType t, double ref) {
-  int e = 0;
-  std::frexp(ref, &e);  // ref = f * 2^e, f in [0.5, 1): the leading bit is 2^(e-1)
-  switch (t) {
-    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
-    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
-    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
-    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,13 +130,6 @@ template <class F>
   return ::testing::AssertionFailure() << "sum " << got << " vs " << static_cast<double>(exact);
 }
 
-::testing::AssertionResult near_rel(double got, double want, double rel = 1e-12) {
-  if (want == 0 ? got == 0 : std::fabs(got - want) <= rel * std::fabs(want)) return ::testing::AssertionSuccess();
-  char buf[160];
-  std::snprintf(buf, sizeof buf, "got %.17g, expected %.17g (relative tolerance %g)", got, want, rel);
-  return ::testing::AssertionFailure() << buf;
-}
-
 using Outputs = std::map<std::string, std::vector<double>>;
 
 // Checks every floating tensor of the output against `ref` (double values before the plugin's
@@ -219,17 +162,6 @@ double check_output(const fs::path& out_dir, const Outputs& ref) {
   return worst;
 }
 
-std::vector<double> elements_of(const fs::path& dir, const std::string& name) {
-  const Checkpoint c = Checkpoint::open(dir);
-  const TensorRef& t = c.at(name);
-  const TensorView v = c.view(t);
-  std::vector<double> x(static_cast<std::size_t>(t.info->numel));
-  for (std::size_t k = 0; k < x.size(); ++k) x[k] = v.element(k);
-  return x;
-}
-
-double number(const json::object& o, const char* key) { return o.at(key).to_number<double>(); }
-
 // Exact numbers come from the plugin's own report text (MergeResult::report), read with strtod:
 // the manifest's copy went through Boost.JSON's parser, which (Boost 1.81) may be 1 ulp off.
 // The field `key` of the per_tensor entry of tensor `name`, or the first `key` when name is empty.
@@ -250,7 +182,6 @@ double raw_number(const std::string& report, const std::string& name, const std:
   }
   return std::strtod(report.c_str() + k + key.size() + 3, nullptr);
 }
-std::uint64_t count(const json::object& o, const char* key) { return o.at(key).to_number<std::uint64_t>(); }
 
 // ---------------------------------------------------------------------------------------------
 // slerp scenario and reference
@@ -487,48 +418,8 @@ StockRef stock_reference(const std::vector<TensorValues>& inputs, bool filter_wi
 // Fixture
 // ---------------------------------------------------------------------------------------------
 
-RawParam num(const std::string& key, double v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::floating;
-  p.number = v;
-  return p;
-}
-RawParam flag(const std::string& key, bool v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::boolean;
-  p.number = v ? 1 : 0;
-  return p;
-}
-
-std::vector<std::string> entries(const fs::path& dir) {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-template <class E, class F>
-void expect_error(F&& f, std::initializer_list<std::string> parts) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an error mentioning " << *parts.begin();
-  } catch (const E& e) {
-    for (const auto& part : parts) EXPECT_THAT(e.what(), HasSubstr(part));
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-  }
-}
-
-class SlerpStockTest : public ::testing::Test {
+class SlerpStockTest : public conflux_test::StrategyFixture {
  protected:
-  void SetUp() override {
-    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
-    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
-    config_.file = dir_.path() / "job.toml";
-  }
-
   // Checkpoints "a" (v0) and "b" (v1).
   void write_slerp() {
     const auto ts = slerp_tensors();
@@ -574,20 +465,6 @@ class SlerpStockTest : public ::testing::Test {
     j.output = dir_ / out;
     j.params = {flag("filter_wise", filter_wise)};
     return j;
-  }
-
-  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000) {
-    MergeRequest r;
-    r.config = &config_;
-    r.job = &j;
-    r.threads = threads;
-    r.chunk_elements = chunk;
-    return run_job(r, plugins_);
-  }
-
-  json::object report(const std::string& out) const {
-    const auto manifest = json::parse(conflux_test::read_file(dir_ / out / "conflux-manifest.json")).as_object();
-    return manifest.at("report").as_object();
   }
 
   std::string bytes(const std::string& out) const { return conflux_test::read_file(dir_ / out / "model.safetensors"); }
@@ -636,10 +513,6 @@ class SlerpStockTest : public ::testing::Test {
     }
     return ref;
   }
-
-  conflux_test::TempDir dir_;
-  PluginRegistry plugins_;
-  Config config_;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@
 #include "conflux/merge.h"
 #include "conflux/writer.h"
 #include "test_util.h"
+#include "strategy_test_util.h"
 
 namespace {
 
@@ -32,57 +33,21 @@ namespace json = boost::json;
 using namespace conflux;
 using ::testing::HasSubstr;
 
+using conflux_test::Spec;
+using conflux_test::numel;
+using conflux_test::ulp;
+using conflux_test::num;
+using conflux_test::flag;
+using conflux_test::list;
+using conflux_test::write_checkpoint;
+using conflux_test::rnd;
+using conflux_test::name_id;
+using conflux_test::TensorInputs;
+using conflux_test::read_inputs;
+
 // ---------------------------------------------------------------------------------------------
 // Synthetic checkpoints
 // ---------------------------------------------------------------------------------------------
-
-struct Spec {
-  std::string name;
-  std::vector<std::uint64_t> shape;
-  DType dtype = DType::BF16;
-};
-
-std::uint64_t numel(const std::vector<std::uint64_t>& shape) {
-  std::uint64_t n = 1;
-  for (auto d : shape) n *= d;
-  return n;
-}
-
-template <class F>
-void write_checkpoint(const fs::path& dir, const std::vector<Spec>& specs, F value) {
-  fs::create_directories(dir);
-  std::vector<OutputTensor> tensors;
-  for (const auto& s : specs) tensors.push_back({s.name, s.dtype, s.shape});
-  CheckpointWriter w(dir, tensors, {1 << 30, {}});
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    const Spec& s = specs[i];
-    const std::uint64_t n = numel(s.shape);
-    const std::size_t esize = static_cast<std::size_t>(dtype_bits(s.dtype) / 8);
-    std::vector<std::byte> bytes(n * esize);
-    if (dtype_is_mergeable(s.dtype)) {
-      std::vector<float> f(n);
-      for (std::uint64_t j = 0; j < n; ++j) f[j] = value(i, j);
-      from_f32(s.dtype, f.data(), bytes.data(), n);
-    } else {
-      for (std::uint64_t j = 0; j < bytes.size(); ++j) bytes[j] = static_cast<std::byte>((j * 37 + i) & 0xff);
-    }
-    w.write_at(i, 0, bytes);
-  }
-  w.finish();
-  std::ofstream(dir / "config.json") << R"({"model_type": "test", "torch_dtype": "bfloat16"})";
-}
-
-std::uint64_t mix64(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// A uniform double in [0, 1) that depends only on (a, b, c).
-double rnd(std::uint64_t a, std::uint64_t b, std::uint64_t c) {
-  return static_cast<double>(mix64(mix64(mix64(a) ^ b) ^ c) >> 11) * 0x1p-53;
-}
 
 float bf16(float x) { return bf16_bits_to_f32(f32_to_bf16_bits(x)); }
 
@@ -102,12 +67,6 @@ struct TensorPlan {
   Kind kind = Kind::steps;
 };
 
-std::uint64_t id_of(const std::string& name) {
-  std::uint64_t h = 0xCBF29CE484222325ull;
-  for (const char ch : name) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001B3ull;
-  return h;
-}
-
 struct Scenario {
   std::vector<TensorPlan> tensors;
 
@@ -117,7 +76,7 @@ struct Scenario {
     return s;
   }
   float base(std::size_t ti, std::uint64_t j) const {
-    const std::uint64_t t = id_of(tensors[ti].spec.name);
+    const std::uint64_t t = name_id(tensors[ti].spec.name);
     const double sign = rnd(t, j, 1) < 0.5 ? -1.0 : 1.0;
     switch (tensors[ti].kind) {
       case Kind::steps:
@@ -129,7 +88,7 @@ struct Scenario {
     return 0;
   }
   float agent(std::size_t ti, std::uint64_t j, std::size_t i) const {
-    const std::uint64_t t = id_of(tensors[ti].spec.name);
+    const std::uint64_t t = name_id(tensors[ti].spec.name);
     const float b = base(ti, j);
     const double sign = rnd(t, j, 20 + i) < 0.5 ? -1.0 : 1.0;
     const double u = rnd(t, j, 30 + i);
@@ -186,48 +145,6 @@ Scenario main_scenario() {
 // ---------------------------------------------------------------------------------------------
 // References
 // ---------------------------------------------------------------------------------------------
-
-double ulp(DType t, double ref) {
-  int e = 0;
-  std::frexp(ref, &e);
-  switch (t) {
-    case DType::BF16: return std::ldexp(1.0, std::max(e - 1, -126) - 7);
-    case DType::F16: return std::ldexp(1.0, std::max(e - 1, -14) - 10);
-    case DType::F32: return std::ldexp(1.0, std::max(e - 1, -126) - 23);
-    default: return std::ldexp(1.0, std::max(e - 1, -1022) - 52);
-  }
-}
-
-struct TensorInputs {
-  std::string name;
-  std::vector<double> base;
-  std::vector<std::vector<float>> d;  // d[i][k] = float(theta_i) - float(theta_base)
-};
-
-std::vector<TensorInputs> read_inputs(const fs::path& base_dir, const std::vector<fs::path>& model_dirs) {
-  const Checkpoint base = Checkpoint::open(base_dir);
-  std::vector<Checkpoint> models;
-  for (const auto& m : model_dirs) models.push_back(Checkpoint::open(m));
-  std::vector<TensorInputs> out;
-  for (const TensorRef& t : base.tensors()) {
-    if (!dtype_is_mergeable(t.info->dtype)) continue;
-    TensorInputs in;
-    in.name = t.name();
-    const TensorView b = base.view(t);
-    const std::size_t n = static_cast<std::size_t>(t.info->numel);
-    in.base.resize(n);
-    for (std::size_t k = 0; k < n; ++k) in.base[k] = b.element(k);
-    for (const Checkpoint& c : models) {
-      const TensorView v = c.view(c.at(t.name()));
-      std::vector<float> d(n);
-      for (std::size_t k = 0; k < n; ++k)
-        d[k] = static_cast<float>(v.element(k)) - static_cast<float>(in.base[k]);  // float32 subtraction
-      in.d.push_back(std::move(d));
-    }
-    out.push_back(std::move(in));
-  }
-  return out;
-}
 
 struct Params {
   std::vector<double> density, gamma, weights;  // per model; gamma empty: none (ties)
@@ -329,35 +246,11 @@ double max_ulps(const fs::path& out_dir, const std::map<std::string, std::vector
 // Fixture
 // ---------------------------------------------------------------------------------------------
 
-RawParam num(const std::string& key, double v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::floating;
-  p.number = v;
-  return p;
-}
-RawParam list(const std::string& key, const std::vector<double>& v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::array;
-  p.list = v;
-  p.list_numeric = true;
-  return p;
-}
-RawParam flag(const std::string& key, bool v) {
-  RawParam p;
-  p.key = key;
-  p.kind = RawParam::Kind::boolean;
-  p.number = v ? 1 : 0;
-  return p;
-}
-
-class TiesTest : public ::testing::Test {
+class TiesTest : public conflux_test::StrategyFixture {
  protected:
   void SetUp() override {
-    plugins_.load_dirs({CONFLUX_PLUGIN_DIR});
-    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
-    config_.file = dir_.path() / "job.toml";
+    StrategyFixture::SetUp();
+    if (HasFatalFailure()) return;
     const Scenario sc = main_scenario();
     write_checkpoint(dir_ / "base", sc.specs(), [&](std::size_t ti, std::uint64_t j) { return sc.base(ti, j); });
     for (std::size_t i = 0; i < kWritten; ++i)
@@ -393,20 +286,6 @@ class TiesTest : public ::testing::Test {
     j.params = std::move(params);
     j.out_dtype = out_dtype;
     return j;
-  }
-
-  MergeOutcome run(const JobConfig& j, unsigned threads = 2, std::uint64_t chunk = 1000) {
-    MergeRequest r;
-    r.config = &config_;
-    r.job = &j;
-    r.threads = threads;
-    r.chunk_elements = chunk;
-    return run_job(r, plugins_);
-  }
-
-  json::object report(const std::string& out) const {
-    const auto manifest = json::parse(conflux_test::read_file(dir_ / out / "conflux-manifest.json")).as_object();
-    return manifest.at("report").as_object();
   }
 
   // The output's tensor data (the file's metadata names the strategy).
@@ -469,10 +348,6 @@ class TiesTest : public ::testing::Test {
     EXPECT_EQ(differences, 0u);
     EXPECT_GT(kept_nonzero, 0u);
   }
-
-  conflux_test::TempDir dir_;
-  PluginRegistry plugins_;
-  Config config_;
 };
 
 std::uint64_t at(const json::object& rep, std::size_t passes) {
