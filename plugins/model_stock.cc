@@ -98,25 +98,6 @@ CONFLUX_MULTIVERSION void accumulate(const double* x, const double* y, std::size
   for (std::size_t j = 0; k + j < m; ++j) lanes[j] += x[k + j] * y[k + j];
 }
 
-// `s` as a JSON string literal.
-std::string json_string(const char* s) {
-  std::string out = "\"";
-  for (; *s != '\0'; ++s) {
-    const unsigned char ch = static_cast<unsigned char>(*s);
-    if (ch == '"' || ch == '\\') {
-      out += '\\';
-      out += static_cast<char>(ch);
-    } else if (ch < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", ch);
-      out += buf;
-    } else {
-      out += static_cast<char>(ch);
-    }
-  }
-  return out + "\"";
-}
-
 // Two and three models, the common cases: one row in one sweep, deltas and the 16 lanes of
 // every statistic in registers (out: the unfolded lanes, statistic q at out + 16 q). The same
 // operations in the same order as the blockwise path below, hence the same bits.
@@ -331,7 +312,7 @@ struct ModelStock {
     for (std::size_t i = 0; i < job_.tensors().size(); ++i) {
       const TensorState& s = state_[i];
       if (s.summary.count == 0) continue;
-      json += (json.back() == '[' ? "{\"name\":" : ",{\"name\":") + json_string(job_.tensors()[i].name);
+      json += (json.back() == '[' ? "{\"name\":" : ",{\"name\":") + sdk::json_quote(job_.tensors()[i].name);
       if (filter_wise_)
         std::snprintf(buf, sizeof buf, ",\"rows\":%llu,\"t_min\":%.17g,\"t_max\":%.17g,\"t_mean\":%.17g}",
                       static_cast<unsigned long long>(s.summary.count), s.summary.lo, s.summary.hi,

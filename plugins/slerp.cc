@@ -107,25 +107,6 @@ CONFLUX_MULTIVERSION void mix(const float* a, const float* b, std::size_t n, dou
     out[k] = static_cast<float>(c0 * static_cast<double>(a[k]) + c1 * static_cast<double>(b[k]));
 }
 
-// `s` as a JSON string literal.
-std::string json_string(const char* s) {
-  std::string out = "\"";
-  for (; *s != '\0'; ++s) {
-    const unsigned char ch = static_cast<unsigned char>(*s);
-    if (ch == '"' || ch == '\\') {
-      out += '\\';
-      out += static_cast<char>(ch);
-    } else if (ch < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", ch);
-      out += buf;
-    } else {
-      out += static_cast<char>(ch);
-    }
-  }
-  return out + "\"";
-}
-
 constexpr double kDotThreshold = 0.9995;  // mergekit's DOT_THRESHOLD
 constexpr double kPi = 3.14159265358979323846;
 
@@ -246,7 +227,7 @@ struct Slerp {
       const TensorState& s = state_[i];
       if (s.kind == Kind::empty) continue;
       static constexpr const char* kMethods[] = {"", "spherical", "linear_near_parallel", "linear_zero_norm"};
-      json += (json.back() == '[' ? "{\"name\":" : ",{\"name\":") + json_string(job_.tensors()[i].name) +
+      json += (json.back() == '[' ? "{\"name\":" : ",{\"name\":") + sdk::json_quote(job_.tensors()[i].name) +
               ",\"method\":\"" + kMethods[static_cast<int>(s.kind)] + "\"";
       if (s.kind != Kind::zero_norm) {
         std::snprintf(buf, sizeof buf, ",\"cos\":%.17g", s.cos);

@@ -379,7 +379,7 @@ class Runner {
         r_.release(item, range.begin() * size, std::min(range.end() * size, t.numel));
     }
     void join(ReduceBody& rhs) {
-      const cfx_tensor* t = k_ == kModelScope ? nullptr : &r_.tensors_[k_];
+      const cfx_tensor* t = &r_.tensors_[k_];
       if (r_.plugin_.passes[pass_].combine(r_.instance_, t, partial_.get(), rhs.partial_.get()) != 0)
         throw r_.plugin_failure("combine", t);
     }
@@ -390,7 +390,6 @@ class Runner {
     std::size_t pass_, k_;
     AlignedPtr<std::byte> partial_;
   };
-  static constexpr std::size_t kModelScope = static_cast<std::size_t>(-1);
 
   std::uint64_t chunk_count(const cfx_tensor& t, const cfx_pass& pass) const {
     const std::uint64_t size = chunk_size(t, pass);

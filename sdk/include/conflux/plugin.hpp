@@ -72,6 +72,27 @@ class Span {
   std::size_t size_ = 0;
 };
 
+// `s` as a JSON string literal (quotes, backslashes and control characters escaped): for the
+// JSON object a strategy reports through Job::report.
+inline std::string json_quote(std::string_view s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    const auto ch = static_cast<unsigned char>(c);
+    if (ch == '"' || ch == '\\') {
+      out += '\\';
+      out += c;
+    } else if (ch < 0x20) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\u00";
+      out += kHex[ch >> 4];
+      out += kHex[ch & 15];
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
 // Thrown by strategy code for a user-facing failure; the message reaches the user as is.
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
