@@ -5,8 +5,9 @@
 //   - the floor: every input byte read once (twice for two-pass strategies) and the output
 //     written once, through the engine's own mapping, chunking, page release and writer;
 //   - each strategy's merge at all threads and at one thread.
-// Prints seconds (best of --repeat), GB/s of bytes read + written, the ratio to the floor of the
-// same thread count, and peak RSS.
+// Measurements are interleaved in rounds (--repeat) so that drift in the machine's state touches
+// floors and merges alike. Prints seconds (best of the rounds), GB/s of bytes read + written, the
+// ratio to the best floor of the same kind and thread count, and peak RSS.
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <sstream>
@@ -25,6 +27,7 @@
 #include <boost/program_options.hpp>
 
 #include "conflux/engine.h"
+#include "conflux/log.h"
 #include "conflux/merge.h"
 #include "conflux/publish.h"
 
@@ -92,6 +95,7 @@ Measurement in_child(F body) {
   if (pid == 0) {
     ::close(fds[0]);
     std::string out;
+    log_configure(LogStyle::plain, LogLevel::warning);  // strategies' reports would drown the table
     try {
       Measurement m = body();
       out = "ok " + std::to_string(m.seconds) + " " + std::to_string(m.bytes_read) + " " +
@@ -125,25 +129,14 @@ Measurement in_child(F body) {
 
 fs::path kOut;  // the output directory of every measurement, removed between runs
 
-Measurement best_of(unsigned repeat, const std::function<Measurement()>& once) {
-  Measurement best;
-  for (unsigned i = 0; i < repeat; ++i) {
-    // The previous run's output (a model's worth of dirty pages) must reach the disk before the
-    // next run starts, or its writeback is measured as part of the next one.
-    ::sync();
-    Measurement m = in_child(once);
-    std::error_code ec;
-    fs::remove_all(kOut, ec);
-    if (!m.ok) return m;
-    if (!best.ok || m.seconds < best.seconds) {
-      const std::uint64_t rss = std::max(best.peak_rss, m.peak_rss);
-      best = m;
-      best.peak_rss = rss;
-    } else {
-      best.peak_rss = std::max(best.peak_rss, m.peak_rss);
-    }
-  }
-  return best;
+Measurement measure(const std::function<Measurement()>& once) {
+  // The previous run's output (a model's worth of dirty pages) must reach the disk before the
+  // next run starts, or its writeback is measured as part of the next one.
+  ::sync();
+  Measurement m = in_child(once);
+  std::error_code ec;
+  fs::remove_all(kOut, ec);
+  return m;
 }
 
 std::string mib(std::uint64_t b) {
@@ -238,9 +231,8 @@ int main(int argc, char** argv) {
       const MergePlan plan = MergePlan::open(data / "base", true, models, DType::BF16);
       PartialDir partial(out);
       CheckpointWriter w(partial.path(), plan.output_tensors(), {5'000'000'000, {}});
-      EngineOptions o;
+      EngineOptions o;  // the default chunking: --chunk-elements tunes merges, not the floor
       o.threads = t;
-      if (chunk) o.chunk_elements = chunk;
       const MergeResult r = run_floor(plan, w, o, reads);
       w.finish();
       partial.publish(true);
@@ -276,36 +268,65 @@ int main(int argc, char** argv) {
   std::printf("\nConflux benchmark: base + %u agents, %s shapes%s, BF16, %.1fM parameters per model\n", agents,
               preset.c_str(), layers ? (" (" + std::to_string(layers) + " layers)").c_str() : "",
               static_cast<double>(base.data_bytes()) / 2e6);
-  std::printf("threads %u, best of %u, each measurement in its own process, output in %s\n\n", threads, repeat,
+  std::printf("threads %u, best of %u interleaved rounds, each measurement in its own process, output in %s\n\n", threads, repeat,
               out.parent_path().c_str());
-  std::printf("%-18s %7s %9s %8s %12s %10s\n", "case", "threads", "seconds", "GB/s", "ratio/floor", "peak RSS");
+  std::printf("%-20s %7s %9s %8s %12s %10s\n", "case", "threads", "seconds", "GB/s", "ratio/floor", "peak RSS");
   auto row = [](const std::string& label, unsigned t, const Measurement& m, double floor_s) {
     if (!m.ok) {
-      std::printf("%-18s %7u  failed: %s\n", label.c_str(), t, m.error.c_str());
+      std::printf("%-20s %7u  failed: %s\n", label.c_str(), t, m.error.c_str());
       return;
     }
     const double gbps = static_cast<double>(m.bytes_read + m.bytes_written) / m.seconds / 1e9;
-    std::printf("%-18s %7u %9.3f %8.2f %12.2f %10s\n", label.c_str(), t, m.seconds, gbps,
+    std::printf("%-20s %7u %9.3f %8.2f %12.2f %10s\n", label.c_str(), t, m.seconds, gbps,
                 floor_s > 0 ? m.seconds / floor_s : 0.0, mib(m.peak_rss).c_str());
     std::fflush(stdout);
   };
-  std::map<std::string, double> floors;  // "<models>x<reads>@<threads>" -> seconds
-  auto floor_for = [&](unsigned n_models, unsigned reads, unsigned t) {
-    const std::string key = std::to_string(n_models) + "x" + std::to_string(reads) + "@" + std::to_string(t);
-    if (!floors.count(key)) {
-      const Measurement f = best_of(repeat, floor_run(n_models, reads, t));
-      row("floor (" + std::to_string(n_models) + "m, " + std::to_string(reads) + " read" + (reads > 1 ? "s" : "") + ")", t, f, f.seconds);
-      floors[key] = f.ok ? f.seconds : 0;
-    }
-    return floors[key];
+
+  // Every measurement (floors and merges) runs once per round, interleaved, so that drift in the
+  // machine's state (page cache, tmpfs, other load) touches floors and merges alike; each keeps
+  // its best run, and ratios use the best floor of the same kind.
+  struct Slot {
+    std::string label;
+    unsigned threads = 0;
+    std::string floor_key;  // the floor a merge is compared with; empty for a floor itself
+    std::function<Measurement()> run;
+    Measurement best;
   };
+  std::vector<Slot> slots;
+  std::map<std::string, std::size_t> floor_slot;  // "<models>x<reads>@<threads>" -> slot
   std::vector<unsigned> thread_counts{threads};
   if (vm.count("single-thread") && threads != 1) thread_counts.push_back(1);
   for (unsigned t : thread_counts)
     for (const Case& c : cases) {
       const unsigned n = c.max_models ? std::min(c.max_models, agents) : agents;
-      const double f = floor_for(n, c.input_reads, t);
-      row(c.label, t, best_of(repeat, merge_run(c, t)), f);
+      const std::string key = std::to_string(n) + "x" + std::to_string(c.input_reads) + "@" + std::to_string(t);
+      if (!floor_slot.count(key)) {
+        floor_slot[key] = slots.size();
+        slots.push_back({"floor (" + std::to_string(n) + "m, " + std::to_string(c.input_reads) + " read" +
+                             (c.input_reads > 1 ? "s" : "") + ")",
+                         t, "", floor_run(n, c.input_reads, t), {}});
+      }
+      slots.push_back({c.label, t, key, merge_run(c, t), {}});
+    }
+  for (unsigned round = 1; round <= repeat; ++round) {
+    std::fprintf(stderr, "round %u/%u ...\n", round, repeat);
+    for (Slot& s : slots) {
+      if (round > 1 && !s.best.ok) continue;  // failed: reported below
+      const Measurement m = measure(s.run);
+      if (!m.ok) {
+        s.best = m;
+        continue;
+      }
+      const std::uint64_t rss = std::max(s.best.peak_rss, m.peak_rss);
+      if (!s.best.ok || m.seconds < s.best.seconds) s.best = m;
+      s.best.peak_rss = rss;
+    }
+  }
+  for (unsigned t : thread_counts)
+    for (const Slot& s : slots) {
+      if (s.threads != t) continue;
+      const Slot& f = s.floor_key.empty() ? s : slots[floor_slot[s.floor_key]];
+      row(s.label, t, s.best, f.best.ok ? f.best.seconds : 0.0);
     }
   fs::remove_all(out);
   return 0;

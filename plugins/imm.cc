@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -20,24 +21,37 @@ namespace sdk = conflux::sdk;
 
 namespace {
 
-// out = base + (u >= p ? scale * d : 0), in double lanes; returns how many entries were kept.
-CONFLUX_MULTIVERSION void dare_block(const float* d, const float* base, const float* u, std::size_t m, double p,
-                                     double scale, float* out) {
+// The kernels compute in T: float32 for a BF16 output (plugin.h, CFX_FLOAT32_OUTPUT_BITS), else
+// double. `p` is the drop threshold in T's lanes: the keep test u >= p gives the same decisions
+// in both (see keep_threshold).
+
+// out = base + (u >= p ? scale * d : 0)
+template <class T>
+CONFLUX_MULTIVERSION void dare_block(const float* d, const float* base, const float* u, std::size_t m, T p, T scale,
+                                     float* out) {
   for (std::size_t k = 0; k < m; ++k) {
-    const double kept = scale * static_cast<double>(d[k]);
-    out[k] = static_cast<float>(base[k] + (static_cast<double>(u[k]) >= p ? kept : 0.0));
+    const T kept = scale * static_cast<T>(d[k]);
+    out[k] = static_cast<float>(static_cast<T>(base[k]) + (static_cast<T>(u[k]) >= p ? kept : T(0)));
   }
 }
 
 // Kept entries of a block (an integer reduction, which vectorizes).
-CONFLUX_MULTIVERSION std::uint32_t count_kept(const float* u, std::size_t m, double p) {
+CONFLUX_MULTIVERSION std::uint32_t count_kept(const float* u, std::size_t m, float p) {
   std::uint32_t kept = 0;
-  for (std::size_t k = 0; k < m; ++k) kept += static_cast<double>(u[k]) >= p ? 1u : 0u;
+  for (std::size_t k = 0; k < m; ++k) kept += u[k] >= p ? 1u : 0u;
   return kept;
 }
 
-CONFLUX_MULTIVERSION void weighted_add(const float* d, const float* base, std::size_t m, double w, float* out) {
-  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(base[k] + w * static_cast<double>(d[k]));
+template <class T>
+CONFLUX_MULTIVERSION void weighted_add(const float* d, const float* base, std::size_t m, T w, float* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<T>(base[k]) + w * static_cast<T>(d[k]));
+}
+
+// The smallest float >= p: for a float u, u >= p exactly when u >= keep_threshold(p).
+float keep_threshold(double p) {
+  float f = static_cast<float>(p);
+  if (static_cast<double>(f) < p) f = std::nextafter(f, 2.0f);
+  return f;
 }
 
 }  // namespace
@@ -57,13 +71,22 @@ struct Imm {
       : job_(job),
         weight_(job.number("weight")),
         p_(job.number("drop_rate")),
-        scale_(job.number("weight") * (job.flag("rescale") ? 1.0 / (1.0 - job.number("drop_rate")) : 1.0)) {}
+        scale_(job.number("weight") * (job.flag("rescale") ? 1.0 / (1.0 - job.number("drop_rate")) : 1.0)),
+        p_f_(keep_threshold(p_)) {}
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
+    if (c.float32_suffices())
+      run<float>(c, static_cast<float>(weight_), p_f_, static_cast<float>(scale_), out);
+    else
+      run<double>(c, weight_, p_, scale_, out);
+  }
+
+  template <class T>
+  void run(const sdk::Chunk& c, T weight, T p, T scale, sdk::Span<float> out) {
     const float* d = c.models()[0];
     const float* base = c.base().data();
     if (p_ == 0) {
-      weighted_add(d, base, out.size(), weight_, out.data());
+      weighted_add<T>(d, base, out.size(), weight, out.data());
       kept_ += out.size();
       total_ += out.size();
       return;
@@ -75,8 +98,8 @@ struct Imm {
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       job_.host()->random_uniform(key, c.begin() + k0, m, u);
-      dare_block(d + k0, base + k0, u, m, p_, scale_, out.data() + k0);
-      kept += count_kept(u, m, p_);
+      dare_block<T>(d + k0, base + k0, u, m, p, scale, out.data() + k0);
+      kept += count_kept(u, m, p_f_);
     }
     kept_ += kept;
     total_ += out.size();
@@ -98,6 +121,7 @@ struct Imm {
 
   const sdk::Job& job_;
   double weight_, p_, scale_;
+  float p_f_;  // keep_threshold(p_)
   std::atomic<std::uint64_t> kept_{0}, total_{0};
 };
 

@@ -536,6 +536,45 @@ TEST(ConvertKernels, TailsAndMisalignment) {
   });
 }
 
+// to_f32_minus is to_f32 followed by a float32 subtraction, bit for bit: every bf16 pattern
+// against random bases (NaN, Inf and subnormal inputs included), every dtype, tails and odd
+// source addresses, on every target.
+TEST(ConvertKernels, ToF32MinusIsConvertThenSubtract) {
+  const auto all = AllU16();
+  const auto bases = RandomFloats(all.size(), 11);
+  const auto f32s = RandomFloats(4099, 12);
+  std::vector<double> f64s(f32s.begin(), f32s.end());
+  ForEachTarget([&] {
+    std::vector<float> got(all.size());
+    to_f32_minus(DType::BF16, all.data(), bases.data(), got.data(), all.size());
+    std::vector<float> want(all.size());
+    for (std::size_t i = 0; i < all.size(); ++i) want[i] = bf16_bits_to_f32(all[i]) - bases[i];
+    ExpectBitsEqual(got, want, "bf16 minus base");
+    for (const std::size_t n : {0, 1, 7, 15, 16, 17, 33, 1000, 4099}) {
+      for (const std::size_t off : {0, 1}) {
+        struct Source {
+          DType dtype;
+          const void* bytes;
+          std::size_t size;
+        };
+        for (const Source src : {Source{DType::BF16, all.data(), 2}, Source{DType::F16, all.data(), 2},
+                                 Source{DType::F32, f32s.data(), 4}, Source{DType::F64, f64s.data(), 8}}) {
+          std::vector<unsigned char> in(off + n * src.size);
+          if (n) std::memcpy(in.data() + off, src.bytes, n * src.size);
+          std::vector<float> out(n + 1, 123.0f), ref(n);
+          to_f32(src.dtype, in.data() + off, ref.data(), n);
+          for (std::size_t i = 0; i < n; ++i) ref[i] -= bases[i];
+          to_f32_minus(src.dtype, in.data() + off, bases.data(), out.data(), n);
+          ASSERT_EQ(out[n], 123.0f) << dtype_name(src.dtype) << " wrote past n=" << n;
+          out.resize(n);
+          const std::string what = std::string(dtype_name(src.dtype)) + " minus base, n=" + std::to_string(n);
+          ExpectBitsEqual(out, ref, what.c_str());
+        }
+      }
+    }
+  });
+}
+
 #if CONFLUX_TEST_X86
 // Kernels must not depend on the floating-point environment: flush-to-zero and
 // denormals-are-zero (as set by -ffast-math startup code) change nothing.

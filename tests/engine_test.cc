@@ -131,6 +131,63 @@ TEST_F(EngineTest, TaskArithmeticMatchesFloat64Reference) {
   }
 }
 
+// The host tells the strategy the output's precision (ABI 1.1): task_arithmetic computes a BF16
+// output in float32 and wider ones in double. Each output equals its arithmetic's result
+// exactly, which tells the two apart (the weights are not representable in float32).
+TEST_F(EngineTest, ArithmeticFollowsTheOutputPrecision) {
+  make_inputs(DType::BF16);
+  const double w[] = {0.3, 0.7, -0.1};
+  for (DType out : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(std::string(dtype_name(out)));
+    JobConfig j = job("task_arithmetic", 3, {list("weights", {w[0], w[1], w[2]})}, std::string("ta_") + std::string(dtype_name(out)));
+    j.out_dtype = out;
+    run(j);
+    std::size_t differ = 0;  // elements where the float32 and double results round apart
+    const double e = max_ulps(j.output, [&](double b, const std::vector<double>& x) {
+      float acc_f = 0;
+      double acc_d = 0;
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        acc_f += static_cast<float>(w[i]) * (static_cast<float>(x[i]) - static_cast<float>(b));
+        acc_d += w[i] * (x[i] - b);
+      }
+      const float as_float = static_cast<float>(b) + acc_f, as_double = static_cast<float>(b + acc_d);
+      if (out == DType::BF16) {
+        const double r = bf16_bits_to_f32(f32_to_bf16_bits(as_float));
+        differ += r != bf16_bits_to_f32(f32_to_bf16_bits(as_double));
+        return r;
+      }
+      differ += as_float != as_double;
+      return static_cast<double>(as_double);
+    });
+    EXPECT_EQ(e, 0.0);
+    if (out == DType::F32) {
+      EXPECT_GT(differ, 0u) << "the inputs cannot tell the two arithmetics apart";
+    }
+  }
+}
+
+// More models than task_arithmetic folds in one sweep (4): the groups chain through the
+// accumulator, in both arithmetics.
+TEST_F(EngineTest, TaskArithmeticWithManyModels) {
+  make_inputs(DType::BF16, 6);
+  const std::vector<double> w = {1.0, 0.5, -0.25, 0.75, 0.3, -0.6};
+  for (DType out : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(std::string(dtype_name(out)));
+    for (int n : {5, 6}) {
+      JobConfig j = job("task_arithmetic", n, {list("weights", std::vector<double>(w.begin(), w.begin() + n))},
+                        "ta" + std::to_string(n) + std::string(dtype_name(out)));
+      j.out_dtype = out;
+      run(j);
+      const double e = max_ulps(j.output, [&](double b, const std::vector<double>& x) {
+        double acc = 0;
+        for (int i = 0; i < n; ++i) acc += w[static_cast<std::size_t>(i)] * (x[static_cast<std::size_t>(i)] - b);
+        return b + acc;
+      });
+      EXPECT_LE(e, 1.0) << n << " models";
+    }
+  }
+}
+
 TEST_F(EngineTest, TaskArithmeticNormalizeDividesBySumOfWeights) {
   make_inputs(DType::F16);
   JobConfig j = job("task_arithmetic", 3, {list("weights", {2.0, 1.0, 1.0}), flag("normalize", true)}, "ta");

@@ -665,6 +665,10 @@ TEST(DTypes, NamesBitsAndMergeability) {
     EXPECT_EQ(conflux::dtype_from_name(c.name), std::optional<DType>(c.type));
     EXPECT_EQ(conflux::dtype_bits(c.type), c.bits);
     EXPECT_EQ(conflux::dtype_is_mergeable(c.type), c.mergeable);
+    // Significand bits (the implicit bit included) of the mergeable dtypes; 0 for the rest.
+    const int significand = c.type == DType::BF16 ? 8 : c.type == DType::F16 ? 11 : c.type == DType::F32 ? 24
+                            : c.type == DType::F64 ? 53 : 0;
+    EXPECT_EQ(conflux::dtype_significand_bits(c.type), significand);
   }
   EXPECT_FALSE(conflux::dtype_from_name("f32").has_value());
   EXPECT_FALSE(conflux::dtype_from_name("F17").has_value());

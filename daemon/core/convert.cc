@@ -2,6 +2,8 @@
 // conflux/detail/convert-inl.h (compiled once per target by foreach_target.h).
 #include "conflux/convert.h"
 
+#include "conflux/kernels.h"
+
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -19,6 +21,7 @@
 namespace conflux {
 
 HWY_EXPORT(BF16ToF32);
+HWY_EXPORT(BF16ToF32Minus);
 HWY_EXPORT(F16ToF32);
 HWY_EXPORT(F64ToF32);
 HWY_EXPORT(F32ToBF16);
@@ -50,6 +53,12 @@ void f32_to_f64(const float* src, void* dst, std::size_t n) {
 }
 void f32_to_f32_out(const float* src, void* dst, std::size_t n) {
   if (n != 0) std::memcpy(dst, src, n * sizeof(float));
+}
+
+void to_f32_minus(DType from, const void* src, const float* base, float* dst, std::size_t n) {
+  if (from == DType::BF16) return HWY_DYNAMIC_DISPATCH(BF16ToF32Minus)(src, base, dst, n);
+  to_f32(from, src, dst, n);
+  sub_f32(dst, base, n);
 }
 
 void to_f32(DType from, const void* src, float* dst, std::size_t n) {

@@ -48,4 +48,14 @@ bool dtype_is_mergeable(DType t) {
   return t == DType::F16 || t == DType::BF16 || t == DType::F32 || t == DType::F64;
 }
 
+int dtype_significand_bits(DType t) {
+  switch (t) {
+    case DType::BF16: return 8;
+    case DType::F16: return 11;
+    case DType::F32: return 24;
+    case DType::F64: return 53;
+    default: return 0;
+  }
+}
+
 }  // namespace conflux

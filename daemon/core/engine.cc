@@ -176,6 +176,8 @@ class Runner {
       t.shape = item.shape.data();
       t.numel = item.numel;
       t.row_length = item.shape.empty() ? item.numel : item.shape.back();
+      t.in_precision = static_cast<std::uint32_t>(dtype_significand_bits(item.in_dtype));
+      t.out_precision = static_cast<std::uint32_t>(dtype_significand_bits(item.out_dtype));
     }
     names_ = opt_.model_names;
     for (std::size_t i = names_.size(); i < plan.models().size(); ++i) names_.push_back(plan.models()[i].path().string());
@@ -341,8 +343,12 @@ class Runner {
       base = s.base.get();
     }
     for (std::size_t i = 0; i < n_models; ++i) {
-      read(plan_.models()[i], *item.models[i], s.models[i].get());
-      if (pass.flags & CFX_PASS_TASK_VECTORS) sub_f32(s.models[i].get(), base, static_cast<std::size_t>(count));
+      if (pass.flags & CFX_PASS_TASK_VECTORS) {
+        const TensorView v = plan_.models()[i].view(*item.models[i]);
+        to_f32_minus(item.in_dtype, v.bytes.data() + b0, base, s.models[i].get(), static_cast<std::size_t>(count));
+      } else {
+        read(plan_.models()[i], *item.models[i], s.models[i].get());
+      }
     }
     bytes_read_ += (n_models + (base ? 1 : 0)) * (b1 - b0);
     if (opt_.progress) opt_.progress->bytes_done += (n_models + (base ? 1 : 0)) * (b1 - b0);

@@ -30,6 +30,9 @@ void f32_to_f32_out(const float* src, void* dst, std::size_t n);
 // Dispatch on a mergeable dtype (F16, BF16, F32, F64); throws std::invalid_argument otherwise.
 void to_f32(DType from, const void* src, float* dst, std::size_t n);
 void from_f32(DType to, const float* src, void* dst, std::size_t n);
+// dst[k] = to_f32(src)[k] - base[k] (a float32 subtraction): a task vector, converted and formed
+// in one sweep. `base` must not overlap `dst`.
+void to_f32_minus(DType from, const void* src, const float* base, float* dst, std::size_t n);
 
 // Scalar reference conversions (bit patterns in, bit patterns out). They define the rounding
 // the vector kernels must reproduce and serve as the tests' oracle.

@@ -49,4 +49,8 @@ int dtype_bits(DType t);
 // True for the dtypes a merge reads and writes: F16, BF16, F32, F64.
 bool dtype_is_mergeable(DType t);
 
+// Significand bits, the implicit bit included, of a mergeable dtype (BF16 8, F16 11, F32 24,
+// F64 53); 0 for any other dtype.
+int dtype_significand_bits(DType t);
+
 }  // namespace conflux

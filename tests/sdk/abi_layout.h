@@ -1,4 +1,4 @@
-/* The ABI 1.0 layout of conflux/plugin.h, pinned: included by abi_c11.c (C11) and abi_cxx.cc
+/* The ABI 1.x layout of conflux/plugin.h, pinned: included by abi_c11.c (C11) and abi_cxx.cc
    (C++17 and C++20) so that a field moved, retyped or inserted anywhere but at the end of a struct
    fails the build, and C and C++ are proved to agree. Appending a field at the end (a minor ABI
    bump) only changes the sizeof lines: update them with the new CFX_ABI_MINOR. */
@@ -26,7 +26,7 @@ CFX_TEST_ASSERT(offsetof(cfx_plugin, abi_major) == 4 && offsetof(cfx_plugin, abi
 CFX_TEST_ASSERT(offsetof(cfx_host, abi_major) == 4 && offsetof(cfx_host, abi_minor) == 6);
 CFX_TEST_ASSERT(CFX_ABI_MAJOR == 1);
 
-/* LP64 (x86-64 and AArch64 Linux): the whole ABI 1.0 layout. */
+/* LP64 (x86-64 and AArch64 Linux): the whole ABI 1.1 layout. */
 #if defined(__LP64__)
 CFX_TEST_ASSERT(sizeof(cfx_param_spec) == 72);
 CFX_TEST_ASSERT(offsetof(cfx_param_spec, name) == 16);
@@ -37,7 +37,8 @@ CFX_TEST_ASSERT(offsetof(cfx_param_spec, choices) == 64);
 CFX_TEST_ASSERT(sizeof(cfx_param_value) == 40);
 CFX_TEST_ASSERT(offsetof(cfx_param_value, number) == 8);
 CFX_TEST_ASSERT(offsetof(cfx_param_value, list_length) == 32);
-CFX_TEST_ASSERT(sizeof(cfx_tensor) == 48);
+CFX_TEST_ASSERT(sizeof(cfx_tensor) == 56); /* 48 in ABI 1.0 */
+CFX_TEST_ASSERT(offsetof(cfx_tensor, in_precision) == 48 && offsetof(cfx_tensor, out_precision) == 52);
 CFX_TEST_ASSERT(offsetof(cfx_tensor, index) == 8);
 CFX_TEST_ASSERT(offsetof(cfx_tensor, shape) == 24);
 CFX_TEST_ASSERT(offsetof(cfx_tensor, row_length) == 40);

@@ -1,7 +1,7 @@
 // Runs what abi_c11.c and abi_cxx.cc (as C++17 and C++20) built: the C descriptor, and the C++
 // wrapper's descriptor, create/reduce/combine/reduce_done/map/finish/destroy and exception
 // mapping, through the C ABI with a minimal host table. Exit 0 when everything holds.
-#include <conflux/plugin.h>
+#include <conflux/plugin.hpp>
 
 #include <cstdio>
 #include <cstring>
@@ -127,7 +127,21 @@ void run(cfx_plugin_entry_fn entry, const char* where) {
 
 }  // namespace
 
+// sdk::float32_suffices: only a BF16 output, and only when the host (ABI >= 1.1) says so.
+void check_precision_query() {
+  cfx_tensor t{};
+  t.struct_size = sizeof t;
+  for (const std::uint32_t bits : {8u, 11u, 24u, 53u, 0u}) {
+    t.out_precision = bits;
+    check(conflux::sdk::float32_suffices(t) == (bits == 8), "float32_suffices by output precision", "C++");
+  }
+  t.out_precision = 8;
+  t.struct_size = offsetof(cfx_tensor, in_precision);  // a 1.0 host's tensor ends before the fields
+  check(!conflux::sdk::float32_suffices(t), "float32_suffices on an ABI 1.0 tensor", "C++");
+}
+
 int main() {
+  check_precision_query();
   const int c = sdk_abi_c11_check();
   if (c != 0) {
     std::fprintf(stderr, "sdk_headers_test: C11 check failed at step %d\n", c);

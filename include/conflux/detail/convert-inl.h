@@ -73,6 +73,21 @@ inline void BF16ToF32(const void* src, float* HWY_RESTRICT dst, std::size_t n) {
   for (; i < n; ++i) StoreAt(bf16_bits_to_f32(LoadAt<std::uint16_t>(src, i)), dst, i);
 }
 
+// dst = bf16(src) - base: a task vector formed in the same sweep as the conversion.
+inline void BF16ToF32Minus(const void* src, const float* HWY_RESTRICT base, float* HWY_RESTRICT dst, std::size_t n) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToUnsigned<decltype(df)> du;
+  const hn::Rebind<std::uint16_t, decltype(df)> d16;
+  const std::size_t lanes = hn::Lanes(df);
+  const auto* in = static_cast<const std::uint16_t*>(src);
+  std::size_t i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    const auto x = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(d16, in + i))));
+    hn::StoreU(hn::Sub(x, hn::LoadU(df, base + i)), df, dst + i);
+  }
+  for (; i < n; ++i) StoreAt(bf16_bits_to_f32(LoadAt<std::uint16_t>(src, i)) - base[i], dst, i);
+}
+
 inline void F16ToF32(const void* src, float* HWY_RESTRICT dst, std::size_t n) {
   const hn::ScalableTag<float> df;
   const hn::Rebind<std::uint16_t, decltype(df)> d16;

@@ -75,7 +75,7 @@ extern "C" {
 #endif
 
 #define CFX_ABI_MAJOR 1
-#define CFX_ABI_MINOR 0
+#define CFX_ABI_MINOR 1
 
 /* The one symbol a plugin exports. */
 #define CFX_PLUGIN_ENTRY_SYMBOL "conflux_plugin_entry"
@@ -148,7 +148,19 @@ typedef struct cfx_tensor {
   const uint64_t* shape;   /* rank entries */
   uint64_t numel;          /* product of shape; 1 for a scalar */
   uint64_t row_length;     /* shape[rank-1] (numel for rank 0) */
+  /* ABI 1.1 (0 from a 1.0 host): significand bits, the implicit bit included, of the dtype the
+     tensor is stored in (in_precision) and of the dtype its output is rounded to
+     (out_precision): 8 for BF16, 11 for F16, 24 for F32, 53 for F64. They let a strategy choose
+     its arithmetic: float32 carries at least 16 bits beyond a BF16 output, so a result computed
+     in float32 rounds to the same BF16 value as an exact one except where it lies more than
+     2^14 times below the magnitudes combined into it (cancellation); see CFX_FLOAT32_OUTPUT_BITS. */
+  uint32_t in_precision;
+  uint32_t out_precision;
 } cfx_tensor;
+
+/* Outputs of at most this many significand bits (BF16) are computed in float32 by Conflux's
+   strategies; wider ones (F16, F32, F64) in double. */
+#define CFX_FLOAT32_OUTPUT_BITS 8
 
 typedef struct cfx_chunk {
   uint32_t struct_size;

@@ -204,6 +204,13 @@ class Job {
 };
 
 // A chunk of one tensor: `count()` consecutive elements starting at flat index `begin()`.
+// True when float32 arithmetic is precise enough for tensor t's output (plugin.h,
+// CFX_FLOAT32_OUTPUT_BITS: a BF16 output). False on a 1.0 host, which does not say.
+inline bool float32_suffices(const cfx_tensor& t) {
+  return t.struct_size >= offsetof(cfx_tensor, out_precision) + sizeof t.out_precision && t.out_precision != 0 &&
+         t.out_precision <= CFX_FLOAT32_OUTPUT_BITS;
+}
+
 class Chunk {
  public:
   explicit Chunk(const cfx_chunk* c) : c_(c) {}
@@ -216,6 +223,8 @@ class Chunk {
   bool has_base() const { return c_->base != nullptr; }
   Span<const float> base() const { return {c_->base, c_->base ? count() : 0}; }
   const cfx_chunk* raw() const { return c_; }
+  // See sdk::float32_suffices.
+  bool float32_suffices() const { return sdk::float32_suffices(*c_->tensor); }
 
  private:
   const cfx_chunk* c_;
