@@ -15,7 +15,8 @@
 // are then gathered during it, for the report.
 // Guard: an agent with no unique entry has rho_i = alpha when it has shared entries (it is
 // saturated: all of its update is shared), else 0 (it changed nothing).
-// Task vectors are float32 (the host's), the arithmetic per entry is double, rounded once.
+// Task vectors are float32 (the host's); the arithmetic per entry is float32 for a BF16 output and
+// double otherwise, rounded once.
 #include <conflux/plugin.hpp>
 
 #include <algorithm>
@@ -35,14 +36,15 @@ namespace {
 constexpr const char* kScopes[] = {"model", "tensor"};
 constexpr const char* kForms[] = {"clip", "soft"};
 
-// The kernels work on blocks of entries, agent by agent: loops over one array at a time, each in
-// a single lane width (mixing float and double lanes defeats the vectorizer), which with
-// CONFLUX_MULTIVERSION become AVX-512, AVX2 or SSE2 code. Element-wise IEEE arithmetic in a
-// fixed agent order: the same bits as the scalar definition, on every CPU.
+// Arithmetic: T = float32 for a BF16 output (plugin.h, CFX_FLOAT32_OUTPUT_BITS), else double;
+// per entry in agent order, rounded once to float32. Activity is tested on the float32 task
+// vector against float_threshold(epsilon), which is |d| > epsilon exactly, in both.
+//
+// Up to kFused agents, one sweep per block takes every agent's entry at once (operands in
+// registers); more agents go blockwise, one loop per agent over the block. Both add the same
+// terms in the same order: the same bits.
+constexpr std::uint32_t kFused = 4;
 constexpr std::size_t kBlock = 256;
-struct Block {
-  double active[kBlock], sum[kBlock], unique[kBlock];
-};
 
 // The smallest float above eps: for a float d, |d| > eps exactly when |d| >= float_threshold(eps),
 // so activity can be tested on float lanes and still match the definition in double.
@@ -52,47 +54,128 @@ float float_threshold(double eps) {
   return f;
 }
 
-// Adds agent i's entries: active count, sum of active values, lambda_i * active values.
-CONFLUX_MULTIVERSION void accumulate(const float* d, std::size_t m, double eps, double lambda, Block& b) {
+// Per-agent tallies of a sweep: one integer sum per agent, unique entries (c == 1) in the low 16
+// bits and shared ones (c >= 2) in the high 16 (a single integer reduction vectorizes where two
+// counters would not), so a sweep covers fewer than 2^16 entries.
+constexpr std::size_t kTallySpan = 1u << 15;
+inline std::uint32_t tally_tag(std::uint32_t count) { return count == 1 ? 1u : 0x10000u; }
+inline void add_tally(std::uint32_t tally, std::uint64_t& unique, std::uint64_t& shared) {
+  unique += tally & 0xFFFFu;
+  shared += tally >> 16;
+}
+
+// One sweep over m <= kTallySpan entries of N agents:
+//   out = base + (c == 1 ? unique-scaled value : c >= 2 ? mean of active values : 0)
+// Lambda: unique entries scaled by lambda_i (else lambda_i = 1: the sum is the value). Count:
+// also tally each agent's unique and shared entries. `out` may be null (counting only).
+template <class T, std::uint32_t N, bool Lambda, bool Count>
+CONFLUX_MULTIVERSION void fused_sweep(const float* const* d, const float* base, std::size_t m, float eps,
+                                      const T* lambda, float* out, std::uint64_t* unique, std::uint64_t* shared) {
+  static_assert(N >= 1 && N <= kFused);
+  const float *d0 = d[0], *d1 = d[N > 1 ? 1 : 0], *d2 = d[N > 2 ? 2 : 0], *d3 = d[N > 3 ? 3 : 0];
+  const T l0 = lambda[0], l1 = lambda[N > 1 ? 1 : 0], l2 = lambda[N > 2 ? 2 : 0], l3 = lambda[N > 3 ? 3 : 0];
+  std::uint32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const double v = d[k];
-    const bool on = std::fabs(v) >= eps;
-    b.active[k] += on ? 1.0 : 0.0;
-    b.sum[k] += on ? v : 0.0;
-    b.unique[k] += on ? lambda * v : 0.0;
+    const float v0 = d0[k], v1 = N > 1 ? d1[k] : 0.0f, v2 = N > 2 ? d2[k] : 0.0f, v3 = N > 3 ? d3[k] : 0.0f;
+    const bool a0 = std::fabs(v0) >= eps, a1 = N > 1 && std::fabs(v1) >= eps, a2 = N > 2 && std::fabs(v2) >= eps,
+               a3 = N > 3 && std::fabs(v3) >= eps;
+    const std::uint32_t c = static_cast<std::uint32_t>(a0) + a1 + a2 + a3;
+    if (out) {
+      T sum = 0, uniq = 0;
+      sum += a0 ? static_cast<T>(v0) : T(0);
+      if constexpr (N > 1) sum += a1 ? static_cast<T>(v1) : T(0);
+      if constexpr (N > 2) sum += a2 ? static_cast<T>(v2) : T(0);
+      if constexpr (N > 3) sum += a3 ? static_cast<T>(v3) : T(0);
+      if constexpr (Lambda) {
+        uniq += a0 ? l0 * static_cast<T>(v0) : T(0);
+        if constexpr (N > 1) uniq += a1 ? l1 * static_cast<T>(v1) : T(0);
+        if constexpr (N > 2) uniq += a2 ? l2 * static_cast<T>(v2) : T(0);
+        if constexpr (N > 3) uniq += a3 ? l3 * static_cast<T>(v3) : T(0);
+      } else {
+        uniq = sum;
+      }
+      // c == 0: the sum is +0, and +0 / 1 the 0 of the definition; c == 1: the value / 1. One
+      // division for every entry keeps the loop free of branches.
+      const T merged = (c == 1 ? uniq : sum) / static_cast<T>(c > 1 ? c : 1u);
+      out[k] = static_cast<float>(static_cast<T>(base[k]) + merged);
+    }
+    if constexpr (Count) {
+      const std::uint32_t tag = tally_tag(c);
+      t0 += a0 ? tag : 0u;
+      if constexpr (N > 1) t1 += a1 ? tag : 0u;
+      if constexpr (N > 2) t2 += a2 ? tag : 0u;
+      if constexpr (N > 3) t3 += a3 ? tag : 0u;
+    }
+  }
+  if constexpr (Count) {
+    const std::uint32_t t[] = {t0, t1, t2, t3};
+    for (std::uint32_t i = 0; i < N; ++i) add_tally(t[i], unique[i], shared[i]);
   }
 }
 
-// Only the active counts (the statistics pass needs no values).
-CONFLUX_MULTIVERSION void count_active(const float* d, std::size_t m, float eps, float* active) {
-  for (std::size_t k = 0; k < m; ++k) active[k] += std::fabs(d[k]) >= eps ? 1.0f : 0.0f;
+template <class T, bool Lambda, bool Count>
+void fused(std::uint32_t n, const float* const* d, const float* base, std::size_t m, float eps, const T* lambda,
+           float* out, std::uint64_t* unique, std::uint64_t* shared) {
+  switch (n) {
+    case 1: return fused_sweep<T, 1, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
+    case 2: return fused_sweep<T, 2, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
+    case 3: return fused_sweep<T, 3, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
+    default: return fused_sweep<T, 4, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
+  }
+}
+
+// The blockwise path (more than kFused agents), agent by agent over a block.
+template <class T>
+struct Block {
+  T sum[kBlock], unique[kBlock];
+  std::uint32_t active[kBlock];
+};
+
+// Adds agent i's entries: active count, sum of active values, lambda_i * active values.
+template <class T>
+CONFLUX_MULTIVERSION void accumulate(const float* d, std::size_t m, float eps, T lambda, Block<T>& b) {
+  for (std::size_t k = 0; k < m; ++k) {
+    const bool on = std::fabs(d[k]) >= eps;
+    b.active[k] += on ? 1u : 0u;
+    b.sum[k] += on ? static_cast<T>(d[k]) : T(0);
+    b.unique[k] += on ? lambda * static_cast<T>(d[k]) : T(0);
+  }
 }
 
 // out = base + (one active: its lambda-scaled value; several: their mean; none: 0).
-CONFLUX_MULTIVERSION void combine_block(const float* base, std::size_t m, const Block& b, float* out) {
+template <class T>
+CONFLUX_MULTIVERSION void combine_block(const float* base, std::size_t m, const Block<T>& b, float* out) {
   for (std::size_t k = 0; k < m; ++k) {
-    const double n = b.active[k];  // exact small integers
-    const double merged = n == 1.0 ? b.unique[k] : n >= 2.0 ? b.sum[k] / n : 0.0;
-    out[k] = static_cast<float>(base[k] + merged);
+    const std::uint32_t n = b.active[k];
+    const T merged = (n == 1 ? b.unique[k] : b.sum[k]) / static_cast<T>(n > 1 ? n : 1u);  // as fused_sweep
+    out[k] = static_cast<float>(static_cast<T>(base[k]) + merged);
   }
 }
 
-// Agent i's unique and shared active entries in a block, with T the lane type (float in the
-// statistics pass, double beside the map's sums). One integer sum (unique entries in the low 16
-// bits, shared ones in the high 16; a block has fewer than 2^16 entries) vectorizes, where a
-// floating-point or two-counter reduction would not.
-static_assert(kBlock < (1u << 16));
-template <class T>
-CONFLUX_MULTIVERSION void count_block(const float* d, std::size_t m, T eps, const T* active, std::uint64_t& unique,
-                                      std::uint64_t& shared) {
+// Agent i's unique and shared active entries in a block.
+static_assert(kBlock < kTallySpan);
+CONFLUX_MULTIVERSION void count_block(const float* d, std::size_t m, float eps, const std::uint32_t* active,
+                                      std::uint64_t& unique, std::uint64_t& shared) {
   std::uint32_t tally = 0;
-  for (std::size_t k = 0; k < m; ++k) {
-    const bool on = std::fabs(static_cast<T>(d[k])) >= eps;
-    const std::uint32_t tag = active[k] == T(1) ? 1u : 0x10000u;
-    tally += on ? tag : 0u;
+  for (std::size_t k = 0; k < m; ++k) tally += std::fabs(d[k]) >= eps ? tally_tag(active[k]) : 0u;
+  add_tally(tally, unique, shared);
+}
+
+// Blockwise over a span of n > kFused agents: output (unless null) and/or tallies.
+template <class T>
+void blockwise(std::uint32_t n, const float* const* d, const float* base, std::size_t count, float eps,
+               const T* lambda, float* out, std::uint64_t* unique, std::uint64_t* shared) {
+  Block<T> b;
+  for (std::size_t k0 = 0; k0 < count; k0 += kBlock) {
+    const std::size_t m = std::min(kBlock, count - k0);
+    std::fill_n(b.active, m, 0u);
+    std::fill_n(b.sum, m, T(0));
+    std::fill_n(b.unique, m, T(0));
+    for (std::uint32_t i = 0; i < n; ++i) accumulate<T>(d[i] + k0, m, eps, lambda[i], b);
+    if (out) combine_block<T>(base + k0, m, b, out + k0);
+    if (unique)
+      for (std::uint32_t i = 0; i < n; ++i) count_block(d[i] + k0, m, eps, b.active, unique[i], shared[i]);
   }
-  unique += tally & 0xFFFFu;
-  shared += tally >> 16;
 }
 
 }  // namespace
@@ -153,22 +236,15 @@ struct Ram {
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
     const double* lambda = tensor_lambdas_.empty() ? lambdas_.data() : tensor_lambdas_.data() + c.tensor().index * n_;
-    // Plain RAM has no statistics pass: count here, for the report.
-    const bool counting = r_ == 0;
-    std::vector<std::uint64_t> st(counting ? 2 * n_ : 0, 0);
-    const double eps = eps_f_;
-    Block b;
-    for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
-      const std::size_t m = std::min(kBlock, out.size() - k0);
-      std::fill_n(b.active, m, 0.0);
-      std::fill_n(b.sum, m, 0.0);
-      std::fill_n(b.unique, m, 0.0);
-      for (std::uint32_t i = 0; i < n_; ++i) accumulate(c.models()[i] + k0, m, eps, lambda[i], b);
-      combine_block(c.base().data() + k0, m, b, out.data() + k0);
-      if (counting)
-        for (std::uint32_t i = 0; i < n_; ++i) count_block<double>(c.models()[i] + k0, m, eps, b.active, st[i], st[n_ + i]);
+    if (c.float32_suffices()) {
+      float lf[kMaxAgentsOnStack];
+      std::vector<float> heap;
+      float* l = n_ <= kMaxAgentsOnStack ? lf : (heap.resize(n_), heap.data());
+      for (std::uint32_t i = 0; i < n_; ++i) l[i] = static_cast<float>(lambda[i]);
+      merge<float>(c, l, out.data());
+    } else {
+      merge<double>(c, lambda, out.data());
     }
-    if (counting) add_totals(st.data());
   }
 
   void finish() {
@@ -222,13 +298,46 @@ struct Ram {
   }
 
  private:
+  static constexpr std::uint32_t kMaxAgentsOnStack = 64;
+
+  // The map: merged values and, for plain RAM (no statistics pass), the counts for the report.
+  template <class T>
+  void merge(const sdk::Chunk& c, const T* lambda, float* out) {
+    const bool counting = r_ == 0;
+    std::vector<std::uint64_t> st(counting ? 2 * n_ : 0, 0);
+    std::uint64_t* unique = counting ? st.data() : nullptr;
+    std::uint64_t* shared = counting ? st.data() + n_ : nullptr;
+    if (n_ > kFused) {
+      blockwise<T>(n_, c.models(), c.base().data(), c.count(), eps_f_, lambda, out, unique, shared);
+    } else {
+      for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
+        const std::size_t m = std::min(kTallySpan, c.count() - k0);
+        const float* d[kFused];
+        for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0;
+        const float* base = c.base().data() + k0;
+        // r = 0 makes every lambda 1: the unique value is the sum, no products needed.
+        if (counting)
+          fused<T, false, true>(n_, d, base, m, eps_f_, lambda, out + k0, unique, shared);
+        else
+          fused<T, true, false>(n_, d, base, m, eps_f_, lambda, out + k0, nullptr, nullptr);
+      }
+    }
+    if (counting) add_totals(st.data());
+  }
+
+  // The statistics pass: each agent's unique and shared entries.
   void count_chunk(const sdk::Chunk& c, std::uint64_t* st) const {
-    float active[kBlock];
-    for (std::size_t k0 = 0; k0 < c.count(); k0 += kBlock) {
-      const std::size_t m = std::min(kBlock, c.count() - k0);
-      std::fill_n(active, m, 0.0f);
-      for (std::uint32_t i = 0; i < n_; ++i) count_active(c.models()[i] + k0, m, eps_f_, active);
-      for (std::uint32_t i = 0; i < n_; ++i) count_block<float>(c.models()[i] + k0, m, eps_f_, active, st[i], st[n_ + i]);
+    const float one[kFused] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (n_ > kFused) {
+      std::vector<float> ones(n_, 1.0f);
+      blockwise<float>(n_, c.models(), nullptr, c.count(), eps_f_, ones.data(), nullptr, st, st + n_);
+      return;
+    }
+    for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
+      const std::size_t m = std::min(kTallySpan, c.count() - k0);
+      const float* d[kFused];
+      for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0;
+      fused<float, false, true>(n_, d, nullptr, m, eps_f_, one, nullptr, st, st + n_);
     }
   }
 

@@ -406,6 +406,29 @@ TEST_F(StrategiesTest, RamFloat32OutputMatchesFloat64Reference) {
   check_ram(plus, "ramplus32", DType::F32);
 }
 
+// ram sweeps up to four agents at once and goes agent by agent beyond: both paths, in both
+// arithmetics (float32 for BF16 outputs, double for F32), match the reference and count alike.
+TEST_F(StrategiesTest, RamWithTwoAndSixAgentsMatchesFloat64Reference) {
+  for (const std::size_t agents : {2u, 6u}) {
+    SCOPED_TRACE(std::to_string(agents) + " agents");
+    write_scenario(main_scenario(agents));
+    RamParams plus;
+    plus.r = 0.1;
+    RamParams tensor_plus = plus;
+    tensor_plus.model_scope = false;
+    const std::string tag = std::to_string(agents);
+    const RamRef ref = check_ram(RamParams{}, "ram" + tag);
+    for (std::size_t i = 0; i < agents; ++i) {
+      EXPECT_GT(ref.unique[i], 0u);
+      EXPECT_GT(ref.shared[i], 0u);
+    }
+    check_ram(RamParams{}, "ram32_" + tag, DType::F32);
+    check_ram(plus, "plus" + tag);
+    check_ram(plus, "plus32_" + tag, DType::F32);
+    check_ram(tensor_plus, "tplus" + tag);
+  }
+}
+
 TEST_F(StrategiesTest, RamPlusModelScopeMatchesFloat64Reference) {
   write_scenario(main_scenario());
   RamParams p;

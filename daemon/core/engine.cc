@@ -209,7 +209,9 @@ class Runner {
       // A run of tensor-scope passes ending in the map runs tensor by tensor.
       const std::size_t first = p;
       while (passes[p].kind != CFX_PASS_MAP) ++p;
-      timed(first, [&] { tensor_stage(first, p); });
+      std::size_t shown = first;  // the stage's first pass that runs (the map always does)
+      while (!enabled_[shown]) ++shown;
+      timed(shown, [&] { tensor_stage(first, p); });
       ++p;
     }
     if (plugin_.desc.finish && plugin_.desc.finish(instance_) != 0) throw plugin_failure("finish", nullptr);
