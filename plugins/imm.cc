@@ -17,22 +17,31 @@
 #include <cstdio>
 #include <string>
 
+#include "common/float_guard.h"
+
 namespace sdk = conflux::sdk;
+namespace fg = conflux::plugins::float_guard;
 
 namespace {
 
-// The kernels compute in T: float32 for a BF16 output (plugin.h, CFX_FLOAT32_OUTPUT_BITS), else
-// double. `p` is the drop threshold in T's lanes: the keep test u >= p gives the same decisions
+// The kernels compute in T: float32 for a BF16 output (plugin.h, CFX_FLOAT32_OUTPUT_BITS; entries
+// where the update nearly cancels the base are computed again in double, common/float_guard.h),
+// else double. `p` is the drop threshold in T's lanes: the keep test u >= p gives the same decisions
 // in both (see keep_threshold).
 
-// out = base + (u >= p ? scale * d : 0)
-template <class T>
-CONFLUX_MULTIVERSION void dare_block(const float* d, const float* base, const float* u, std::size_t m, T p, T scale,
-                                     float* out) {
+// out = base + (u >= p ? scale * d : 0). Guard (float32): returns how many results fail
+// float_guard's test (the kept update nearly cancelling the base).
+template <class T, bool Guard = false>
+CONFLUX_MULTIVERSION std::uint32_t dare_block(const float* d, const float* base, const float* u, std::size_t m, T p,
+                                              T scale, float* out) {
+  std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const T kept = scale * static_cast<T>(d[k]);
-    out[k] = static_cast<float>(static_cast<T>(base[k]) + (static_cast<T>(u[k]) >= p ? kept : T(0)));
+    const T kept = static_cast<T>(u[k]) >= p ? scale * static_cast<T>(d[k]) : T(0);
+    const T b = static_cast<T>(base[k]), r = b + kept;
+    out[k] = static_cast<float>(r);
+    if constexpr (Guard) unsafe += fg::unsafe(r, std::fabs(b) + std::fabs(kept));
   }
+  return unsafe;
 }
 
 // Kept entries of a block (an integer reduction, which vectorizes).
@@ -42,9 +51,15 @@ CONFLUX_MULTIVERSION std::uint32_t count_kept(const float* u, std::size_t m, flo
   return kept;
 }
 
-template <class T>
-CONFLUX_MULTIVERSION void weighted_add(const float* d, const float* base, std::size_t m, T w, float* out) {
-  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<T>(base[k]) + w * static_cast<T>(d[k]));
+template <class T, bool Guard = false>
+CONFLUX_MULTIVERSION std::uint32_t weighted_add(const float* d, const float* base, std::size_t m, T w, float* out) {
+  std::uint32_t unsafe = 0;
+  for (std::size_t k = 0; k < m; ++k) {
+    const T b = static_cast<T>(base[k]), t = w * static_cast<T>(d[k]), r = b + t;
+    out[k] = static_cast<float>(r);
+    if constexpr (Guard) unsafe += fg::unsafe(r, std::fabs(b) + std::fabs(t));
+  }
+  return unsafe;
 }
 
 // The smallest float >= p: for a float u, u >= p exactly when u >= keep_threshold(p).
@@ -75,18 +90,21 @@ struct Imm {
         p_f_(keep_threshold(p_)) {}
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    if (c.float32_suffices())
-      run<float>(c, static_cast<float>(weight_), p_f_, static_cast<float>(scale_), out);
-    else
-      run<double>(c, weight_, p_, scale_, out);
-  }
-
-  template <class T>
-  void run(const sdk::Chunk& c, T weight, T p, T scale, sdk::Span<float> out) {
     const float* d = c.models()[0];
     const float* base = c.base().data();
+    const bool f32 = c.float32_suffices();
+    const float w_f = static_cast<float>(weight_), scale_f = static_cast<float>(scale_);
+    // Float32 for a BF16 output, with float_guard's per-entry fallback to double.
+    auto guarded = [&](auto&& f32_run, auto&& f64_run, std::size_t m) {
+      if (f32)
+        fg::run(m, f32_run, f64_run);
+      else
+        f64_run(std::size_t{0}, m);
+    };
     if (p_ == 0) {
-      weighted_add<T>(d, base, out.size(), weight, out.data());
+      guarded([&](std::size_t at, std::size_t n) { return weighted_add<float, true>(d + at, base + at, n, w_f, out.data() + at); },
+              [&](std::size_t at, std::size_t n) { weighted_add<double>(d + at, base + at, n, weight_, out.data() + at); },
+              out.size());
       kept_ += out.size();
       total_ += out.size();
       return;
@@ -98,7 +116,12 @@ struct Imm {
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       job_.host()->random_uniform(key, c.begin() + k0, m, u);
-      dare_block<T>(d + k0, base + k0, u, m, p, scale, out.data() + k0);
+      const float* dk = d + k0;
+      const float* bk = base + k0;
+      float* ok = out.data() + k0;
+      guarded([&](std::size_t at, std::size_t n) { return dare_block<float, true>(dk + at, bk + at, u + at, n, p_f_, scale_f, ok + at); },
+              [&](std::size_t at, std::size_t n) { dare_block<double>(dk + at, bk + at, u + at, n, p_, scale_, ok + at); },
+              m);
       kept += count_kept(u, m, p_f_);
     }
     kept_ += kept;

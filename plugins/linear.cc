@@ -1,19 +1,25 @@
 // linear: a weighted average of the models (mergekit's "linear"). No base.
 //   out = sum_i w_i theta_i / (normalize ? sum_i w_i : 1)
-// Computed per element and rounded once: in float32 for a BF16 output (plugin.h,
-// CFX_FLOAT32_OUTPUT_BITS), else in double.
+// Computed per element and rounded once: in float32 for a BF16 output of up to 4 models (plugin.h,
+// CFX_FLOAT32_OUTPUT_BITS; entries whose terms cancel are computed again in double,
+// common/float_guard.h), else in double.
 #include <conflux/plugin.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "common/float_guard.h"
+
 namespace sdk = conflux::sdk;
+namespace fg = conflux::plugins::float_guard;
 
 namespace {
 
 constexpr std::size_t kBlock = 512;
 
-// acc[k] += w * x[k], in T
+// acc[k] += w * x[k], in T (the path for more than 4 models)
 template <class T>
 CONFLUX_MULTIVERSION void add_weighted(const float* x, std::size_t m, T w, T* acc) {
   for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<T>(x[k]);
@@ -22,6 +28,39 @@ CONFLUX_MULTIVERSION void add_weighted(const float* x, std::size_t m, T w, T* ac
 template <class T>
 CONFLUX_MULTIVERSION void round_block(const T* acc, std::size_t m, float* out) {
   for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(acc[k]);
+}
+
+// Up to 4 models in one sweep, the same sums in the same order as add_weighted. Guard (float32):
+// returns how many results fail float_guard's test.
+template <class T, unsigned G, bool Guard>
+CONFLUX_MULTIVERSION std::uint32_t fused(const float* const* x, const T* w, std::size_t m, float* out) {
+  static_assert(G >= 1 && G <= 4);
+  const float *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
+  const T w0 = w[0], w1 = w[G > 1 ? 1 : 0], w2 = w[G > 2 ? 2 : 0], w3 = w[G > 3 ? 3 : 0];
+  std::uint32_t unsafe = 0;
+  for (std::size_t k = 0; k < m; ++k) {
+    const T t0 = w0 * static_cast<T>(x0[k]);
+    const T t1 = G > 1 ? w1 * static_cast<T>(x1[k]) : T(0);
+    const T t2 = G > 2 ? w2 * static_cast<T>(x2[k]) : T(0);
+    const T t3 = G > 3 ? w3 * static_cast<T>(x3[k]) : T(0);
+    T a = T(0) + t0;
+    if constexpr (G > 1) a += t1;
+    if constexpr (G > 2) a += t2;
+    if constexpr (G > 3) a += t3;
+    out[k] = static_cast<float>(a);
+    if constexpr (Guard) unsafe += fg::unsafe(a, std::fabs(t0) + std::fabs(t1) + std::fabs(t2) + std::fabs(t3));
+  }
+  return unsafe;
+}
+
+template <class T, bool Guard>
+std::uint32_t fused_n(unsigned n, const float* const* x, const T* w, std::size_t m, float* out) {
+  switch (n) {
+    case 1: return fused<T, 1, Guard>(x, w, m, out);
+    case 2: return fused<T, 2, Guard>(x, w, m, out);
+    case 3: return fused<T, 3, Guard>(x, w, m, out);
+    default: return fused<T, 4, Guard>(x, w, m, out);
+  }
 }
 
 }  // namespace
@@ -47,20 +86,33 @@ struct Linear {
   }
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    if (c.float32_suffices())
-      run<float>(c, weights_f_.data(), out);
-    else
-      run<double>(c, weights_.data(), out);
-  }
-
-  template <class T>
-  static void run(const sdk::Chunk& c, const T* weights, sdk::Span<float> out) {
-    // Blocks small enough for the stack and the L1 cache.
+    if (c.model_count() > 4) return run(c, out);
+    const bool f32 = c.float32_suffices();
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
-      T acc[kBlock] = {};
-      for (std::uint32_t i = 0; i < c.model_count(); ++i) add_weighted<T>(c.models()[i] + k0, m, weights[i], acc);
-      round_block<T>(acc, m, out.data() + k0);
+      auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
+        using T = decltype(zero);
+        const float* x[4];
+        for (unsigned i = 0; i < c.model_count(); ++i) x[i] = c.models()[i] + k0 + at;
+        const T* w = nullptr;
+        if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
+        return fused_n<T, std::is_same_v<T, float>>(c.model_count(), x, w, count, out.data() + k0 + at);
+      };
+      if (f32)
+        fg::run(m, [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); },
+                [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
+      else
+        sweep(0.0, 0, m);
+    }
+  }
+
+  // More than 4 models: blockwise, in double.
+  void run(const sdk::Chunk& c, sdk::Span<float> out) const {
+    for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
+      const std::size_t m = std::min(kBlock, out.size() - k0);
+      double acc[kBlock] = {};
+      for (std::uint32_t i = 0; i < c.model_count(); ++i) add_weighted<double>(c.models()[i] + k0, m, weights_[i], acc);
+      round_block<double>(acc, m, out.data() + k0);
     }
   }
 

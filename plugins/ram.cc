@@ -29,7 +29,10 @@
 #include <string>
 #include <vector>
 
+#include "common/float_guard.h"
+
 namespace sdk = conflux::sdk;
+namespace fg = conflux::plugins::float_guard;
 
 namespace {
 
@@ -68,13 +71,17 @@ inline void add_tally(std::uint32_t tally, std::uint64_t& unique, std::uint64_t&
 //   out = base + (c == 1 ? unique-scaled value : c >= 2 ? mean of active values : 0)
 // Lambda: unique entries scaled by lambda_i (else lambda_i = 1: the sum is the value). Count:
 // also tally each agent's unique and shared entries. `out` may be null (counting only).
-template <class T, std::uint32_t N, bool Lambda, bool Count>
-CONFLUX_MULTIVERSION void fused_sweep(const float* const* d, const float* base, std::size_t m, float eps,
-                                      const T* lambda, float* out, std::uint64_t* unique, std::uint64_t* shared) {
+// Guard (float32): returns how many results fail float_guard's test, with magnitudes
+// |base| + lambda_max * sum of |active values|.
+template <class T, std::uint32_t N, bool Lambda, bool Count, bool Guard = false>
+CONFLUX_MULTIVERSION std::uint32_t fused_sweep(const float* const* d, const float* base, std::size_t m, float eps,
+                                               const T* lambda, float* out, std::uint64_t* unique,
+                                               std::uint64_t* shared) {
   static_assert(N >= 1 && N <= kFused);
   const float *d0 = d[0], *d1 = d[N > 1 ? 1 : 0], *d2 = d[N > 2 ? 2 : 0], *d3 = d[N > 3 ? 3 : 0];
   const T l0 = lambda[0], l1 = lambda[N > 1 ? 1 : 0], l2 = lambda[N > 2 ? 2 : 0], l3 = lambda[N > 3 ? 3 : 0];
-  std::uint32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  const T lmax = std::max(std::max(l0, l1), std::max(l2, l3));
+  std::uint32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0, unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
     const float v0 = d0[k], v1 = N > 1 ? d1[k] : 0.0f, v2 = N > 2 ? d2[k] : 0.0f, v3 = N > 3 ? d3[k] : 0.0f;
     const bool a0 = std::fabs(v0) >= eps, a1 = N > 1 && std::fabs(v1) >= eps, a2 = N > 2 && std::fabs(v2) >= eps,
@@ -97,7 +104,13 @@ CONFLUX_MULTIVERSION void fused_sweep(const float* const* d, const float* base, 
       // c == 0: the sum is +0, and +0 / 1 the 0 of the definition; c == 1: the value / 1. One
       // division for every entry keeps the loop free of branches.
       const T merged = (c == 1 ? uniq : sum) / static_cast<T>(c > 1 ? c : 1u);
-      out[k] = static_cast<float>(static_cast<T>(base[k]) + merged);
+      const T b = static_cast<T>(base[k]), r = b + merged;
+      out[k] = static_cast<float>(r);
+      if constexpr (Guard) {
+        const float mag = (a0 ? std::fabs(v0) : 0.0f) + (a1 ? std::fabs(v1) : 0.0f) + (a2 ? std::fabs(v2) : 0.0f) +
+                          (a3 ? std::fabs(v3) : 0.0f);
+        unsafe += fg::unsafe(r, std::fabs(b) + (Lambda ? lmax : T(1)) * mag);
+      }
     }
     if constexpr (Count) {
       const std::uint32_t tag = tally_tag(c);
@@ -111,16 +124,17 @@ CONFLUX_MULTIVERSION void fused_sweep(const float* const* d, const float* base, 
     const std::uint32_t t[] = {t0, t1, t2, t3};
     for (std::uint32_t i = 0; i < N; ++i) add_tally(t[i], unique[i], shared[i]);
   }
+  return unsafe;
 }
 
-template <class T, bool Lambda, bool Count>
-void fused(std::uint32_t n, const float* const* d, const float* base, std::size_t m, float eps, const T* lambda,
-           float* out, std::uint64_t* unique, std::uint64_t* shared) {
+template <class T, bool Lambda, bool Count, bool Guard = false>
+std::uint32_t fused(std::uint32_t n, const float* const* d, const float* base, std::size_t m, float eps,
+                    const T* lambda, float* out, std::uint64_t* unique, std::uint64_t* shared) {
   switch (n) {
-    case 1: return fused_sweep<T, 1, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
-    case 2: return fused_sweep<T, 2, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
-    case 3: return fused_sweep<T, 3, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
-    default: return fused_sweep<T, 4, Lambda, Count>(d, base, m, eps, lambda, out, unique, shared);
+    case 1: return fused_sweep<T, 1, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
+    case 2: return fused_sweep<T, 2, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
+    case 3: return fused_sweep<T, 3, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
+    default: return fused_sweep<T, 4, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
   }
 }
 
@@ -236,14 +250,12 @@ struct Ram {
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
     const double* lambda = tensor_lambdas_.empty() ? lambdas_.data() : tensor_lambdas_.data() + c.tensor().index * n_;
-    if (c.float32_suffices()) {
-      float lf[kMaxAgentsOnStack];
-      std::vector<float> heap;
-      float* l = n_ <= kMaxAgentsOnStack ? lf : (heap.resize(n_), heap.data());
+    if (c.float32_suffices() && n_ <= kFused) {
+      float l[kFused];
       for (std::uint32_t i = 0; i < n_; ++i) l[i] = static_cast<float>(lambda[i]);
-      merge<float>(c, l, out.data());
+      merge_f32(c, l, lambda, out.data());
     } else {
-      merge<double>(c, lambda, out.data());
+      merge_f64(c, lambda, out.data());
     }
   }
 
@@ -298,31 +310,59 @@ struct Ram {
   }
 
  private:
-  static constexpr std::uint32_t kMaxAgentsOnStack = 64;
-
-  // The map: merged values and, for plain RAM (no statistics pass), the counts for the report.
-  template <class T>
-  void merge(const sdk::Chunk& c, const T* lambda, float* out) {
+  // The map in double: merged values and, for plain RAM (no statistics pass), the counts for the
+  // report.
+  void merge_f64(const sdk::Chunk& c, const double* lambda, float* out) {
     const bool counting = r_ == 0;
     std::vector<std::uint64_t> st(counting ? 2 * n_ : 0, 0);
     std::uint64_t* unique = counting ? st.data() : nullptr;
     std::uint64_t* shared = counting ? st.data() + n_ : nullptr;
     if (n_ > kFused) {
-      blockwise<T>(n_, c.models(), c.base().data(), c.count(), eps_f_, lambda, out, unique, shared);
+      blockwise<double>(n_, c.models(), c.base().data(), c.count(), eps_f_, lambda, out, unique, shared);
     } else {
       for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
         const std::size_t m = std::min(kTallySpan, c.count() - k0);
         const float* d[kFused];
         for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0;
         const float* base = c.base().data() + k0;
-        // r = 0 makes every lambda 1: the unique value is the sum, no products needed.
         if (counting)
-          fused<T, false, true>(n_, d, base, m, eps_f_, lambda, out + k0, unique, shared);
+          fused<double, false, true>(n_, d, base, m, eps_f_, lambda, out + k0, unique, shared);
         else
-          fused<T, true, false>(n_, d, base, m, eps_f_, lambda, out + k0, nullptr, nullptr);
+          fused<double, true, false>(n_, d, base, m, eps_f_, lambda, out + k0, nullptr, nullptr);
       }
     }
     if (counting) add_totals(st.data());
+  }
+
+  // The map in float32 (up to kFused agents), entries that fail float_guard's test again in
+  // double (lambda_d: the same lambdas in double).
+  void merge_f32(const sdk::Chunk& c, const float* lambda, const double* lambda_d, float* out) {
+    const bool counting = r_ == 0;
+    std::uint64_t st[2 * kFused] = {};
+    for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
+      const std::size_t m = std::min(kTallySpan, c.count() - k0);
+      const float* d[kFused];
+      auto at = [&](std::size_t offset) {
+        for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0 + offset;
+        return c.base().data() + k0 + offset;
+      };
+      // r = 0 makes every lambda 1: the unique value is the sum, no products needed.
+      const std::uint32_t unsafe =
+          counting ? fused<float, false, true, true>(n_, d, at(0), m, eps_f_, lambda, out + k0, st, st + n_)
+                   : fused<float, true, false, true>(n_, d, at(0), m, eps_f_, lambda, out + k0, nullptr, nullptr);
+      fg::redo(
+          m, unsafe,
+          [&](std::size_t k, std::size_t n) {
+            const float* base = at(k);
+            return counting ? fused<float, false, false, true>(n_, d, base, n, eps_f_, lambda, out + k0 + k, nullptr, nullptr)
+                            : fused<float, true, false, true>(n_, d, base, n, eps_f_, lambda, out + k0 + k, nullptr, nullptr);
+          },
+          [&](std::size_t k, std::size_t n) {
+            const float* base = at(k);
+            fused<double, true, false>(n_, d, base, n, eps_f_, lambda_d, out + k0 + k, nullptr, nullptr);
+          });
+    }
+    if (counting) add_totals(st);  // unique[n_], then shared[n_]
   }
 
   // The statistics pass: each agent's unique and shared entries.

@@ -1,14 +1,20 @@
 // task_arithmetic: add the models' weighted task vectors to the base (mergekit's
 // "task_arithmetic", Ilharco et al. 2023).
 //   out = base + lambda * sum_i w_i (theta_i - base) / (normalize ? sum_i w_i : 1)
-// Computed per element from the raw values and rounded once: in float32 for a BF16 output
-// (plugin.h, CFX_FLOAT32_OUTPUT_BITS), else in double.
+// Computed per element from the raw values and rounded once: in float32 for a BF16 output of up
+// to 4 models (plugin.h, CFX_FLOAT32_OUTPUT_BITS; entries whose terms cancel are computed again
+// in double, common/float_guard.h), else in double.
 #include <conflux/plugin.hpp>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "common/float_guard.h"
+
 namespace sdk = conflux::sdk;
+namespace fg = conflux::plugins::float_guard;
 
 namespace {
 
@@ -17,35 +23,46 @@ constexpr std::size_t kBlock = 512;
 // Up to four models' terms in one sweep (operands in registers, base read once), in model
 // order: acc[k] = acc_in[k] + w0 (x0[k] - base[k]) + w1 (...) + ..., in T. With `out`, the
 // result base + acc is rounded to it instead (the last group); acc_in == nullptr starts from 0.
-template <class T, unsigned G>
-CONFLUX_MULTIVERSION void add_models(const float* const* x, const T* w, const float* base, std::size_t m,
-                                     const T* acc_in, T* acc, float* out) {
+// Guard (float32, one group): returns how many results fail float_guard's test.
+template <class T, unsigned G, bool Guard = false>
+CONFLUX_MULTIVERSION std::uint32_t add_models(const float* const* x, const T* w, const float* base, std::size_t m,
+                                              const T* acc_in, T* acc, float* out) {
   static_assert(G >= 1 && G <= 4);
   // Named locals: the vectorizer does not see through arrays of pointers.
   const float *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
   const T w0 = w[0], w1 = w[G > 1 ? 1 : 0], w2 = w[G > 2 ? 2 : 0], w3 = w[G > 3 ? 3 : 0];
+  std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
     const T b = static_cast<T>(base[k]);
     T a = acc_in ? acc_in[k] : T(0);
-    a += w0 * (static_cast<T>(x0[k]) - b);
-    if constexpr (G > 1) a += w1 * (static_cast<T>(x1[k]) - b);
-    if constexpr (G > 2) a += w2 * (static_cast<T>(x2[k]) - b);
-    if constexpr (G > 3) a += w3 * (static_cast<T>(x3[k]) - b);
-    if (out)
-      out[k] = static_cast<float>(b + a);
-    else
+    const T t0 = w0 * (static_cast<T>(x0[k]) - b);
+    const T t1 = G > 1 ? w1 * (static_cast<T>(x1[k]) - b) : T(0);
+    const T t2 = G > 2 ? w2 * (static_cast<T>(x2[k]) - b) : T(0);
+    const T t3 = G > 3 ? w3 * (static_cast<T>(x3[k]) - b) : T(0);
+    a += t0;
+    if constexpr (G > 1) a += t1;
+    if constexpr (G > 2) a += t2;
+    if constexpr (G > 3) a += t3;
+    if (out) {
+      const T r = b + a;
+      out[k] = static_cast<float>(r);
+      if constexpr (Guard)
+        unsafe += fg::unsafe(r, std::fabs(b) + std::fabs(t0) + std::fabs(t1) + std::fabs(t2) + std::fabs(t3));
+    } else {
       acc[k] = a;
+    }
   }
+  return unsafe;
 }
 
-template <class T>
-void add_group(unsigned g, const float* const* x, const T* w, const float* base, std::size_t m, const T* acc_in, T* acc,
-               float* out) {
+template <class T, bool Guard = false>
+std::uint32_t add_group(unsigned g, const float* const* x, const T* w, const float* base, std::size_t m,
+                        const T* acc_in, T* acc, float* out) {
   switch (g) {
-    case 1: return add_models<T, 1>(x, w, base, m, acc_in, acc, out);
-    case 2: return add_models<T, 2>(x, w, base, m, acc_in, acc, out);
-    case 3: return add_models<T, 3>(x, w, base, m, acc_in, acc, out);
-    default: return add_models<T, 4>(x, w, base, m, acc_in, acc, out);
+    case 1: return add_models<T, 1, Guard>(x, w, base, m, acc_in, acc, out);
+    case 2: return add_models<T, 2, Guard>(x, w, base, m, acc_in, acc, out);
+    case 3: return add_models<T, 3, Guard>(x, w, base, m, acc_in, acc, out);
+    default: return add_models<T, 4, Guard>(x, w, base, m, acc_in, acc, out);
   }
 }
 
@@ -74,10 +91,29 @@ struct TaskArithmetic {
   }
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    if (c.float32_suffices())
-      run<float>(c, weights_f_.data(), out);
+    if (c.float32_suffices() && c.model_count() <= 4)
+      run_guarded(c, out);
     else
       run<double>(c, weights_.data(), out);
+  }
+
+  // Float32 with float_guard's per-entry fallback to double (one sweep: at most 4 models).
+  void run_guarded(const sdk::Chunk& c, sdk::Span<float> out) const {
+    const unsigned n = c.model_count();
+    for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
+      const std::size_t m = std::min(kBlock, out.size() - k0);
+      auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
+        using T = decltype(zero);
+        const float* x[4];
+        for (unsigned i = 0; i < n; ++i) x[i] = c.models()[i] + k0 + at;
+        const T* w = nullptr;
+        if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
+        return add_group<T, std::is_same_v<T, float>>(n, x, w, c.base().data() + k0 + at, count, nullptr, nullptr,
+                                                      out.data() + k0 + at);
+      };
+      fg::run(m, [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); },
+              [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
+    }
   }
 
   template <class T>

@@ -166,6 +166,36 @@ TEST_F(EngineTest, ArithmeticFollowsTheOutputPrecision) {
   }
 }
 
+// Float32 arithmetic (BF16 output) where the task vectors cancel: base 0, x2 = x0 + x1 + delta
+// with a tiny delta, weights (1, 1, -1): the exact result is -delta, which float32 sums cannot
+// see. Those entries are computed again in double (plugins/common/float_guard.h): every entry
+// stays within 1 ulp, the near-zero ones included.
+TEST_F(EngineTest, TaskArithmeticStaysExactWhereTermsCancel) {
+  specs_ = {{"w", {97, 31}, DType::F32}, {"v", {1001}, DType::F32}};
+  auto a = [](const Spec& sp, std::uint64_t j) {
+    return static_cast<float>(0.5 + 0.5 * conflux_test::rnd(conflux_test::name_id(sp.name), j, 1));
+  };
+  auto b = [](const Spec& sp, std::uint64_t j) {
+    return static_cast<float>(0.25 + 0.5 * conflux_test::rnd(conflux_test::name_id(sp.name), j, 2));
+  };
+  auto delta = [](const Spec& sp, std::uint64_t j) {
+    return static_cast<float>(std::ldexp(conflux_test::rnd(conflux_test::name_id(sp.name), j, 3) - 0.5, -18));
+  };
+  write_checkpoint(dir_ / "base", specs_, [](const Spec&, std::uint64_t) { return 0.0f; });
+  write_checkpoint(dir_ / "m0", specs_, a);
+  write_checkpoint(dir_ / "m1", specs_, b);
+  write_checkpoint(dir_ / "m2", specs_, [&](const Spec& sp, std::uint64_t j) {
+    return static_cast<float>(static_cast<double>(a(sp, j)) + b(sp, j) + delta(sp, j));
+  });
+  JobConfig j = job("task_arithmetic", 3, {list("weights", {1.0, 1.0, -1.0})}, "cancel");
+  j.out_dtype = DType::BF16;
+  run(j);
+  const double e = max_ulps(dir_ / "cancel", [](double base, const std::vector<double>& x) {
+    return base + (x[0] - base) + (x[1] - base) - (x[2] - base);
+  });
+  EXPECT_LE(e, 1.0);
+}
+
 // More models than task_arithmetic folds in one sweep (4): the groups chain through the
 // accumulator, in both arithmetics.
 TEST_F(EngineTest, TaskArithmeticWithManyModels) {

@@ -1,0 +1,38 @@
+// Float32 arithmetic for BF16 outputs, exact where it matters.
+//
+// A BF16 output keeps 8 significand bits, float32 carries 24: a result computed in float32 from a
+// few terms is within about 2^-21 of the magnitudes it combines (m = |base| + sum of |terms|),
+// which is far below half a BF16 ulp of the result r unless the terms cancel: the result is then
+// within 1 ulp of the exact value whenever |r| * 2^12 >= m. The kernels compute that test per
+// entry as they go (a few vector operations) and count the entries that fail it; those entries
+// alone are computed again in double. The decision depends only on the entry's own values, so the
+// output stays independent of chunking and threads.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+namespace conflux::plugins::float_guard {
+
+// 1 when a float32 result r of magnitudes m may be more than 1 BF16 ulp from the exact value.
+inline std::uint32_t unsafe(float r, float m) { return std::fabs(r) * 0x1p12f < m ? 1u : 0u; }
+
+// After a float32 sweep over entries [0, m) counted `unsafe` failures: f64(k, 1) on each entry k
+// that f32(k, 1) flags (f32 gives the same answer for an entry alone).
+template <class F32, class F64>
+void redo(std::size_t m, std::uint32_t unsafe, F32&& f32, F64&& f64) {
+  for (std::size_t k = 0; unsafe != 0 && k < m; ++k)
+    if (f32(k, std::size_t{1}) != 0) {
+      f64(k, std::size_t{1});
+      --unsafe;
+    }
+}
+
+// f32(offset, count) over [0, m), which returns how many entries failed the test, then redo.
+template <class F32, class F64>
+void run(std::size_t m, F32&& f32, F64&& f64) {
+  redo(m, f32(std::size_t{0}, m), f32, f64);
+}
+
+}  // namespace conflux::plugins::float_guard
