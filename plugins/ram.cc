@@ -27,6 +27,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/float_guard.h"
@@ -61,6 +62,7 @@ float float_threshold(double eps) {
 // bits and shared ones (c >= 2) in the high 16 (a single integer reduction vectorizes where two
 // counters would not), so a sweep covers fewer than 2^16 entries.
 constexpr std::size_t kTallySpan = 1u << 15;
+static_assert(fg::kSpan <= kTallySpan);
 inline std::uint32_t tally_tag(std::uint32_t count) { return count == 1 ? 1u : 0x10000u; }
 inline void add_tally(std::uint32_t tally, std::uint64_t& unique, std::uint64_t& shared) {
   unique += tally & 0xFFFFu;
@@ -339,8 +341,8 @@ struct Ram {
   void merge_f32(const sdk::Chunk& c, const float* lambda, const double* lambda_d, float* out) {
     const bool counting = r_ == 0;
     std::uint64_t st[2 * kFused] = {};
-    for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
-      const std::size_t m = std::min(kTallySpan, c.count() - k0);
+    for (std::size_t k0 = 0; k0 < c.count(); k0 += fg::kSpan) {
+      const std::size_t m = std::min(fg::kSpan, c.count() - k0);
       const float* d[kFused];
       auto at = [&](std::size_t offset) {
         for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0 + offset;

@@ -18,8 +18,12 @@ namespace conflux::plugins::float_guard {
 // 1 when a float32 result r of magnitudes m may be more than 1 BF16 ulp from the exact value.
 inline std::uint32_t unsafe(float r, float m) { return std::fabs(r) * 0x1p12f < m ? 1u : 0u; }
 
+// Entries per float32 sweep: a sweep with a failure is re-examined entry by entry, so failures
+// (rare: only cancelling terms) cost at most this many single-entry calls each.
+inline constexpr std::size_t kSpan = 512;
+
 // After a float32 sweep over entries [0, m) counted `unsafe` failures: f64(k, 1) on each entry k
-// that f32(k, 1) flags (f32 gives the same answer for an entry alone).
+// that f32(k, 1) flags (f32 gives the same answer for an entry alone). m should be <= kSpan.
 template <class F32, class F64>
 void redo(std::size_t m, std::uint32_t unsafe, F32&& f32, F64&& f64) {
   for (std::size_t k = 0; unsafe != 0 && k < m; ++k)
@@ -29,10 +33,17 @@ void redo(std::size_t m, std::uint32_t unsafe, F32&& f32, F64&& f64) {
     }
 }
 
-// f32(offset, count) over [0, m), which returns how many entries failed the test, then redo.
+// f32(offset, count) over [0, m) in sweeps of kSpan, each returning how many entries failed the
+// test, and redo where some did.
 template <class F32, class F64>
 void run(std::size_t m, F32&& f32, F64&& f64) {
-  redo(m, f32(std::size_t{0}, m), f32, f64);
+  for (std::size_t k0 = 0; k0 < m; k0 += kSpan) {
+    const std::size_t n = m - k0 < kSpan ? m - k0 : kSpan;
+    const std::uint32_t unsafe = f32(k0, n);
+    if (unsafe != 0)
+      redo(n, unsafe, [&](std::size_t k, std::size_t c) { return f32(k0 + k, c); },
+           [&](std::size_t k, std::size_t c) { f64(k0 + k, c); });
+  }
 }
 
 }  // namespace conflux::plugins::float_guard
