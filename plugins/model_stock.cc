@@ -8,8 +8,11 @@
 //   cos    = (sum over pairs i < j, in order (1,2), (1,3), ..., (1,N), (2,3), ...) / (N(N-1)/2)
 //   t      = N cos / (1 + (N - 1) cos);   t = 0 when 1 + (N - 1) cos <= 0
 //   out    = (t / N) * (((theta_1 + theta_2) + ...) + theta_N) + (1 - t) * theta_0
-//            in double (t / N and 1 - t computed once), rounded once to float32 (the host then
-//            rounds to the output dtype, nearest-even): t * mean(theta_i) + (1 - t) * theta_0.
+//            rounded once to float32 (the host then rounds to the output dtype, nearest-even):
+//            t * mean(theta_i) + (1 - t) * theta_0. t / N and 1 - t are computed once in double;
+//            the rest is in float32 for a BF16 output of up to 4 models (both rounded to float32;
+//            plugin.h, CFX_FLOAT32_OUTPUT_BITS; entries whose terms cancel are computed again in
+//            double, common/float_guard.h), else in double.
 //
 // Zero task vectors: a model that left the tensor (row) unchanged has no direction; its pairs
 // count as cos = 0 (they still count in the mean). If every model left it unchanged, cos = 0,
@@ -22,7 +25,7 @@
 // task vectors, N = 2), and passes it only through rounding; there mergekit divides by zero, here
 // t = 0: the base.
 // Differences from mergekit otherwise: none in the definition (mergekit computes in the tensors'
-// dtype, here in double).
+// dtype, here the statistics in double and the output as above).
 //
 // REPORT (conflux-manifest.json, "report"): the range and mean of t over the tensors (filter_wise:
 // rows), how many had a zero task vector, all zero, or hit the pole, and per tensor its mean
@@ -35,9 +38,11 @@
 // N(N-1)/2 doubles each, only for the tensors being processed: O(rows x pairs), not O(elements))
 // and, per tensor, folded in reduce_done in row order: ((row0 + row1) + row2) + ... With
 // filter_wise each row keeps its own t (one double per row until the tensor is written).
-// Two and three models have dedicated kernels (one sweep per row, all in registers); more
-// models go through blocks of 256 elements, one statistic at a time. Both follow the order above
-// with the same operations, so they give the same bits.
+// Up to four models, a kernel per model count reads each row once per group of four lanes
+// (lanes 0-3, 4-7, 8-11, 12-15), the deltas and that group's lanes of every statistic in
+// registers; more models go through blocks of 256 elements, one statistic at a time. Both follow
+// the order above with the same operations (no fused multiply-add: d_i d_j is rounded before it
+// is added), so they give the same bits.
 #include <conflux/plugin.hpp>
 
 #include <algorithm>
@@ -49,19 +54,29 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "common/float_guard.h"
+
 namespace sdk = conflux::sdk;
+namespace fg = conflux::plugins::float_guard;
 
 namespace {
 
-// Element-wise IEEE double arithmetic in GCC/Clang vector types (see plugins/slerp.cc): one
-// zmm / two ymm / four xmm per vector under CONFLUX_MULTIVERSION, the same bits on each.
-typedef double v8d __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
+// Element-wise IEEE double arithmetic in GCC/Clang vector types (see plugins/slerp.cc): four
+// doubles per vector, the same bits on every instruction set under CONFLUX_MULTIVERSION.
+typedef double v4d __attribute__((vector_size(32)));
 constexpr std::size_t kLanes = 16;
-constexpr std::size_t kBlock = 256;  // elements per block of a row (a multiple of kLanes)
-static_assert(kBlock % kLanes == 0);
+constexpr std::size_t kGroup = 4;         // lanes per sweep of the register kernels (one v4d)
+constexpr std::size_t kRowBlock = 512;    // elements of a row per round of those sweeps (a multiple of kLanes)
+constexpr std::size_t kBlock = 256;       // elements per block of a row, general path (a multiple of kLanes)
+constexpr std::size_t kMapBlock = 512;    // elements per block of the map pass, more than four models
+constexpr std::uint32_t kRegisterModels = 4;  // up to this many models, statistics in registers
+static_assert(kBlock % kLanes == 0 && kRowBlock % kLanes == 0 && kLanes % kGroup == 0);
+
+// Four floats widened to double (one vcvtps2pd).
+#define CFX_WIDEN4(p) (v4d{(p)[0], (p)[1], (p)[2], (p)[3]})
 
 double fold_lanes(const double* l) {
   double s = l[0];
@@ -69,7 +84,64 @@ double fold_lanes(const double* l) {
   return s;
 }
 
-// d[k] = x[k] - base[k] in double.
+// One group of four lanes of up to four models' statistics (lanes + 16 q: statistic q's lanes)
+// over the elements [from, end) that fall in those lanes (from: a block's start plus the group's
+// first lane), continuing the lanes' sums. The base, the N deltas and the S sums stay in
+// registers (at most 1 + 4 + 10 vectors, within AVX2's sixteen).
+template <std::uint32_t N, std::uint32_t S>
+[[gnu::always_inline]] inline void sweep_group(const float* const* xs, const float* b, std::size_t from,
+                                               std::size_t end, double* lanes) {
+  v4d acc[S];
+  for (std::uint32_t q = 0; q < S; ++q) std::memcpy(&acc[q], lanes + kLanes * q, sizeof acc[q]);
+  std::size_t k = from;
+  for (; k + kGroup <= end; k += kLanes) {
+    const v4d bk = CFX_WIDEN4(b + k);
+    v4d d[N];
+    for (std::uint32_t i = 0; i < N; ++i) d[i] = CFX_WIDEN4(xs[i] + k) - bk;
+    std::uint32_t q = 0;
+    for (std::uint32_t i = 0; i < N; ++i) acc[q++] += d[i] * d[i];
+    for (std::uint32_t i = 0; i < N; ++i)
+      for (std::uint32_t j = i + 1; j < N; ++j) acc[q++] += d[i] * d[j];
+  }
+  for (std::uint32_t q = 0; q < S; ++q) std::memcpy(lanes + kLanes * q, &acc[q], sizeof acc[q]);
+  // The row ends inside this group (in its last block): the last elements, lane by lane.
+  for (std::size_t l = 0; l < kGroup && k + l < end; ++l) {
+    double d[N];
+    for (std::uint32_t i = 0; i < N; ++i) d[i] = static_cast<double>(xs[i][k + l]) - b[k + l];
+    double* o = lanes + l;
+    for (std::uint32_t i = 0; i < N; ++i, o += kLanes) *o += d[i] * d[i];
+    for (std::uint32_t i = 0; i < N; ++i)
+      for (std::uint32_t j = i + 1; j < N; ++j, o += kLanes) *o += d[i] * d[j];
+  }
+}
+
+// Up to four models: the 16 lanes of every statistic of one row (statistic q at out + 16 q), one
+// sweep per group of four lanes, in blocks of kRowBlock elements so that the four sweeps over a
+// block read it from L1 (a long row would come from L2 four times). Every lane still adds its
+// elements in increasing j.
+template <std::uint32_t N>
+[[gnu::always_inline]] inline void row_lanes(const float* const* x, const float* b, std::size_t n, double* out) {
+  constexpr std::uint32_t S = N + N * (N - 1) / 2;
+  const float* xs[N];
+  for (std::uint32_t i = 0; i < N; ++i) xs[i] = x[i];
+  std::memset(out, 0, sizeof(double) * kLanes * S);
+  for (std::size_t k0 = 0; k0 < n; k0 += kRowBlock)
+    for (std::size_t g = 0; g < kLanes; g += kGroup)
+      sweep_group<N, S>(xs, b, k0 + g, std::min(n, k0 + kRowBlock), out + g);
+}
+
+CONFLUX_MULTIVERSION void row_lanes2(const float* const* x, const float* b, std::size_t n, double* out) {
+  row_lanes<2>(x, b, n, out);
+}
+CONFLUX_MULTIVERSION void row_lanes3(const float* const* x, const float* b, std::size_t n, double* out) {
+  row_lanes<3>(x, b, n, out);
+}
+CONFLUX_MULTIVERSION void row_lanes4(const float* const* x, const float* b, std::size_t n, double* out) {
+  row_lanes<4>(x, b, n, out);
+}
+#undef CFX_WIDEN4
+
+// General path. d[k] = x[k] - base[k] in double.
 CONFLUX_MULTIVERSION void deltas(const float* x, const double* base, std::size_t m, double* d) {
   for (std::size_t k = 0; k < m; ++k) d[k] = static_cast<double>(x[k]) - base[k];
 }
@@ -78,110 +150,65 @@ CONFLUX_MULTIVERSION void widen(const float* x, std::size_t m, double* out) {
   for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<double>(x[k]);
 }
 
-// lanes[k mod 16] += x[k] * y[k] for k < m, each lane in increasing k.
+// lanes[k mod 16] += x[k] * y[k] for k < m, each lane in increasing k (four accumulators of four
+// lanes, in registers).
 CONFLUX_MULTIVERSION void accumulate(const double* x, const double* y, std::size_t m, double* lanes) {
-  v8d l0, l1;
-  std::memcpy(&l0, lanes, sizeof l0);
-  std::memcpy(&l1, lanes + 8, sizeof l1);
+  v4d l[4];
+  std::memcpy(l, lanes, sizeof l);
   std::size_t k = 0;
   for (; k + kLanes <= m; k += kLanes) {
-    v8d x0, x1, y0, y1;
-    std::memcpy(&x0, x + k, sizeof x0);
-    std::memcpy(&x1, x + k + 8, sizeof x1);
-    std::memcpy(&y0, y + k, sizeof y0);
-    std::memcpy(&y1, y + k + 8, sizeof y1);
-    l0 += x0 * y0;
-    l1 += x1 * y1;
+    v4d xv[4], yv[4];
+    std::memcpy(xv, x + k, sizeof xv);
+    std::memcpy(yv, y + k, sizeof yv);
+    l[0] += xv[0] * yv[0], l[1] += xv[1] * yv[1], l[2] += xv[2] * yv[2], l[3] += xv[3] * yv[3];
   }
-  std::memcpy(lanes, &l0, sizeof l0);
-  std::memcpy(lanes + 8, &l1, sizeof l1);
+  std::memcpy(lanes, l, sizeof l);
   for (std::size_t j = 0; k + j < m; ++j) lanes[j] += x[k + j] * y[k + j];
 }
 
-// Two and three models, the common cases: one row in one sweep, deltas and the 16 lanes of
-// every statistic in registers (out: the unfolded lanes, statistic q at out + 16 q). The same
-// operations in the same order as the blockwise path below, hence the same bits.
-#define CFX_LOAD(v, p)                     \
-  do {                                     \
-    v8f f_;                                \
-    std::memcpy(&f_, (p), sizeof f_);      \
-    (v) = __builtin_convertvector(f_, v8d); \
-  } while (0)
-
-CONFLUX_MULTIVERSION void row_lanes2(const float* const* x, const float* b, std::size_t n, double* out) {
-  v8d s0a = {}, s0b = {}, s1a = {}, s1b = {}, p01a = {}, p01b = {};
-  std::size_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    v8d ba, bb, d0a, d0b, d1a, d1b;
-    CFX_LOAD(ba, b + k);
-    CFX_LOAD(bb, b + k + 8);
-    CFX_LOAD(d0a, x[0] + k);
-    CFX_LOAD(d0b, x[0] + k + 8);
-    CFX_LOAD(d1a, x[1] + k);
-    CFX_LOAD(d1b, x[1] + k + 8);
-    d0a -= ba, d0b -= bb, d1a -= ba, d1b -= bb;
-    s0a += d0a * d0a, s0b += d0b * d0b, s1a += d1a * d1a, s1b += d1b * d1b;
-    p01a += d0a * d1a, p01b += d0b * d1b;
+// The map pass. Up to four models (G) summed in model order in T, continuing acc_in (nullptr:
+// from the first of them); with `out` (the last group) out = a * sum + u * base is rounded to it
+// instead. One sweep per group, its operands in registers. Guard (float32, one group): returns
+// how many results fail float_guard's test (magnitudes |a| sum |theta_i| + |u base|: the sum and
+// the two terms may cancel).
+template <class T, unsigned G, bool Guard = false>
+CONFLUX_MULTIVERSION std::uint32_t blend(const float* const* x, const float* base, std::size_t m, const T* acc_in,
+                                         T* acc, T a, T u, float* out) {
+  static_assert(G >= 1 && G <= 4);
+  // Named locals: the vectorizer does not see through arrays of pointers.
+  const float *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
+  const T abs_a = std::fabs(a);
+  std::uint32_t unsafe = 0;
+  for (std::size_t k = 0; k < m; ++k) {
+    const T v0 = static_cast<T>(x0[k]), v1 = G > 1 ? static_cast<T>(x1[k]) : T(0);
+    const T v2 = G > 2 ? static_cast<T>(x2[k]) : T(0), v3 = G > 3 ? static_cast<T>(x3[k]) : T(0);
+    T s = acc_in ? acc_in[k] + v0 : v0;
+    if constexpr (G > 1) s += v1;
+    if constexpr (G > 2) s += v2;
+    if constexpr (G > 3) s += v3;
+    if (out) {
+      const T ub = u * static_cast<T>(base[k]), r = a * s + ub;
+      out[k] = static_cast<float>(r);
+      if constexpr (Guard) {
+        const T models = std::fabs(v0) + std::fabs(v1) + std::fabs(v2) + std::fabs(v3);
+        unsafe += fg::unsafe(r, abs_a * models + std::fabs(ub));
+      }
+    } else {
+      acc[k] = s;
+    }
   }
-  const v8d* acc[] = {&s0a, &s0b, &s1a, &s1b, &p01a, &p01b};
-  for (std::size_t q = 0; q < 6; ++q) std::memcpy(out + 8 * q, acc[q], sizeof(v8d));
-  for (std::size_t j = 0; k + j < n; ++j) {
-    const double bj = b[k + j], d0 = x[0][k + j] - bj, d1 = x[1][k + j] - bj;
-    out[j] += d0 * d0, out[16 + j] += d1 * d1, out[32 + j] += d0 * d1;
+  return unsafe;
+}
+
+template <class T, bool Guard = false>
+std::uint32_t blend_group(unsigned g, const float* const* x, const float* base, std::size_t m, const T* acc_in, T* acc,
+                          T a, T u, float* out) {
+  switch (g) {
+    case 1: return blend<T, 1, Guard>(x, base, m, acc_in, acc, a, u, out);
+    case 2: return blend<T, 2, Guard>(x, base, m, acc_in, acc, a, u, out);
+    case 3: return blend<T, 3, Guard>(x, base, m, acc_in, acc, a, u, out);
+    default: return blend<T, 4, Guard>(x, base, m, acc_in, acc, a, u, out);
   }
-}
-
-CONFLUX_MULTIVERSION void row_lanes3(const float* const* x, const float* b, std::size_t n, double* out) {
-  v8d s0a = {}, s0b = {}, s1a = {}, s1b = {}, s2a = {}, s2b = {};
-  v8d p01a = {}, p01b = {}, p02a = {}, p02b = {}, p12a = {}, p12b = {};
-  std::size_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    v8d ba, bb, d0a, d0b, d1a, d1b, d2a, d2b;
-    CFX_LOAD(ba, b + k);
-    CFX_LOAD(bb, b + k + 8);
-    CFX_LOAD(d0a, x[0] + k);
-    CFX_LOAD(d0b, x[0] + k + 8);
-    CFX_LOAD(d1a, x[1] + k);
-    CFX_LOAD(d1b, x[1] + k + 8);
-    CFX_LOAD(d2a, x[2] + k);
-    CFX_LOAD(d2b, x[2] + k + 8);
-    d0a -= ba, d0b -= bb, d1a -= ba, d1b -= bb, d2a -= ba, d2b -= bb;
-    s0a += d0a * d0a, s0b += d0b * d0b, s1a += d1a * d1a, s1b += d1b * d1b, s2a += d2a * d2a, s2b += d2b * d2b;
-    p01a += d0a * d1a, p01b += d0b * d1b, p02a += d0a * d2a, p02b += d0b * d2b, p12a += d1a * d2a, p12b += d1b * d2b;
-  }
-  const v8d* acc[] = {&s0a, &s0b, &s1a, &s1b, &s2a, &s2b, &p01a, &p01b, &p02a, &p02b, &p12a, &p12b};
-  for (std::size_t q = 0; q < 12; ++q) std::memcpy(out + 8 * q, acc[q], sizeof(v8d));
-  for (std::size_t j = 0; k + j < n; ++j) {
-    const double bj = b[k + j], d0 = x[0][k + j] - bj, d1 = x[1][k + j] - bj, d2 = x[2][k + j] - bj;
-    out[j] += d0 * d0, out[16 + j] += d1 * d1, out[32 + j] += d2 * d2;
-    out[48 + j] += d0 * d1, out[64 + j] += d0 * d2, out[80 + j] += d1 * d2;
-  }
-}
-#undef CFX_LOAD
-
-// acc[k] (+)= x[k]
-CONFLUX_MULTIVERSION void add_to(const float* x, std::size_t m, double* acc) {
-  for (std::size_t k = 0; k < m; ++k) acc[k] += static_cast<double>(x[k]);
-}
-
-// The same for two and three models in one sweep (the same operations in the same order).
-CONFLUX_MULTIVERSION void blend2(const float* x0, const float* x1, const float* base, std::size_t m, double a, double u,
-                                 float* out) {
-  for (std::size_t k = 0; k < m; ++k)
-    out[k] = static_cast<float>(a * (static_cast<double>(x0[k]) + static_cast<double>(x1[k])) +
-                                u * static_cast<double>(base[k]));
-}
-CONFLUX_MULTIVERSION void blend3(const float* x0, const float* x1, const float* x2, const float* base, std::size_t m,
-                                 double a, double u, float* out) {
-  for (std::size_t k = 0; k < m; ++k)
-    out[k] = static_cast<float>(
-        a * ((static_cast<double>(x0[k]) + static_cast<double>(x1[k])) + static_cast<double>(x2[k])) +
-        u * static_cast<double>(base[k]));
-}
-
-// out[k] = a * sum[k] + u * base[k], rounded once.
-CONFLUX_MULTIVERSION void blend(const double* sum, const float* base, std::size_t m, double a, double u, float* out) {
-  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(a * sum[k] + u * static_cast<double>(base[k]));
 }
 
 }  // namespace
@@ -201,6 +228,7 @@ struct ModelStock {
         pairs_(n_ * (n_ - 1) / 2),
         stats_(n_ + pairs_),
         filter_wise_(job.flag("filter_wise")),
+        row_kernel_(n_ == 2 ? row_lanes2 : n_ == 3 ? row_lanes3 : n_ == 4 ? row_lanes4 : nullptr),
         state_(new TensorState[job.tensors().size()]) {}
 
   // Statistics pass: whole rows; per row s_1..s_N then p_12, p_13, ..., stored per row.
@@ -211,18 +239,30 @@ struct ModelStock {
       throw sdk::Error("internal: the host handed a chunk that is not made of whole rows");
     TensorState& s = state_[t.index];
     std::call_once(s.once, [&] { s.rows.reset(new double[stats_ * (t.numel / len)]); });
-    std::vector<double> base(kBlock), d(n_ * kBlock), lanes(stats_ * kLanes);
-    std::vector<const float*> x(n_);
     const std::uint64_t rows = c.count() / len;
     double* out = s.rows.get() + stats_ * (c.begin() / len);
+    if (row_kernel_)
+      register_rows(c, len, rows, out);
+    else
+      block_rows(c, len, rows, out);
+    rows_seen[0] += rows;
+  }
+
+  // Up to kRegisterModels models: one kernel call per row.
+  void register_rows(const sdk::Chunk& c, std::uint64_t len, std::uint64_t rows, double* out) const {
+    double lanes[kLanes * (kRegisterModels + kRegisterModels * (kRegisterModels - 1) / 2)];
+    const float* x[kRegisterModels];
     for (std::uint64_t r = 0; r < rows; ++r) {
-      if (n_ == 2 || n_ == 3) {
-        for (std::uint32_t i = 0; i < n_; ++i) x[i] = c.models()[i] + r * len;
-        (n_ == 2 ? row_lanes2 : row_lanes3)(x.data(), c.base().data() + r * len, len, lanes.data());
-        for (std::size_t q = 0; q < stats_; ++q) out[stats_ * r + q] = fold_lanes(lanes.data() + q * kLanes);
-        continue;
-      }
-      // Any number of models: blocks of kBlock elements, one statistic at a time.
+      for (std::uint32_t i = 0; i < n_; ++i) x[i] = c.models()[i] + r * len;
+      row_kernel_(x, c.base().data() + r * len, len, lanes);
+      for (std::size_t q = 0; q < stats_; ++q) out[stats_ * r + q] = fold_lanes(lanes + q * kLanes);
+    }
+  }
+
+  // More models: blocks of kBlock elements, one statistic at a time.
+  void block_rows(const sdk::Chunk& c, std::uint64_t len, std::uint64_t rows, double* out) const {
+    std::vector<double> base(kBlock), d(n_ * kBlock), lanes(stats_ * kLanes);
+    for (std::uint64_t r = 0; r < rows; ++r) {
       std::fill(lanes.begin(), lanes.end(), 0.0);
       for (std::uint64_t k0 = 0; k0 < len; k0 += kBlock) {
         const std::size_t m = static_cast<std::size_t>(std::min<std::uint64_t>(kBlock, len - k0));
@@ -237,7 +277,6 @@ struct ModelStock {
       }
       for (std::size_t q = 0; q < stats_; ++q) out[stats_ * r + q] = fold_lanes(lanes.data() + q * kLanes);
     }
-    rows_seen[0] += rows;
   }
 
   void combine(const cfx_tensor*, sdk::Span<std::uint64_t> into, sdk::Span<const std::uint64_t> from) {
@@ -375,18 +414,43 @@ struct ModelStock {
     return t;
   }
 
-  // out[k0 .. k0+m) = (t / N) * sum_i theta_i + (1 - t) * base, in blocks.
+  // out[k0 .. k0+m) = (t / N) * sum_i theta_i + (1 - t) * base, the coefficients in double. For
+  // a BF16 output of up to four models (one sweep): float32 (the coefficients rounded to it here),
+  // with float_guard's per-entry fallback to double.
   void merge(const sdk::Chunk& c, std::size_t k0, std::size_t m, double t, float* out) const {
     const double a = t / static_cast<double>(n_), u = 1 - t;
-    const float* const* x = c.models();
-    if (n_ == 2) return blend2(x[0] + k0, x[1] + k0, c.base().data() + k0, m, a, u, out + k0);
-    if (n_ == 3) return blend3(x[0] + k0, x[1] + k0, x[2] + k0, c.base().data() + k0, m, a, u, out + k0);
-    double acc[kBlock];
-    for (std::size_t b = 0; b < m; b += kBlock) {
-      const std::size_t len = std::min(kBlock, m - b), off = k0 + b;
-      widen(c.models()[0] + off, len, acc);
-      for (std::uint32_t i = 1; i < n_; ++i) add_to(c.models()[i] + off, len, acc);
-      blend(acc, c.base().data() + off, len, a, u, out + off);
+    if (!c.float32_suffices() || n_ > 4) return merge_double(c, k0, m, a, u, out);
+    const float af = static_cast<float>(a), uf = static_cast<float>(u);
+    auto sweep = [&](auto a_t, auto u_t, std::size_t at, std::size_t count) {
+      using T = decltype(a_t);
+      const float* x[4];
+      for (std::uint32_t j = 0; j < n_; ++j) x[j] = c.models()[j] + k0 + at;
+      return blend_group<T, std::is_same_v<T, float>>(n_, x, c.base().data() + k0 + at, count, nullptr, nullptr, a_t,
+                                                        u_t, out + k0 + at);
+    };
+    fg::run(m, [&](std::size_t at, std::size_t count) { return sweep(af, uf, at, count); },
+            [&](std::size_t at, std::size_t count) { sweep(a, u, at, count); });
+  }
+
+  // In double: up to four models in one sweep; more in blocks small enough for the stack and the
+  // L1 cache, the models four at a time, their partial sums kept in the block.
+  void merge_double(const sdk::Chunk& c, std::size_t k0, std::size_t m, double a, double u, float* out) const {
+    const float* x[4];
+    if (n_ <= 4) {
+      for (std::uint32_t j = 0; j < n_; ++j) x[j] = c.models()[j] + k0;
+      blend_group<double>(n_, x, c.base().data() + k0, m, nullptr, nullptr, a, u, out + k0);
+      return;
+    }
+    for (std::size_t b = 0; b < m; b += kMapBlock) {
+      const std::size_t len = std::min(kMapBlock, m - b), off = k0 + b;
+      double acc[kMapBlock];
+      for (std::uint32_t i = 0; i < n_; i += 4) {
+        const unsigned g = std::min(4u, n_ - i);
+        for (unsigned j = 0; j < g; ++j) x[j] = c.models()[i + j] + off;
+        const bool last = i + g == n_;
+        blend_group<double>(g, x, c.base().data() + off, len, i == 0 ? nullptr : acc, acc, a, u,
+                            last ? out + off : nullptr);
+      }
     }
   }
 
@@ -394,6 +458,8 @@ struct ModelStock {
   std::uint32_t n_;
   std::size_t pairs_, stats_;
   bool filter_wise_;
+  // Up to kRegisterModels models: the statistics of one row in registers (else nullptr).
+  void (*row_kernel_)(const float* const*, const float*, std::size_t, double*);
   std::unique_ptr<TensorState[]> state_;  // one per floating tensor
 };
 

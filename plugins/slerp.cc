@@ -14,10 +14,14 @@
 //        |cos| > 0.9995 (near-parallel or -antiparallel)   -> linear:  c0 = 1 - t, c1 = t
 //        else theta = acos(cos), s = sin(theta)             -> spherical:
 //             c0 = sin(theta - theta * t) / s,  c1 = sin(theta * t) / s
-//   out[k] = c0 * a[k] + c1 * b[k]   in double, rounded once to float32 (the host then rounds to
-//                                    the output dtype, nearest-even)
+//   out[k] = c0 * a[k] + c1 * b[k]   rounded once to float32 (the host then rounds to the output
+//                                    dtype, nearest-even); computed in float32 for a BF16 output
+//                                    (c0, c1 rounded to float32; plugin.h, CFX_FLOAT32_OUTPUT_BITS;
+//                                    entries whose terms cancel are computed again in double,
+//                                    common/float_guard.h), else in double
 // This is mergekit's slerp (DOT_THRESHOLD 0.9995; cos of the normalized vectors, here dot/(n0 n1),
-// the same quantity) computed in double instead of float32. Differences from mergekit:
+// the same quantity) with its statistics and coefficients in double instead of float32.
+// Differences from mergekit:
 //   - a zero-norm tensor falls back to linear interpolation; mergekit leaves a vector of norm
 //     <= 1e-8 unnormalized and interpolates with a meaningless angle (~90 degrees);
 //   - t is one number in [0, 1]; mergekit also accepts per-layer gradients of t (a list
@@ -30,7 +34,8 @@
 // double (float x float); the row's value is ((l0 + l1) + l2) + ... + l15. Row values are stored
 // per row and folded in reduce_done in row order: ((row0 + row1) + row2) + ... So a sum depends
 // only on the tensor's values and shape, never on how the host cut it into chunks. Memory: three
-// doubles per row of the tensors being processed.
+// doubles per row of the tensors being processed. The statistics kernel may fuse a product and
+// its sum (FMA): the product of two floats is exact in double, so that changes no bit.
 //
 // REPORT (conflux-manifest.json, "report"): t, which checkpoints are v0 and v1, how many tensors
 // were interpolated spherically / linearly (near-parallel) / linearly (zero norm), the range of
@@ -46,17 +51,32 @@
 #include <mutex>
 #include <string>
 
+#include "common/float_guard.h"
+
 namespace sdk = conflux::sdk;
+namespace fg = conflux::plugins::float_guard;
 
 namespace {
 
-// GCC/Clang vector extensions: element-wise IEEE double arithmetic in a fixed lane layout, which
-// CONFLUX_MULTIVERSION compiles to one zmm (AVX-512), two ymm (AVX2) or four xmm (SSE2) per
-// vector, with the same bits on each (plugins are built with -ffp-contract=off: no FMA). A plain
-// 16-lane loop does not vectorize well (the accumulators stay in memory).
-typedef double v8d __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
+// GCC/Clang vector extensions: element-wise IEEE double arithmetic in a fixed lane layout, the
+// same bits on every instruction set (plugins are built with -ffp-contract=off).
+typedef double v4d __attribute__((vector_size(32)));
 constexpr std::size_t kLanes = 16;
+
+// Four floats widened to double (one vcvtps2pd; __builtin_convertvector on eight floats compiles
+// to extracts and inserts).
+#define CFX_WIDEN4(p) (v4d{(p)[0], (p)[1], (p)[2], (p)[3]})
+
+// The statistics kernel: both operands of every product are floats, so the product is exact in
+// double and a fused multiply-add rounds exactly as the product and then the sum do. Contraction
+// is allowed here alone (it halves the arithmetic), on CPUs with FMA (x86-64-v3, v4); the
+// baseline version multiplies then adds, with the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
+#define CFX_EXACT_FMA \
+  __attribute__((optimize("fp-contract=fast"), target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CFX_EXACT_FMA
+#endif
 
 double fold_lanes(const double* l) {
   double s = l[0];
@@ -64,47 +84,63 @@ double fold_lanes(const double* l) {
   return s;
 }
 
-// out[0] = sum a^2, out[1] = sum b^2, out[2] = sum a b over one row, in the lane order above.
-CONFLUX_MULTIVERSION void row_sums(const float* a, const float* b, std::size_t n, double* out) {
-  v8d aa0 = {}, aa1 = {}, bb0 = {}, bb1 = {}, ab0 = {}, ab1 = {};
-  std::size_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    v8f fa0, fa1, fb0, fb1;
-    std::memcpy(&fa0, a + k, sizeof fa0);
-    std::memcpy(&fa1, a + k + 8, sizeof fa1);
-    std::memcpy(&fb0, b + k, sizeof fb0);
-    std::memcpy(&fb1, b + k + 8, sizeof fb1);
-    const v8d x0 = __builtin_convertvector(fa0, v8d), x1 = __builtin_convertvector(fa1, v8d);
-    const v8d y0 = __builtin_convertvector(fb0, v8d), y1 = __builtin_convertvector(fb1, v8d);
-    aa0 += x0 * x0;
-    aa1 += x1 * x1;
-    bb0 += y0 * y0;
-    bb1 += y1 * y1;
-    ab0 += x0 * y0;
-    ab1 += x1 * y1;
-  }
+// out[0] = sum a^2, out[1] = sum b^2, out[2] = sum a b over one row, in the lane order above, in
+// sweeps of W lanes (W = 16: one sweep; 8: lanes 0-7, then 8-15). A sweep keeps its lanes of the
+// three sums in registers: 3 W / 4 accumulators and W / 2 operands, which fit AVX-512's 32
+// vector registers for W = 16 and AVX2's 16 for W = 8. Each lane adds its elements in
+// increasing j either way, so W changes no bit.
+template <std::size_t W>
+CFX_EXACT_FMA void row_sums(const float* a, const float* b, std::size_t n, double* out) {
+  static_assert(W % 4 == 0 && kLanes % W == 0);
+  constexpr std::size_t V = W / 4;  // vectors per sum
   double aa[kLanes], bb[kLanes], ab[kLanes];
-  std::memcpy(aa, &aa0, sizeof aa0);
-  std::memcpy(aa + 8, &aa1, sizeof aa1);
-  std::memcpy(bb, &bb0, sizeof bb0);
-  std::memcpy(bb + 8, &bb1, sizeof bb1);
-  std::memcpy(ab, &ab0, sizeof ab0);
-  std::memcpy(ab + 8, &ab1, sizeof ab1);
-  for (std::size_t j = 0; k + j < n; ++j) {
-    const double x = a[k + j], y = b[k + j];
-    aa[j] += x * x;
-    bb[j] += y * y;
-    ab[j] += x * y;
+  for (std::size_t g = 0; g < kLanes; g += W) {
+    v4d saa[V] = {}, sbb[V] = {}, sab[V] = {};
+    std::size_t k = g;
+    for (; k + W <= n; k += kLanes)
+      for (std::size_t v = 0; v < V; ++v) {
+        const v4d x = CFX_WIDEN4(a + k + 4 * v), y = CFX_WIDEN4(b + k + 4 * v);
+        saa[v] += x * x, sbb[v] += y * y, sab[v] += x * y;
+      }
+    std::memcpy(aa + g, saa, sizeof saa);
+    std::memcpy(bb + g, sbb, sizeof sbb);
+    std::memcpy(ab + g, sab, sizeof sab);
+    // The row ends inside this sweep's lanes: its last elements, lane by lane.
+    for (std::size_t j = 0; j < W && k + j < n; ++j) {
+      const double x = a[k + j], y = b[k + j];
+      aa[g + j] += x * x;
+      bb[g + j] += y * y;
+      ab[g + j] += x * y;
+    }
   }
   out[0] = fold_lanes(aa);
   out[1] = fold_lanes(bb);
   out[2] = fold_lanes(ab);
 }
+#undef CFX_WIDEN4
 
-// out[k] = c0 * a[k] + c1 * b[k] in double, rounded once.
-CONFLUX_MULTIVERSION void mix(const float* a, const float* b, std::size_t n, double c0, double c1, float* out) {
-  for (std::size_t k = 0; k < n; ++k)
-    out[k] = static_cast<float>(c0 * static_cast<double>(a[k]) + c1 * static_cast<double>(b[k]));
+using RowSums = void (*)(const float*, const float*, std::size_t, double*);
+
+// The sweep width for this CPU: one sweep where its 20 vectors fit in registers (AVX-512), two
+// elsewhere (with AVX2's 16 registers one sweep spills accumulators: 1.7 times slower there).
+RowSums pick_row_sums() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) return row_sums<16>;
+#endif
+  return row_sums<8>;
+}
+
+// out[k] = c0 * a[k] + c1 * b[k] in T, rounded once. Guard (float32): returns how many results
+// fail float_guard's test (the two terms cancelling).
+template <class T, bool Guard = false>
+CONFLUX_MULTIVERSION std::uint32_t mix(const float* a, const float* b, std::size_t n, T c0, T c1, float* out) {
+  std::uint32_t unsafe = 0;
+  for (std::size_t k = 0; k < n; ++k) {
+    const T t0 = c0 * static_cast<T>(a[k]), t1 = c1 * static_cast<T>(b[k]), r = t0 + t1;
+    out[k] = static_cast<float>(r);
+    if constexpr (Guard) unsafe += fg::unsafe(r, std::fabs(t0) + std::fabs(t1));
+  }
+  return unsafe;
 }
 
 constexpr double kDotThreshold = 0.9995;  // mergekit's DOT_THRESHOLD
@@ -126,7 +162,11 @@ struct Slerp {
   };
 
   explicit Slerp(const sdk::Job& job)
-      : job_(job), t_(job.number("t")), has_base_(job.has_base()), state_(new TensorState[job.tensors().size()]) {
+      : job_(job),
+        t_(job.number("t")),
+        has_base_(job.has_base()),
+        row_sums_(pick_row_sums()),
+        state_(new TensorState[job.tensors().size()]) {
     const std::uint32_t n = job.model_count();
     if (has_base_ ? n != 1 : n != 2)
       throw sdk::Error(
@@ -147,7 +187,7 @@ struct Slerp {
     const float* b = second(c);
     double* out = s.rows.get() + 3 * (c.begin() / len);
     const std::uint64_t rows = c.count() / len;
-    for (std::uint64_t r = 0; r < rows; ++r) row_sums(a + r * len, b + r * len, len, out + 3 * r);
+    for (std::uint64_t r = 0; r < rows; ++r) row_sums_(a + r * len, b + r * len, len, out + 3 * r);
     rows_seen[0] += rows;
   }
 
@@ -189,9 +229,21 @@ struct Slerp {
     return false;
   }
 
+  // The coefficients are the tensor's (double). For a BF16 output: float32 (the coefficients
+  // rounded to it here, the same for every chunk), with float_guard's per-entry fallback to double.
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
     const TensorState& s = state_[c.tensor().index];
-    mix(first(c), second(c), out.size(), s.c0, s.c1, out.data());
+    const float *a = first(c), *b = second(c);
+    if (!c.float32_suffices()) {
+      mix<double>(a, b, out.size(), s.c0, s.c1, out.data());
+      return;
+    }
+    const float c0 = static_cast<float>(s.c0), c1 = static_cast<float>(s.c1);
+    auto f32 = [&](std::size_t at, std::size_t n) {
+      return mix<float, true>(a + at, b + at, n, c0, c1, out.data() + at);
+    };
+    auto f64 = [&](std::size_t at, std::size_t n) { mix<double>(a + at, b + at, n, s.c0, s.c1, out.data() + at); };
+    fg::run(out.size(), f32, f64);
   }
 
   void finish() {
@@ -265,6 +317,7 @@ struct Slerp {
   const sdk::Job& job_;
   double t_;
   bool has_base_;
+  RowSums row_sums_;                      // the statistics kernel for this CPU
   std::unique_ptr<TensorState[]> state_;  // one per floating tensor
 };
 

@@ -660,13 +660,43 @@ TEST_F(SlerpStockTest, SlerpIsBitIdenticalAcrossThreadsAndChunks) {
   }
 }
 
+// Float32 arithmetic (BF16 output from float32 inputs) where the two terms cancel. At t = 0.5 a
+// spherical tensor has c0 == c1 (theta - theta t == theta t), so entries with v1 = -v0 (1 + tiny)
+// cancel; at t = 0.3 an antiparallel tensor (linear: c0 = 0.7, c1 = 0.3) with v1 = -(7/3) v0
+// (1 + tiny) does. Float32 cannot see the remainder: those entries are computed again in double
+// (plugins/common/float_guard.h), so every entry stays within 1 ulp of the reference.
+TEST_F(SlerpStockTest, SlerpStaysExactWhereTermsCancel) {
+  const std::vector<Spec> specs = {{"sph", {61, 37}, DType::F32}, {"anti", {1001}, DType::F32}};
+  auto r = [&](std::size_t ti, std::uint64_t j, std::uint64_t c) { return rnd(name_id(specs[ti].name), j, c); };
+  auto v0 = [&](std::size_t ti, std::uint64_t j) { return static_cast<float>(0.5 + 0.5 * r(ti, j, 1)); };
+  auto v1 = [&](std::size_t ti, std::uint64_t j) {
+    const double x = v0(ti, j), tiny = std::ldexp(r(ti, j, 3) - 0.5, -20);
+    if (ti == 1) return static_cast<float>(-(7.0 / 3.0) * x * (1 + tiny));
+    if (j % 3 == 0) return static_cast<float>(-x * (1 + tiny));  // cancelling entries
+    return static_cast<float>(r(ti, j, 2) - 0.5);                 // the rest keep the angle wide
+  };
+  write_checkpoint(dir_ / "a", specs, v0);
+  write_checkpoint(dir_ / "b", specs, v1);
+  const auto inputs = read_values({dir_ / "a", dir_ / "b"});
+  for (const double t : {0.5, 0.3}) {
+    SCOPED_TRACE("t = " + std::to_string(t));
+    JobConfig j = slerp_job(t, "cancel" + std::to_string(static_cast<int>(t * 10)));
+    j.out_dtype = DType::BF16;
+    run(j);
+    const SlerpRef ref = slerp_reference(inputs, t);
+    EXPECT_EQ(ref.kind.at("sph"), "spherical");
+    EXPECT_EQ(ref.kind.at("anti"), "parallel");
+    EXPECT_LE(check_output(j.output, ref.out), 1.0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // model_stock
 // ---------------------------------------------------------------------------------------------
 
 TEST_F(SlerpStockTest, ModelStockMatchesFloat64Reference) {
   write_stock(4);
-  for (const std::size_t n : {2u, 3u, 4u}) {  // 2 and 3 have their own kernels, 4 the general one
+  for (const std::size_t n : {2u, 3u, 4u}) {  // the register kernels (more models: GeneralPath below)
     SCOPED_TRACE(std::to_string(n) + " models");
     const std::string out = "stock" + std::to_string(n);
     const StockRef ref = check_stock(n, false, out);
@@ -732,6 +762,59 @@ TEST_F(SlerpStockTest, ModelStockIsBitIdenticalAcrossThreadsAndChunks) {
           << threads << " threads, chunk " << chunk;
       EXPECT_EQ(first, bytes(out)) << threads << " threads, chunk " << chunk;
     }
+  }
+}
+
+// Float32 arithmetic (BF16 output from float32 inputs) where the two terms cancel. Rows of one
+// element make every cosine +-1: task vectors d_1, d_2 > 0 and d_3 < 0 give a mean cosine of
+// -1/3 and t = -3 (up to rounding), so out = -(theta_1 + theta_2 + theta_3) + 4 base, which the
+// models are built to cancel (up to a tiny remainder). Float32 cannot see the remainder: those
+// entries are computed again in double (plugins/common/float_guard.h), so every entry stays within
+// 1 ulp of the reference.
+TEST_F(SlerpStockTest, ModelStockStaysExactWhereTermsCancel) {
+  const std::vector<Spec> specs = {{"rows", {301, 1}, DType::F32}};
+  auto r = [&](std::uint64_t j, std::uint64_t c) { return rnd(name_id("rows"), j, c); };
+  auto base = [&](std::size_t, std::uint64_t j) { return static_cast<float>(0.5 + 0.5 * r(j, 1)); };
+  auto model = [&](std::uint64_t j, std::size_t i) {
+    const double b = base(0, j), d0 = b * (0.6 + 0.4 * r(j, 2)), d1 = b * (0.6 + 0.4 * r(j, 3));
+    const double tiny = std::ldexp(r(j, 4) - 0.5, -20);
+    const double d[3] = {d0, d1, b * (1 + 4 * tiny) - d0 - d1};  // sum d = b (1 + 4 tiny), d_3 < 0
+    return static_cast<float>(b + d[i]);
+  };
+  write_checkpoint(dir_ / "base", specs, base);
+  for (std::size_t m = 0; m < 3; ++m)
+    write_checkpoint(dir_ / ("m" + std::to_string(m)), specs,
+                     [&](std::size_t, std::uint64_t j) { return model(j, m); });
+  JobConfig j = stock_job(3, true, "cancel");
+  j.out_dtype = DType::BF16;
+  run(j);
+  const StockRef ref = stock_reference(read_values({dir_ / "base", dir_ / "m0", dir_ / "m1", dir_ / "m2"}), true);
+  for (const double t : ref.t) EXPECT_NEAR(t, -3.0, 1e-12);
+  EXPECT_LE(check_output(j.output, ref.out), 1.0);
+}
+
+TEST_F(SlerpStockTest, ModelStockGeneralPathMatchesFloat64Reference) {
+  // More models than the register kernels take (four): the statistics go through blocks, and the
+  // map sums the models four at a time (5 = 4 + 1, 6 = 4 + 2). Same references, same bits.
+  write_stock(6);
+  for (const std::size_t n : {5u, 6u}) {
+    for (const bool fw : {false, true}) {
+      SCOPED_TRACE(std::to_string(n) + " models" + (fw ? ", filter_wise" : ""));
+      const std::string out = std::string(fw ? "gfw" : "gpt") + std::to_string(n);
+      const StockRef ref = check_stock(n, fw, out);
+      check_stock(n, fw, out + "_f32", DType::F32);
+      EXPECT_EQ(ref.pole, 0u);
+      EXPECT_EQ(elements_of(dir_ / out, "norm.weight"), elements_of(dir_ / "base", "norm.weight"));
+    }
+  }
+  const std::string first_report = run(stock_job(5, false, "g0"), 2, 1000).result.report;
+  const std::string first = bytes("g0");
+  int i = 0;
+  for (const auto& [threads, chunk] : std::vector<std::pair<unsigned, std::uint64_t>>{{1, 333}, {2, 0}, {1, 7}}) {
+    const std::string out = "g" + std::to_string(++i);
+    EXPECT_EQ(first_report, run(stock_job(5, false, out), threads, chunk).result.report)
+        << threads << " threads, chunk " << chunk;
+    EXPECT_EQ(first, bytes(out)) << threads << " threads, chunk " << chunk;
   }
 }
 
