@@ -59,7 +59,12 @@ inline void StoreAt(T v, void* base, std::size_t i) {
   std::memcpy(static_cast<unsigned char*>(base) + sizeof(T) * i, &v, sizeof v);
 }
 
-inline void BF16ToF32(const void* src, float* HWY_RESTRICT dst, std::size_t n) {
+// bf16 -> f32 over n elements, each value passed through finish(vector, offset) (resp.
+// finish_one(value, offset) in the tail) before it is stored: the plain conversion, or a task
+// vector formed in the same sweep.
+template <class Finish, class FinishOne>
+inline void BF16ToF32Then(const void* src, float* HWY_RESTRICT dst, std::size_t n, Finish finish,
+                          FinishOne finish_one) {
   const hn::ScalableTag<float> df;
   const hn::RebindToUnsigned<decltype(df)> du;
   const hn::Rebind<std::uint16_t, decltype(df)> d16;
@@ -68,24 +73,22 @@ inline void BF16ToF32(const void* src, float* HWY_RESTRICT dst, std::size_t n) {
   std::size_t i = 0;
   for (; i + lanes <= n; i += lanes) {
     const auto bits = hn::PromoteTo(du, hn::LoadU(d16, in + i));
-    hn::StoreU(hn::BitCast(df, hn::ShiftLeft<16>(bits)), df, dst + i);
+    hn::StoreU(finish(hn::BitCast(df, hn::ShiftLeft<16>(bits)), i), df, dst + i);
   }
-  for (; i < n; ++i) StoreAt(bf16_bits_to_f32(LoadAt<std::uint16_t>(src, i)), dst, i);
+  for (; i < n; ++i) StoreAt(finish_one(bf16_bits_to_f32(LoadAt<std::uint16_t>(src, i)), i), dst, i);
+}
+
+inline void BF16ToF32(const void* src, float* HWY_RESTRICT dst, std::size_t n) {
+  BF16ToF32Then(
+      src, dst, n, [](auto v, std::size_t) { return v; }, [](float v, std::size_t) { return v; });
 }
 
 // dst = bf16(src) - base: a task vector formed in the same sweep as the conversion.
 inline void BF16ToF32Minus(const void* src, const float* HWY_RESTRICT base, float* HWY_RESTRICT dst, std::size_t n) {
   const hn::ScalableTag<float> df;
-  const hn::RebindToUnsigned<decltype(df)> du;
-  const hn::Rebind<std::uint16_t, decltype(df)> d16;
-  const std::size_t lanes = hn::Lanes(df);
-  const auto* in = static_cast<const std::uint16_t*>(src);
-  std::size_t i = 0;
-  for (; i + lanes <= n; i += lanes) {
-    const auto x = hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(d16, in + i))));
-    hn::StoreU(hn::Sub(x, hn::LoadU(df, base + i)), df, dst + i);
-  }
-  for (; i < n; ++i) StoreAt(bf16_bits_to_f32(LoadAt<std::uint16_t>(src, i)) - base[i], dst, i);
+  BF16ToF32Then(
+      src, dst, n, [&](auto v, std::size_t i) { return hn::Sub(v, hn::LoadU(df, base + i)); },
+      [&](float v, std::size_t i) { return v - base[i]; });
 }
 
 inline void F16ToF32(const void* src, float* HWY_RESTRICT dst, std::size_t n) {
