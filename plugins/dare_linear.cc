@@ -5,6 +5,8 @@
 //   out = base + lambda * sum_i w_i d_i' / (normalize ? sum_i w_i : 1)
 // Defaults as mergekit: density 1 (nothing dropped), normalize false, rescale true.
 // The definition in full: common/drop_merge.h.
+// Computed per entry in float32 for a BF16 output (with a fallback to double where terms cancel),
+// else in double (the arithmetic: drop_merge.h).
 #include "common/drop_merge.h"
 
 namespace dm = conflux::plugins::drop_merge;
@@ -32,4 +34,5 @@ using DareLinear = dm::DropMerge<Traits>;
 
 }  // namespace
 
-CONFLUX_PLUGIN(DareLinear, sdk::map_pass<DareLinear, &DareLinear::map>(CFX_PASS_TASK_VECTORS))
+// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would.
+CONFLUX_PLUGIN(DareLinear, sdk::map_pass<DareLinear, &DareLinear::map>())

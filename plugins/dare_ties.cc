@@ -6,6 +6,8 @@
 //   out = base + lambda * sum_i [sign W_i == s] W_i / (normalize ? sum_i [sign W_i == s] w_i : 1)
 // (0 where that divisor is 0). Defaults as mergekit: density 1 (nothing dropped), normalize
 // false, rescale true. The definition in full: common/drop_merge.h, common/sign_election.h.
+// Computed per entry in float32 for a BF16 output (with a fallback to double where terms cancel),
+// else in double (the arithmetic: drop_merge.h).
 #include "common/drop_merge.h"
 
 namespace dm = conflux::plugins::drop_merge;
@@ -33,4 +35,5 @@ using DareTies = dm::DropMerge<Traits>;
 
 }  // namespace
 
-CONFLUX_PLUGIN(DareTies, sdk::map_pass<DareTies, &DareTies::map>(CFX_PASS_TASK_VECTORS))
+// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would.
+CONFLUX_PLUGIN(DareTies, sdk::map_pass<DareTies, &DareTies::map>())

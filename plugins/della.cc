@@ -8,6 +8,7 @@
 // Defaults as mergekit: density 1 (prunes nothing), epsilon 0.15, normalize true, rescale true.
 // density - epsilon must be > 0 and density + epsilon <= 1 (else the job is refused).
 // The definition in full: common/drop_merge.h, common/sign_election.h.
+// Computed per entry in double (the arithmetic: drop_merge.h).
 #include "common/drop_merge.h"
 
 namespace dm = conflux::plugins::drop_merge;
@@ -38,4 +39,5 @@ using Della = dm::DropMerge<Traits>;
 
 }  // namespace
 
-CONFLUX_PLUGIN(Della, sdk::map_pass<Della, &Della::map>(CFX_PASS_TASK_VECTORS | CFX_PASS_WHOLE_ROWS))
+// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would.
+CONFLUX_PLUGIN(Della, sdk::map_pass<Della, &Della::map>(CFX_PASS_WHOLE_ROWS))

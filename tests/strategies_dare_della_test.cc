@@ -7,7 +7,9 @@
 // output dtype, kept counts with the plugins' reports and with the binomial expectation.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <initializer_list>
 #include <map>
@@ -28,6 +30,7 @@
 #include "conflux/writer.h"
 #include "test_util.h"
 #include "strategy_test_util.h"
+#include "../plugins/common/drop_merge.h"
 
 namespace {
 
@@ -448,9 +451,201 @@ TEST_F(DareDellaTest, SingleModelShowsEveryDecision) {
   }
 }
 
+// More models than one fused sweep takes (4): the sums carry between groups of models.
+TEST_F(DareDellaTest, FiveModelsMatchReference) {
+  Scenario sc;
+  sc.models = 5;
+  write_scenario(sc);
+  for (const char* strategy : kStrategies) {
+    Params p{strategy};
+    p.density = 0.4;
+    p.epsilon = 0.2;
+    p.weights = {1.0, 0.6, 1.3, -0.4, 0.8};
+    p.lambda = 0.9;
+    p.seed = 31;
+    check(p, std::string(strategy) + "_bf16");
+    p.normalize = !p.normalized();
+    check(p, std::string(strategy) + "_f32", DType::F32);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DELLA's row kernels (common/drop_merge.h), each path whatever this CPU and these rows make
+// the plugins choose: the scalar and the AVX-512 split, ranks counted directly and radix-sorted,
+// against a stable sort.
+// ---------------------------------------------------------------------------------------------
+
+namespace dm = conflux::plugins::drop_merge;
+
+std::uint32_t magnitude_bits(float x) {
+  std::uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b & 0x7FFFFFFFu;  // orders like |x|, NaNs last
+}
+
+// A row of `len` entries, a fraction `nonzero` of them changed. kind 0: random magnitudes;
+// 1: three magnitudes (ties everywhere); 2: also infinities, NaNs and signed zeros.
+struct Row {
+  std::vector<float> x, base, u;
+};
+Row make_row(std::size_t len, double nonzero, int kind, std::uint64_t seed) {
+  Row r;
+  for (std::size_t k = 0; k < len; ++k) {
+    const float b = static_cast<float>(rnd(seed, k, 1) - 0.5);
+    float x = b;
+    if (rnd(seed, k, 2) < nonzero) {
+      const double v = rnd(seed, k, 3);
+      if (kind == 1)
+        x = b + static_cast<float>((v < 0.5 ? -1 : 1) * std::ldexp(1.0, -6 - static_cast<int>(v * 6) % 3));
+      else
+        x = b + static_cast<float>((v - 0.5) * std::ldexp(1.0, -static_cast<int>(rnd(seed, k, 4) * 20)));
+      if (kind == 2 && rnd(seed, k, 5) < 0.1) x = rnd(seed, k, 6) < 0.5 ? INFINITY : NAN;
+    }
+    if (kind == 2 && rnd(seed, k, 7) < 0.05) x = -b;  // exact cancellations of sign
+    r.x.push_back(x);
+    r.base.push_back(b);
+    // Multiples of 2^-24 in [0, 1), as the host's.
+    r.u.push_back(static_cast<float>(std::floor(rnd(seed, k, 8) * 0x1p24) * 0x1p-24));
+  }
+  return r;
+}
+
+TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
+  using Split = void (*)(const float*, const float*, const float*, const float*, std::size_t, dm::RowSplit&);
+  std::vector<std::pair<const char*, Split>> splits{{"scalar", dm::split_row_scalar}};
+#if CONFLUX_DROP_MERGE_AVX512
+  if (dm::have_avx512()) splits.emplace_back("avx512", dm::split_row_avx512);
+#endif
+  std::uint64_t seed = 0, rows = 0, counted = 0;
+  for (const std::size_t len : {2, 15, 16, 17, 33, 100, 896, 1501, 4864})
+    for (const double nonzero : {0.0, 0.06, 0.5, 1.0})
+      for (const int kind : {0, 1, 2}) {
+        SCOPED_TRACE("len " + std::to_string(len) + ", nonzero " + std::to_string(nonzero) + ", kind " +
+                     std::to_string(kind));
+        Row row = make_row(len, nonzero, kind, ++seed);
+        // density 0.2, epsilon 0.15: thresholds 1 - q from 0.95 down to 0.65.
+        const dm::RankTables tables(len, 0.05, 0.3 / static_cast<double>(len - 1), {1.0}, true);
+        const float* pf = tables.pf.data();
+        // The reference: ranks by a stable sort of the float32 task vector's magnitudes.
+        std::vector<std::uint32_t> mag(len);
+        for (std::size_t k = 0; k < len; ++k) mag[k] = magnitude_bits(row.x[k] - row.base[k]);
+        std::vector<std::size_t> order(len), rank(len);
+        std::iota(order.begin(), order.end(), std::size_t{0});
+        std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return mag[a] < mag[b]; });
+        for (std::size_t r = 0; r < len; ++r) rank[order[r]] = r;
+        // Some uniforms exactly on their threshold (kept) or just below it (dropped).
+        for (std::size_t k = 0; k < len; k += 3)
+          row.u[k] = k % 2 ? pf[rank[k]] : std::nextafter(pf[rank[k]], 0.0f);
+        std::size_t zeros = 0;
+        std::uint64_t kept_zeros = 0;
+        std::vector<std::uint32_t> nonzero_idx;
+        for (std::size_t k = 0; k < len; ++k) {
+          if (mag[k] != 0) {
+            nonzero_idx.push_back(static_cast<std::uint32_t>(k));
+            continue;
+          }
+          ++zeros;
+          kept_zeros += row.u[k] >= pf[rank[k]];
+        }
+        for (const auto& [name, split] : splits) {
+          SCOPED_TRACE(name);
+          std::vector<std::uint32_t> key(len + 16), idx(len + 16), cand(len + 16);
+          std::vector<float> unz(len + 16);
+          std::vector<std::uint64_t> a(len), b(len);
+          dm::RowSplit s{key.data(), idx.data(), unz.data()};
+          split(row.x.data(), row.base.data(), row.u.data(), pf, len, s);
+          ASSERT_EQ(s.nonzero, nonzero_idx.size());
+          EXPECT_EQ(s.kept_zeros, kept_zeros);
+          std::uint32_t any = 0, all = ~0u;
+          for (std::size_t j = 0; j < s.nonzero; ++j) {
+            ASSERT_EQ(idx[j], nonzero_idx[j]);
+            EXPECT_EQ(key[j], mag[idx[j]]);
+            EXPECT_EQ(unz[j], row.u[idx[j]]);
+            any |= key[j];
+            all &= key[j];
+          }
+          EXPECT_EQ(s.varying, s.nonzero ? any & ~all : 0u);
+          // Every path gives each visited entry its rank among the nonzero entries.
+          auto expect_rank = [&](std::size_t r, std::uint32_t j) {
+            ASSERT_LT(j, s.nonzero);
+            EXPECT_EQ(zeros + r, rank[idx[j]]) << "entry " << idx[j];
+          };
+          std::vector<int> seen(s.nonzero, 0);
+          if (s.nonzero > 1 && s.varying != 0) {
+            dm::radix_ranks(s, a.data(), b.data(), [&](std::size_t r, std::uint32_t j) {
+              expect_rank(r, j);
+              ++seen[j];
+            });
+            for (const int n : seen) EXPECT_EQ(n, 1);
+#if CONFLUX_DROP_MERGE_AVX512
+            if (dm::have_avx512()) {
+              std::fill_n(key.data() + s.nonzero, 16, 0xFFFFFFFFu);
+              for (std::size_t j = 0; j < s.nonzero; ++j) expect_rank(dm::rank_avx512(key.data(), s.nonzero, j), static_cast<std::uint32_t>(j));
+              counted += s.nonzero;
+            }
+#endif
+          }
+          // The plugins' choice: at least every entry that may be kept, each once.
+          std::fill(seen.begin(), seen.end(), 0);
+          dm::visit_candidates(s, pf[len - 1], cand.data(), a.data(), b.data(), [&](std::size_t r, std::uint32_t j) {
+            expect_rank(r, j);
+            ++seen[j];
+          });
+          for (std::size_t j = 0; j < s.nonzero; ++j) {
+            EXPECT_LE(seen[j], 1);
+            if (unz[j] >= pf[len - 1]) {
+              EXPECT_EQ(seen[j], 1) << "entry " << idx[j] << " may be kept";
+            }
+          }
+          ++rows;
+        }
+      }
+  EXPECT_GT(rows, 0u);
+  std::printf("row kernels: %llu rows checked, %llu ranks counted with AVX-512\n",
+              static_cast<unsigned long long>(rows), static_cast<unsigned long long>(counted));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Special cases
 // ---------------------------------------------------------------------------------------------
+
+// Float32 arithmetic (BF16 output) where the terms cancel: dare_linear with weights (1, 1, -1)
+// on base 0 and x2 = x0 + x1 + delta (the result is -delta), dare_ties with agents of tiny
+// values over a base they all undo (the mean update nearly cancels the base). The entries whose
+// float32 result cannot see the remainder are computed again in double
+// (plugins/common/float_guard.h): within 1 ulp of the reference everywhere.
+TEST_F(DareDellaTest, DareStaysExactWhereTermsCancel) {
+  const std::vector<Spec> specs = {{"w", {41, 37}, DType::F32}, {"v", {1003}, DType::F32}};
+  auto r = [&](std::size_t ti, std::uint64_t j, std::uint64_t c) { return rnd(name_id(specs[ti].name), j, c); };
+  for (const bool ties : {false, true}) {
+    SCOPED_TRACE(ties ? "dare_ties" : "dare_linear");
+    auto base = [&](std::size_t ti, std::uint64_t j) {
+      return ties ? static_cast<float>(0.5 + 0.5 * r(ti, j, 1)) : 0.0f;
+    };
+    auto agent = [&](std::size_t ti, std::uint64_t j, std::size_t i) {
+      if (ties) return static_cast<float>(std::ldexp(r(ti, j, 2 + i) - 0.5, -16));
+      const double a = 0.5 + 0.5 * r(ti, j, 2), c = 0.25 + 0.5 * r(ti, j, 3);
+      if (i == 0) return static_cast<float>(a);
+      if (i == 1) return static_cast<float>(c);
+      return static_cast<float>(static_cast<double>(static_cast<float>(a)) + static_cast<float>(c) +
+                                std::ldexp(r(ti, j, 4) - 0.5, -18));
+    };
+    conflux_test::write_checkpoint(dir_ / "base", specs, base);
+    for (std::size_t i = 0; i < 3; ++i)
+      conflux_test::write_checkpoint(dir_ / model_name(i), specs,
+                                     [&](std::size_t ti, std::uint64_t j) { return agent(ti, j, i); });
+    models_ = 3;
+    Params p{ties ? "dare_ties" : "dare_linear"};
+    p.density = 0.7;
+    p.seed = 3;
+    if (!ties) p.weights = {1.0, 1.0, -1.0}, p.rescale = false;
+    if (ties) p.normalize = true;
+    JobConfig j = job(p, ties ? "cancel_ties" : "cancel_linear");
+    j.out_dtype = DType::BF16;
+    run(j);
+    EXPECT_LE(max_ulps(j.output, reference(inputs(), p).out), 1.0);
+  }
+}
 
 TEST_F(DareDellaTest, DensityOneIsTaskArithmeticOrTiesWithoutTrimming) {
   write_scenario();

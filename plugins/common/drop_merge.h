@@ -3,8 +3,8 @@
 // sign election (dare_ties, della). One implementation, four plugins (plugins/dare_linear.cc,
 // dare_ties.cc, della.cc, della_linear.cc), mergekit's parameter names and defaults.
 //
-// DEFINITION (per tensor; i runs over the models, d_i = theta_i - theta_base as float32, all
-// arithmetic per entry in double, rounded once to the output):
+// DEFINITION (per tensor; i runs over the models, d_i = theta_i - theta_base in float32, as the
+// host would form it: the plugins read raw values and subtract in their kernels):
 //   u_i[e] = host->random_uniform(random_key(seed, tensor name, i), e) for flat index e
 //   keep   = u_i[e] >= 1 - q_i[e]                 (imm's rule u >= p, p = 1 - q the drop rate)
 //   W_i[e] = keep ? (w_i / q_i[e]) * d_i[e] : 0   (rescale = true)
@@ -26,10 +26,50 @@
 // density - epsilon > 0 and density + epsilon <= 1 (up to 1e-12, so 0.85 + 0.15 passes; q is
 // capped at 1), else the job is refused (mergekit refuses it too; clamping would silently change
 // the method).
+//
+// ARITHMETIC. Each entry is computed in T and rounded once to float32 (then by the host to the
+// output dtype): T = float32 for DARE when the tensor's output is BF16 (sdk::Chunk::
+// float32_suffices, plugin.h CFX_FLOAT32_OUTPUT_BITS), the models fit one group (kGroup) and,
+// for the election, no weight is negative; else T = double (DELLA always: its ranking, not the
+// arithmetic, is its cost). Float32 entries whose terms may cancel are computed again in double
+// (common/float_guard.h; redo_unsafe), so every entry is within 1 BF16 ulp of the double one.
+//   - q, 1 - q and the survivor factor c_i = w_i / q (w_i without rescale) are computed in
+//     double, as written above. T = double: W_i = c_i * double(d_i). T = float: c_i is rounded
+//     to float and W_i = float(c_i) * d_i in float.
+//   - The keep decision is the same in both: u is a float multiple of 2^-24, and double(u) >=
+//     1 - q exactly when u >= keep_threshold(1 - q), the smallest float >= 1 - q.
+//   - linear: acc = ((0 + W_0) + W_1) + ... in model order, out = base + f * acc with
+//     f = lambda * (normalize ? 1 / sum_i w_i : 1) computed in double (then rounded to T).
+//   - ties: sign_election.h in its single-pass form: per entry, in model order, vote += W_i and
+//     per sign the sums of the W_i and of the w_i; merged = the elected sign's sum (divided by
+//     its weights with normalize, 0 where they sum to 0); out = base + lambda * merged. In
+//     T = float the vote is still summed in double from c_i * double(d_i), so the elected sign
+//     is exactly the double path's (it is discontinuous: a float vote could flip it where the
+//     models nearly cancel), and whether W_i agrees is the sign of w_i * d_i (also where the
+//     float product underflows); the sums of the agreeing W_i and w_i and the division are in
+//     float.
+//   With T = double every entry has the bits of the definition evaluated in double in this
+//   order (the float64 reference's). With T = float the result is within 1 BF16 ulp of it: the
+//   entries where the terms may cancel far below the magnitudes they combine are redone in
+//   double (the decision depends on the entry alone, so chunking changes nothing).
 // The keep decisions depend only on (seed, tensor name, model index, element index) and, for
 // DELLA, on the row's magnitudes: the output is bit-identical at any thread count and chunking.
-// With epsilon = 0 DELLA's arithmetic is DARE's exactly (same q, same rescale), so della /
-// della_linear with epsilon 0 give the bits of dare_ties / dare_linear.
+// With epsilon = 0 (or rows of one entry) every q is density and DELLA runs DARE's code, so
+// della / della_linear with epsilon 0 give the bits of dare_ties / dare_linear.
+//
+// IMPLEMENTATION. DARE: blocks of kBlock entries; per block and model one random_uniform call
+// and one count of the kept entries, then one sweep over up to kGroup models at once (operands
+// in registers, vectorized; more models carry the per-entry sums between groups, in the same
+// order). DELLA: groups of whole rows, one random_uniform call per group and model; per row and
+// model the entries are split (AVX-512 compress where available) into zeros, which take ranks
+// 0 .. Z-1 in index order and whose W is 0 (only their kept count matters, counted during the
+// split), and nonzero entries, ranks Z .. L-1. Only a nonzero entry whose u reaches the row's
+// lowest threshold can be kept; when few do (low keep probabilities, sparse task vectors) their
+// ranks are counted directly with vector compares, else the nonzero entries are radix-sorted
+// on the key bits that vary within the row. Kept entries' W are added, model by model, into
+// per-entry sums that are zero at rest (skipping a zero W leaves a sum's bits unchanged: the
+// sums start at +0 and never become -0). Thresholds and factors by rank come from tables per
+// row length, built once per job.
 #pragma once
 
 #include <conflux/plugin.hpp>
@@ -41,174 +81,675 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
-#include "sign_election.h"
+#include "float_guard.h"
+
+// AVX-512 kernels for DELLA's rows (chosen at run time when the CPU has AVX-512; a build may
+// define CONFLUX_DROP_MERGE_AVX512=0 to leave only the portable ones).
+#ifndef CONFLUX_DROP_MERGE_AVX512
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CONFLUX_DROP_MERGE_AVX512 1
+#else
+#define CONFLUX_DROP_MERGE_AVX512 0
+#endif
+#endif
+#if CONFLUX_DROP_MERGE_AVX512
+#include <immintrin.h>
+#endif
 
 namespace conflux::plugins::drop_merge {
 
 namespace sdk = conflux::sdk;
-namespace se = conflux::plugins::sign_election;
+namespace fg = conflux::plugins::float_guard;
 
 enum class Drop { dare, della };
 
-// Entries per block: the kernels run one loop per model per block, each in one lane width
-// (double lanes for values, see plugins/ram.cc), so they vectorize under CONFLUX_MULTIVERSION.
-inline constexpr std::size_t kBlock = 256;
-static_assert(kBlock <= se::kBlock);
-
-// ----------------------------------------------------------------------------------------------
-// Kernels
-// ----------------------------------------------------------------------------------------------
-
-// W[k] = w * d[k] (nothing dropped).
-CONFLUX_MULTIVERSION static inline void scaled(const float* d, std::size_t m, double w, double* W) {
-  for (std::size_t k = 0; k < m; ++k) W[k] = w * static_cast<double>(d[k]);
-}
-
-// acc[k] += w * d[k]
-CONFLUX_MULTIVERSION static inline void add_scaled(const float* d, std::size_t m, double w, double* acc) {
-  for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<double>(d[k]);
-}
-
-// DARE: W[k] = u[k] >= p ? c * d[k] : 0, with c = w / density (or w).
-CONFLUX_MULTIVERSION static inline void dare_block(const float* d, const float* u, std::size_t m, double p, double c,
-                                                   double* W) {
-  for (std::size_t k = 0; k < m; ++k) W[k] = static_cast<double>(u[k]) >= p ? c * static_cast<double>(d[k]) : 0.0;
-}
-
-// DARE into a running sum: acc[k] += u[k] >= p ? c * d[k] : 0.
-CONFLUX_MULTIVERSION static inline void dare_add(const float* d, const float* u, std::size_t m, double p, double c,
-                                                 double* acc) {
-  for (std::size_t k = 0; k < m; ++k) acc[k] += static_cast<double>(u[k]) >= p ? c * static_cast<double>(d[k]) : 0.0;
-}
+// DARE: entries per block (one random_uniform call per model; the uniforms of a group of models
+// stay in L1). Long enough that the host call's fixed cost does not show.
+inline constexpr std::size_t kBlock = 1024;
+// Models per sweep: their operands fit in registers.
+inline constexpr std::uint32_t kGroup = 4;
+// DELLA: entries per group of whole rows (at least one row) sharing one random_uniform call.
+inline constexpr std::size_t kRowGroup = 4096;
+// DELLA: bytes of rank tables kept for the job (row lengths beyond it get theirs per chunk).
+inline constexpr std::size_t kTableBudget = std::size_t{16} << 20;
 
 // The smallest float f with double(f) >= p: for a float u, double(u) >= p exactly when u >= f,
-// so the keep decision can be counted in float lanes (32-bit, like the counter).
-inline float float_threshold(double p) {
+// so the keep decision runs in float lanes in both arithmetics.
+inline float keep_threshold(double p) {
   float f = static_cast<float>(p);
   if (static_cast<double>(f) < p) f = std::nextafter(f, std::numeric_limits<float>::infinity());
   return f;
 }
 
-// Entries with u[k] >= pf, pf = float_threshold(p) (an integer reduction, which vectorizes).
+// ----------------------------------------------------------------------------------------------
+// Shared kernels
+// ----------------------------------------------------------------------------------------------
+
+// Entries with u[k] >= pf (an integer reduction, which vectorizes).
 CONFLUX_MULTIVERSION static inline std::uint32_t count_kept(const float* u, std::size_t m, float pf) {
   std::uint32_t kept = 0;
   for (std::size_t k = 0; k < m; ++k) kept += u[k] >= pf ? 1u : 0u;
   return kept;
 }
 
-// DELLA's keep probabilities and drop thresholds of a block from the ranks:
-// q[k] = min(1, lo + rank[k] * step), p[k] = 1 - q[k].
-CONFLUX_MULTIVERSION static inline void della_probs(const std::int32_t* rank, std::size_t m, double lo, double step,
-                                                    double* q, double* p) {
-  for (std::size_t k = 0; k < m; ++k) {
-    const double x = std::min(lo + static_cast<double>(rank[k]) * step, 1.0);
-    q[k] = x;
-    p[k] = 1.0 - x;
+// Per-entry state of the election while models are added (sign_election.h's single-pass form):
+// vote = sum W_i (double in both arithmetics), and per sign the sums of W_i and w_i.
+template <class T>
+struct Election {
+  double* vote;
+  T *pos, *neg, *pos_w, *neg_w;
+};
+
+// Storage for an Election (grown by reserve, never shrunk: it is reused).
+template <class T>
+struct ElectionStore {
+  std::vector<double> vote;
+  std::vector<T> pos, neg, pos_w, neg_w;
+  void reserve(std::size_t m) {
+    if (vote.size() >= m) return;
+    vote.resize(m);
+    pos.resize(m);
+    neg.resize(m);
+    pos_w.resize(m);
+    neg_w.resize(m);
   }
+  Election<T> at(std::size_t k) { return {vote.data() + k, pos.data() + k, neg.data() + k, pos_w.data() + k, neg_w.data() + k}; }
+};
+
+// A vector of at least m elements (grown, never shrunk).
+template <class V>
+V* at_least(std::vector<V>& v, std::size_t m) {
+  if (v.size() < m) v.resize(m);
+  return v.data();
 }
 
-// DELLA: W[k] = u[k] >= p[k] ? (w / q[k]) * d[k] : 0 (rescale), or w * d[k].
-CONFLUX_MULTIVERSION static inline void della_block(const float* d, const float* u, const double* q, const double* p,
-                                                    std::size_t m, double w, bool rescale, double* W) {
-  if (rescale) {
-    for (std::size_t k = 0; k < m; ++k)
-      W[k] = static_cast<double>(u[k]) >= p[k] ? (w / q[k]) * static_cast<double>(d[k]) : 0.0;
+// Per-entry sums in one arithmetic: a linear merge's and an election's.
+template <class V>
+struct Sums {
+  std::vector<V> acc;
+  ElectionStore<V> election;
+};
+
+// Working memory of one map call, reused by later calls (allocating it per chunk made the
+// allocator hand memory back to the system and fault it in again: page faults and TLB
+// shootdowns cost more than some kernels).
+struct Scratch {
+  std::vector<float> u, unz;
+  std::vector<std::uint32_t> key, idx, cand;
+  std::vector<std::uint64_t> a, b;
+  // DARE: state carried between groups of models (overwritten by the first group).
+  Sums<float> carry_f;
+  Sums<double> carry_d;
+  // DELLA: sums the rows' entries are added into, zero at rest (the finish clears them).
+  Sums<float> rest_f;
+  Sums<double> rest_d;
+
+  template <class V>
+  Sums<V>& carry() {
+    if constexpr (std::is_same_v<V, double>)
+      return carry_d;
+    else
+      return carry_f;
+  }
+  template <class V>
+  Sums<V>& rest() {
+    if constexpr (std::is_same_v<V, double>)
+      return rest_d;
+    else
+      return rest_f;
+  }
+};
+
+// Scratch objects for concurrent map calls: one per thread in use, handed out under a lock
+// (once per chunk).
+class ScratchPool {
+ public:
+  class Lease {
+   public:
+    Lease(ScratchPool& pool, std::unique_ptr<Scratch> s) : pool_(pool), s_(std::move(s)) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { pool_.put(std::move(s_)); }
+    Scratch& operator*() const { return *s_; }
+
+   private:
+    ScratchPool& pool_;
+    std::unique_ptr<Scratch> s_;
+  };
+
+  Lease get() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) return Lease(*this, std::make_unique<Scratch>());
+    std::unique_ptr<Scratch> s = std::move(free_.back());
+    free_.pop_back();
+    return Lease(*this, std::move(s));
+  }
+
+ private:
+  void put(std::unique_ptr<Scratch> s) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(s));
+  }
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Scratch>> free_;
+};
+
+// The elected result of one entry: the sum of the agreeing W (divided by their weights).
+template <class T, bool Normalize>
+inline T elect(double vote, T pos, T neg, T pos_w, T neg_w) {
+  const bool up = vote >= 0.0;  // a zero vote counts as +
+  const T sum = up ? pos : neg;
+  if constexpr (Normalize) {
+    const T div = up ? pos_w : neg_w;
+    return div != T(0) ? sum / div : T(0);
   } else {
-    for (std::size_t k = 0; k < m; ++k) W[k] = static_cast<double>(u[k]) >= p[k] ? w * static_cast<double>(d[k]) : 0.0;
+    return sum;
   }
 }
 
-// Entries with u[k] >= p[k] (64-bit counters: the same lane width as the doubles).
-CONFLUX_MULTIVERSION static inline std::uint64_t count_kept_each(const float* u, const double* p, std::size_t m) {
-  std::uint64_t kept = 0;
-  for (std::size_t k = 0; k < m; ++k) kept += static_cast<double>(u[k]) >= p[k] ? 1u : 0u;
-  return kept;
+// out[k] = base[k] + f * acc[k], rounded once; acc[k] = 0 again (sums kept zero at rest are
+// not cleared in a separate pass).
+template <class T>
+CONFLUX_MULTIVERSION void finish_sum(const float* base, T* acc, std::size_t m, T f, float* out) {
+  for (std::size_t k = 0; k < m; ++k) {
+    out[k] = static_cast<float>(static_cast<T>(base[k]) + f * acc[k]);
+    acc[k] = T(0);
+  }
 }
 
-// acc[k] += W[k]
-CONFLUX_MULTIVERSION static inline void add(const double* W, std::size_t m, double* acc) {
-  for (std::size_t k = 0; k < m; ++k) acc[k] += W[k];
+// out[k] = base[k] + lambda * elected[k], rounded once; the state is zero again. (The arrays
+// are distinct: __restrict spares the vectorizer more run-time alias checks than it makes.)
+template <class T, bool Normalize>
+CONFLUX_MULTIVERSION void finish_election_arrays(const float* __restrict base, double* __restrict vote,
+                                                 T* __restrict pos, T* __restrict neg, T* __restrict pos_w,
+                                                 T* __restrict neg_w, std::size_t m, T lambda, float* __restrict out) {
+  for (std::size_t k = 0; k < m; ++k) {
+    out[k] = static_cast<float>(static_cast<T>(base[k]) +
+                                lambda * elect<T, Normalize>(vote[k], pos[k], neg[k], pos_w[k], neg_w[k]));
+    vote[k] = 0.0;
+    pos[k] = neg[k] = pos_w[k] = neg_w[k] = T(0);
+  }
 }
 
-// out[k] = base[k] + f * x[k], rounded once.
-CONFLUX_MULTIVERSION static inline void finish_block(const float* base, const double* x, std::size_t m, double f,
-                                                     float* out) {
-  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<double>(base[k]) + f * x[k]);
+template <class T, bool Normalize>
+void finish_election(const float* base, Election<T> e, std::size_t m, T lambda, float* out) {
+  finish_election_arrays<T, Normalize>(base, e.vote, e.pos, e.neg, e.pos_w, e.neg_w, m, lambda, out);
 }
 
-// Sorts the packed entries a[0..n) (key << 32 | index) by key, stably, with an LSD radix sort on
-// the key's digits of widths W... (low digit first; they cover the 31 bits of a magnitude). A
-// digit on which every key agrees is skipped. Returns the sorted array (a or b).
-template <unsigned... W>
-std::uint64_t* radix_sort(std::uint64_t* a, std::uint64_t* b, std::size_t n) {
-  constexpr unsigned kWidths[] = {W...};
-  constexpr std::size_t kDigits = sizeof...(W);
-  constexpr std::size_t kBuckets = ((std::size_t{1} << W) + ...);
-  static_assert((W + ...) == 31);
-  std::uint32_t hist[kBuckets];
-  std::memset(hist, 0, sizeof hist);
-  for (std::size_t k = 0; k < n; ++k) {
-    const auto key = static_cast<std::uint32_t>(a[k] >> 32);
-    std::uint32_t* h = hist;
-    unsigned shift = 0;
-    for (std::size_t j = 0; j < kDigits; ++j) {
-      ++h[(key >> shift) & ((1u << kWidths[j]) - 1)];
-      h += std::size_t{1} << kWidths[j];
-      shift += kWidths[j];
+// ----------------------------------------------------------------------------------------------
+// DARE: fused sweeps over a group of up to kGroup models
+// ----------------------------------------------------------------------------------------------
+
+// One group's operands for a block: model j has values x[j] (its task vector is x[j] - base, in
+// float32 as the host would form it) and uniforms u[j] (a block of zeros with threshold 0 when
+// nothing is dropped), survivor factor c[j] (w / density or w; in T and, for the vote, in
+// double), weight w[j] and the sign of its weight s[j] (1, -1 or 0).
+template <class T>
+struct Group {
+  const float* x[kGroup];
+  const float* u[kGroup];
+  T c[kGroup];
+  double cd[kGroup];
+  T w[kGroup];
+  float s[kGroup];
+};
+
+// Linear: acc[k] = acc_in[k] (0 without) + W_0 + W_1 + ... over the group's G models, in model
+// order; with `out` (the last group), base + f * acc rounded to it instead.
+template <class T, unsigned G>
+CONFLUX_MULTIVERSION void linear_sweep(const Group<T>& g, float pf, std::size_t m, const T* acc_in, T* acc,
+                                       const float* base, T f, float* out) {
+  static_assert(G >= 1 && G <= kGroup);
+  // Named locals: the vectorizer does not see through arrays of pointers.
+  const float *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
+  const float *u0 = g.u[0], *u1 = g.u[G > 1 ? 1 : 0], *u2 = g.u[G > 2 ? 2 : 0], *u3 = g.u[G > 3 ? 3 : 0];
+  const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
+  for (std::size_t k = 0; k < m; ++k) {
+    const float b = base[k];
+    T a = acc_in ? acc_in[k] : T(0);
+    a += u0[k] >= pf ? c0 * static_cast<T>(x0[k] - b) : T(0);
+    if constexpr (G > 1) a += u1[k] >= pf ? c1 * static_cast<T>(x1[k] - b) : T(0);
+    if constexpr (G > 2) a += u2[k] >= pf ? c2 * static_cast<T>(x2[k] - b) : T(0);
+    if constexpr (G > 3) a += u3[k] >= pf ? c3 * static_cast<T>(x3[k] - b) : T(0);
+    if (out)
+      out[k] = static_cast<float>(static_cast<T>(b) + f * a);
+    else
+      acc[k] = a;
+  }
+}
+
+// Adds model j's W to one entry's election state. T = double: exactly sign_election's terms.
+// T = float: the vote from the double W, agreement from the sign of s * d (w_i * d_i's sign,
+// also where the float product underflows), the sums in float.
+template <class T>
+struct ElectionTerm {
+  double vote = 0;
+  T pos = 0, neg = 0, pos_w = 0, neg_w = 0;
+
+  void add(float x, bool keep, T c, double cd, T w, float s) {
+    const T W = keep ? c * static_cast<T>(x) : T(0);
+    bool up, down;
+    if constexpr (std::is_same_v<T, double>) {
+      (void)cd;
+      (void)s;
+      vote += W;
+      up = W > 0.0;
+      down = W < 0.0;
+    } else {
+      vote += keep ? cd * static_cast<double>(x) : 0.0;
+      const float sx = s * x;
+      up = keep & (sx > 0.0f);
+      down = keep & (sx < 0.0f);
+    }
+    pos += up ? W : T(0);
+    neg += down ? W : T(0);
+    pos_w += up ? w : T(0);
+    neg_w += down ? w : T(0);
+  }
+};
+
+// Ties: the group's G models added to each entry's election state (from `in`, else from 0);
+// with `out` (the last group) the elected result base + lambda * merged is rounded to it,
+// else the state is stored to `st`. Without Carry (one group) there is neither `in` nor a
+// stored state, and the loop has no branches (it vectorizes).
+template <class T, unsigned G, bool Normalize, bool Carry>
+CONFLUX_MULTIVERSION void ties_sweep(const Group<T>& g, float pf, std::size_t m, const Election<T>* in,
+                                     const Election<T>* st, const float* base, T lambda, float* out) {
+  static_assert(G >= 1 && G <= kGroup);
+  const float *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
+  const float *u0 = g.u[0], *u1 = g.u[G > 1 ? 1 : 0], *u2 = g.u[G > 2 ? 2 : 0], *u3 = g.u[G > 3 ? 3 : 0];
+  const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
+  const double e0 = g.cd[0], e1 = g.cd[G > 1 ? 1 : 0], e2 = g.cd[G > 2 ? 2 : 0], e3 = g.cd[G > 3 ? 3 : 0];
+  const T w0 = g.w[0], w1 = g.w[G > 1 ? 1 : 0], w2 = g.w[G > 2 ? 2 : 0], w3 = g.w[G > 3 ? 3 : 0];
+  const float s0 = g.s[0], s1 = g.s[G > 1 ? 1 : 0], s2 = g.s[G > 2 ? 2 : 0], s3 = g.s[G > 3 ? 3 : 0];
+  for (std::size_t k = 0; k < m; ++k) {
+    ElectionTerm<T> t;
+    if (Carry && in) {
+      t.vote = in->vote[k];
+      t.pos = in->pos[k];
+      t.neg = in->neg[k];
+      t.pos_w = in->pos_w[k];
+      t.neg_w = in->neg_w[k];
+    }
+    const float b = base[k];
+    t.add(x0[k] - b, u0[k] >= pf, c0, e0, w0, s0);
+    if constexpr (G > 1) t.add(x1[k] - b, u1[k] >= pf, c1, e1, w1, s1);
+    if constexpr (G > 2) t.add(x2[k] - b, u2[k] >= pf, c2, e2, w2, s2);
+    if constexpr (G > 3) t.add(x3[k] - b, u3[k] >= pf, c3, e3, w3, s3);
+    if (!Carry || out) {
+      out[k] = static_cast<float>(static_cast<T>(b) +
+                                  lambda * elect<T, Normalize>(t.vote, t.pos, t.neg, t.pos_w, t.neg_w));
+    } else {
+      st->vote[k] = t.vote;
+      st->pos[k] = t.pos;
+      st->neg[k] = t.neg;
+      st->pos_w[k] = t.pos_w;
+      st->neg_w[k] = t.neg_w;
     }
   }
-  std::uint32_t* h = hist;
-  unsigned shift = 32;
-  for (std::size_t j = 0; j < kDigits; ++j) {
-    const std::size_t buckets = std::size_t{1} << kWidths[j];
-    const std::uint64_t mask = buckets - 1;
-    if (h[(a[0] >> shift) & mask] != n) {  // else one value: already in order
-      std::uint32_t sum = 0;
-      for (std::size_t v = 0; v < buckets; ++v) {  // bucket starts, in place
-        const std::uint32_t c = h[v];
-        h[v] = sum;
-        sum += c;
-      }
-      for (std::size_t k = 0; k < n; ++k) {
-        const std::uint64_t x = a[k];
-        b[h[(x >> shift) & mask]++] = x;
-      }
-      std::swap(a, b);
-    }
-    h += buckets;
-    shift += kWidths[j];
-  }
-  return a;
 }
 
-// rank[k] = position of entry k of the row d[0..n) sorted by |d| ascending, equal magnitudes by
-// lower index first. Zeros (common: sparse task vectors) take the first ranks in index order
-// without sorting; the others are packed as (|d| bits << 32 | index) and radix-sorted (8-bit
-// digits for few entries, where clearing larger histograms would dominate, else 11/10/10 bits).
-// a and b hold n entries each.
-inline void rank_row(const float* d, std::size_t n, std::uint64_t* a, std::uint64_t* b, std::int32_t* rank) {
-  // Branch-free: faster than skipping runs of zeros, whose lengths are unpredictable.
+template <class T>
+void linear_group(unsigned n, const Group<T>& g, float pf, std::size_t m, const T* acc_in, T* acc, const float* base,
+                  T f, float* out) {
+  switch (n) {
+    case 1: return linear_sweep<T, 1>(g, pf, m, acc_in, acc, base, f, out);
+    case 2: return linear_sweep<T, 2>(g, pf, m, acc_in, acc, base, f, out);
+    case 3: return linear_sweep<T, 3>(g, pf, m, acc_in, acc, base, f, out);
+    default: return linear_sweep<T, 4>(g, pf, m, acc_in, acc, base, f, out);
+  }
+}
+
+// float_guard for a float32 DARE block of G models (one group): flags[k] = 1 where the result
+// out[k] may be more than 1 BF16 ulp from the double one, with magnitudes bounded from the
+// inputs: linear, |base| + |f| * sum_i |c_i| |x_i - base| (every term as if kept); ties (weights
+// >= 0: the agreeing terms share a sign, so only the base can cancel), |base| + 2 |out - base|.
+// Returns the number of flags.
+template <unsigned G, bool Ties>
+CONFLUX_MULTIVERSION std::uint32_t flag_unsafe(const Group<float>& g, const float* base, std::size_t m, float f,
+                                               const float* out, std::uint8_t* flags) {
+  static_assert(G >= 1 && G <= kGroup);
+  const float *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
+  const float c0 = std::fabs(g.c[0]), c1 = std::fabs(g.c[G > 1 ? 1 : 0]), c2 = std::fabs(g.c[G > 2 ? 2 : 0]),
+              c3 = std::fabs(g.c[G > 3 ? 3 : 0]), fa = std::fabs(f);
+  std::uint32_t unsafe = 0;
+  for (std::size_t k = 0; k < m; ++k) {
+    const float b = base[k], r = out[k];
+    float mag;
+    if constexpr (Ties) {
+      mag = std::fabs(b) + 2.0f * std::fabs(r - b);
+    } else {
+      float t = c0 * std::fabs(x0[k] - b);
+      if constexpr (G > 1) t += c1 * std::fabs(x1[k] - b);
+      if constexpr (G > 2) t += c2 * std::fabs(x2[k] - b);
+      if constexpr (G > 3) t += c3 * std::fabs(x3[k] - b);
+      mag = std::fabs(b) + fa * t;
+    }
+    const std::uint32_t bad = fg::unsafe(r, mag);
+    flags[k] = static_cast<std::uint8_t>(bad);
+    unsafe += bad;
+  }
+  return unsafe;
+}
+
+template <bool Ties>
+std::uint32_t flag_unsafe_n(unsigned n, const Group<float>& g, const float* base, std::size_t m, float f,
+                            const float* out, std::uint8_t* flags) {
+  switch (n) {
+    case 1: return flag_unsafe<1, Ties>(g, base, m, f, out, flags);
+    case 2: return flag_unsafe<2, Ties>(g, base, m, f, out, flags);
+    case 3: return flag_unsafe<3, Ties>(g, base, m, f, out, flags);
+    default: return flag_unsafe<4, Ties>(g, base, m, f, out, flags);
+  }
+}
+
+template <class T, bool Normalize, bool Carry>
+void ties_group_n(unsigned n, const Group<T>& g, float pf, std::size_t m, const Election<T>* in,
+                  const Election<T>* st, const float* base, T lambda, float* out) {
+  switch (n) {
+    case 1: return ties_sweep<T, 1, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
+    case 2: return ties_sweep<T, 2, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
+    case 3: return ties_sweep<T, 3, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
+    default: return ties_sweep<T, 4, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
+  }
+}
+
+// One group of a ties merge: the group is the only one (no carried state) or not.
+template <class T>
+void ties_group(unsigned n, bool normalize, bool carry, const Group<T>& g, float pf, std::size_t m,
+                const Election<T>* in, const Election<T>* st, const float* base, T lambda, float* out) {
+  if (carry) {
+    if (normalize) ties_group_n<T, true, true>(n, g, pf, m, in, st, base, lambda, out);
+    else ties_group_n<T, false, true>(n, g, pf, m, in, st, base, lambda, out);
+  } else {
+    if (normalize) ties_group_n<T, true, false>(n, g, pf, m, in, st, base, lambda, out);
+    else ties_group_n<T, false, false>(n, g, pf, m, in, st, base, lambda, out);
+  }
+}
+static_assert(kGroup == 4);
+
+// ----------------------------------------------------------------------------------------------
+// DELLA: splitting a row, ranking its nonzero entries
+// ----------------------------------------------------------------------------------------------
+
+// The magnitude key of x: its float32 bits without the sign (orders like |x|, NaNs last).
+inline std::uint32_t key_of(float x) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits & 0x7FFFFFFFu;
+}
+
+// One row split into its zero and nonzero entries (by magnitude key), each in index order:
+// the j-th nonzero entry has key[j], index idx[j] and uniform unz[j] (arrays of the row's
+// length + 16 entries: vector stores run past the end). The z-th zero entry has rank z, so
+// only whether it is kept matters (its W is 0): kept_zeros counts u >= pf[z].
+struct RowSplit {
+  std::uint32_t *key, *idx;
+  float* unz;
   std::size_t nonzero = 0;
-  std::int32_t zeros = 0;
+  std::uint32_t varying = 0;  // key bits that differ between the nonzero entries
+  std::uint64_t kept_zeros = 0;
+};
+
+// Splits the row of task vector x - base (float32, as the host would form it). Branch-free:
+// zeros and nonzeros interleave at random.
+inline void split_row_scalar(const float* x, const float* base, const float* u, const float* pf, std::size_t n,
+                             RowSplit& s) {
+  std::uint32_t any = 0, all = ~0u;
+  std::size_t nz = 0, z = 0;
+  std::uint64_t kept = 0;
   for (std::size_t k = 0; k < n; ++k) {
-    std::uint32_t bits;
-    std::memcpy(&bits, &d[k], sizeof bits);
-    bits &= 0x7FFFFFFFu;  // |d|: orders like the magnitude (NaNs last)
-    a[nonzero] = (static_cast<std::uint64_t>(bits) << 32) | static_cast<std::uint64_t>(k);
-    rank[k] = zeros;  // final for a zero; overwritten below otherwise
-    nonzero += bits != 0 ? 1 : 0;
-    zeros += bits == 0 ? 1 : 0;
+    const std::uint32_t bits = key_of(x[k] - base[k]);
+    const bool on = bits != 0;
+    s.key[nz] = bits;
+    s.idx[nz] = static_cast<std::uint32_t>(k);
+    s.unz[nz] = u[k];
+    kept += !on && u[k] >= pf[z] ? 1 : 0;  // z <= k < n
+    nz += on ? 1 : 0;
+    z += on ? 0 : 1;
+    any |= on ? bits : 0u;
+    all &= on ? bits : ~0u;
   }
-  if (nonzero == 0) return;
-  const std::uint64_t* sorted =
-      nonzero < 512 ? radix_sort<8, 8, 8, 7>(a, b, nonzero) : radix_sort<11, 10, 10>(a, b, nonzero);
-  for (std::size_t r = 0; r < nonzero; ++r)
-    rank[static_cast<std::uint32_t>(sorted[r])] = zeros + static_cast<std::int32_t>(r);
+  s.nonzero = nz;
+  s.varying = nz ? any & ~all : 0u;
+  s.kept_zeros = kept;
 }
+
+#if CONFLUX_DROP_MERGE_AVX512
+inline bool have_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+
+// The same with AVX-512 compress (sparse task vectors: most entries are zeros, and the scalar
+// split's dependency chain through the counts costs more than the rest of the row).
+__attribute__((target("avx512f"))) inline void split_row_avx512(const float* x, const float* base, const float* u,
+                                                                const float* pf, std::size_t n, RowSplit& s) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i any = _mm512_setzero_si512(), all = _mm512_set1_epi32(-1);
+  std::size_t nz = 0, z = 0, k = 0;
+  std::uint64_t kept = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(base + k));
+    const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
+    const __mmask16 on = _mm512_test_epi32_mask(bits, bits);
+    any = _mm512_mask_or_epi32(any, on, any, bits);
+    all = _mm512_mask_and_epi32(all, on, all, bits);
+    const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(k)));
+    const __m512 uk = _mm512_loadu_ps(u + k);
+    // Compress in registers, store whole vectors (memory-destination compress is slow on some
+    // CPUs; the arrays have 16 entries of slack).
+    _mm512_storeu_si512(s.key + nz, _mm512_maskz_compress_epi32(on, bits));
+    _mm512_storeu_si512(s.idx + nz, _mm512_maskz_compress_epi32(on, index));
+    _mm512_storeu_ps(s.unz + nz, _mm512_maskz_compress_ps(on, uk));
+    // The zeros' uniforms against the thresholds of their ranks z, z + 1, ...
+    const auto c = static_cast<unsigned>(__builtin_popcount(on));
+    const auto zeros = static_cast<__mmask16>((1u << (16 - c)) - 1);
+    const __m512 uz = _mm512_maskz_compress_ps(static_cast<__mmask16>(~on), uk);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(zeros, uz, _mm512_maskz_loadu_ps(zeros, pf + z), _CMP_GE_OQ);
+    kept += static_cast<unsigned>(__builtin_popcount(keep));
+    nz += c;
+    z += 16 - c;
+  }
+  // Lane reductions by hand (GCC 12's _mm512_reduce_* trip -Wuninitialized).
+  std::uint32_t any_lanes[16], all_lanes[16];
+  _mm512_storeu_si512(any_lanes, any);
+  _mm512_storeu_si512(all_lanes, all);
+  std::uint32_t any_s = 0, all_s = ~0u;
+  for (int j = 0; j < 16; ++j) {
+    any_s |= any_lanes[j];
+    all_s &= all_lanes[j];
+  }
+  RowSplit tail{s.key + nz, s.idx + nz, s.unz + nz};
+  split_row_scalar(x + k, base + k, u + k, pf + z, n - k, tail);
+  for (std::size_t j = nz; j < nz + tail.nonzero; ++j) {
+    s.idx[j] += static_cast<std::uint32_t>(k);
+    any_s |= s.key[j];
+    all_s &= s.key[j];
+  }
+  s.nonzero = nz + tail.nonzero;
+  s.varying = s.nonzero ? any_s & ~all_s : 0u;
+  s.kept_zeros = kept + tail.kept_zeros;
+}
+
+// The candidates of a row: positions j (ascending) of the nonzero entries with unz[j] >= pf,
+// into cand (nonzero + 16 entries); returns how many.
+__attribute__((target("avx512f"))) inline std::size_t candidates_avx512(const float* unz, std::size_t n, float pf,
+                                                                       std::uint32_t* cand) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 threshold = _mm512_set1_ps(pf);
+  std::size_t c = 0;
+  for (std::size_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __mmask16 on = _mm512_mask_cmp_ps_mask(valid, _mm512_loadu_ps(unz + j), threshold, _CMP_GE_OQ);
+    const __m512i pos = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j)));
+    _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(on, pos));
+    c += static_cast<std::size_t>(__builtin_popcount(on));
+  }
+  return c;
+}
+
+// The rank of nonzero entry j among key[0, n) (ascending key, equal keys by position): the
+// entries before j with a key <= key[j] (< key[j] + 1) and those after it with a smaller key.
+// key is padded to a multiple of 16 with 0xFFFFFFFF (above every magnitude key: never counted).
+__attribute__((target("avx512f"))) inline std::size_t rank_avx512(const std::uint32_t* key, std::size_t n,
+                                                                 std::size_t j) {
+  const __m512i below_or_equal = _mm512_set1_epi32(static_cast<int>(key[j] + 1));  // key[j] < 2^31
+  const __m512i below = _mm512_set1_epi32(static_cast<int>(key[j]));
+  const std::size_t tj = j & ~std::size_t{15};
+  unsigned count = 0;
+  for (std::size_t t = 0; t < tj; t += 16)
+    count += static_cast<unsigned>(__builtin_popcount(_mm512_cmplt_epu32_mask(_mm512_loadu_si512(key + t), below_or_equal)));
+  const __m512i v = _mm512_loadu_si512(key + tj);
+  const auto before = static_cast<__mmask16>((1u << (j - tj)) - 1);
+  count += static_cast<unsigned>(__builtin_popcount(static_cast<unsigned>(
+      _mm512_mask_cmplt_epu32_mask(before, v, below_or_equal) |
+      _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~before), v, below))));
+  for (std::size_t t = tj + 16; t < n; t += 16)
+    count += static_cast<unsigned>(__builtin_popcount(_mm512_cmplt_epu32_mask(_mm512_loadu_si512(key + t), below)));
+  return count;
+}
+#endif
+
+inline void split_row(const float* x, const float* base, const float* u, const float* pf, std::size_t n,
+                      RowSplit& s) {
+#if CONFLUX_DROP_MERGE_AVX512
+  if (have_avx512()) return split_row_avx512(x, base, u, pf, n, s);
+#endif
+  split_row_scalar(x, base, u, pf, n, s);
+}
+
+// Calls visit(rank, j) for every nonzero entry j of a split row (in index order), rank being
+// its position when sorted by key ascending, equal keys by position. An LSD radix sort on the
+// `varying` bits only (the others are equal in every key, so they order nothing): digits of
+// about log2(n) bits, so short rows clear and scan short histograms. The last pass does not
+// store: the position it computes is the rank. a and b hold n entries.
+template <class Visit>
+void radix_ranks(const RowSplit& s, std::uint64_t* a, std::uint64_t* b, Visit&& visit) {
+  const std::uint32_t* key = s.key;
+  const std::size_t n = s.nonzero;
+  constexpr unsigned kMaxWidth = 11, kMinWidth = 4, kMaxPasses = (31 + kMinWidth - 1) / kMinWidth;
+  const unsigned lo = static_cast<unsigned>(__builtin_ctz(s.varying));
+  const unsigned span = 32 - static_cast<unsigned>(__builtin_clz(s.varying)) - lo;
+  const unsigned log_n = 64 - static_cast<unsigned>(__builtin_clzll(n));  // bits of n
+  const unsigned max_width = std::clamp(log_n, kMinWidth, kMaxWidth);
+  const unsigned passes = (span + max_width - 1) / max_width;
+  unsigned shift[kMaxPasses];
+  std::uint32_t mask[kMaxPasses];
+  std::uint32_t* hist[kMaxPasses];
+  std::uint32_t counts[3 << kMaxWidth];  // passes * 2^width <= 3 * 2^11 for every width chosen
+  std::size_t used = 0;
+  for (unsigned j = 0, sh = lo; j < passes; ++j) {
+    const unsigned width = span / passes + (j < span % passes ? 1 : 0);
+    shift[j] = sh;
+    mask[j] = (1u << width) - 1;
+    hist[j] = counts + used;
+    used += std::size_t{1} << width;
+    sh += width;
+  }
+  std::fill_n(counts, used, 0u);
+  for (std::size_t e = 0; e < n; ++e)
+    for (unsigned j = 0; j < passes; ++j) ++hist[j][(key[e] >> shift[j]) & mask[j]];
+  for (unsigned j = 0; j < passes; ++j) {  // bucket starts, in place
+    std::uint32_t sum = 0;
+    for (std::uint32_t v = 0; v <= mask[j]; ++v) {
+      const std::uint32_t c = hist[j][v];
+      hist[j][v] = sum;
+      sum += c;
+    }
+  }
+  if (passes == 1) {
+    for (std::size_t e = 0; e < n; ++e) visit(hist[0][(key[e] >> shift[0]) & mask[0]]++, static_cast<std::uint32_t>(e));
+    return;
+  }
+  for (std::size_t e = 0; e < n; ++e)  // pass 0 packs (key, position) for the later passes
+    a[hist[0][(key[e] >> shift[0]) & mask[0]]++] = (static_cast<std::uint64_t>(key[e]) << 32) | e;
+  for (unsigned j = 1; j + 1 < passes; ++j) {
+    for (std::size_t e = 0; e < n; ++e) {
+      const std::uint64_t x = a[e];
+      b[hist[j][(static_cast<std::uint32_t>(x >> 32) >> shift[j]) & mask[j]]++] = x;
+    }
+    std::swap(a, b);
+  }
+  const unsigned last = passes - 1;
+  for (std::size_t e = 0; e < n; ++e) {
+    const std::uint64_t x = a[e];
+    visit(hist[last][(static_cast<std::uint32_t>(x >> 32) >> shift[last]) & mask[last]]++,
+          static_cast<std::uint32_t>(x));
+  }
+}
+
+// Calls visit(rank, j) (rank among the nonzero entries, as radix_ranks) for every nonzero entry
+// j of a split row that may be kept: at least those with unz[j] >= pf_min, the lowest keep
+// threshold of the row (the others are dropped whatever their rank). With one magnitude the
+// rank is the position. With AVX-512 and few candidates (keep probabilities are low: most
+// entries can be ruled out by their uniform alone), the candidates' ranks are counted directly
+// (a vector compare per 16 entries and candidate) instead of sorting the row. cand holds
+// nonzero + 16 entries, a and b nonzero.
+template <class Visit>
+void visit_candidates(RowSplit& s, float pf_min, std::uint32_t* cand, std::uint64_t* a, std::uint64_t* b,
+                      Visit&& visit) {
+  const std::size_t n = s.nonzero;
+  if (n == 0) return;
+  if (n == 1 || s.varying == 0) {
+    for (std::size_t j = 0; j < n; ++j) visit(j, static_cast<std::uint32_t>(j));
+    return;
+  }
+#if CONFLUX_DROP_MERGE_AVX512
+  if (have_avx512()) {
+    const std::size_t c = candidates_avx512(s.unz, n, pf_min, cand);
+    // Counting costs c * n / 16 vector steps; the radix sort some 10 scalar steps per entry.
+    if (c * ((n + 15) / 16) <= 8 * n) {
+      std::fill_n(s.key + n, 16, 0xFFFFFFFFu);  // padding: above every key
+      for (std::size_t e = 0; e < c; ++e) visit(rank_avx512(s.key, n, cand[e]), cand[e]);
+      return;
+    }
+  }
+#endif
+  (void)pf_min;
+  (void)cand;
+  radix_ranks(s, a, b, visit);
+}
+
+// DELLA's keep thresholds and survivor factors by rank for rows of L entries:
+// q_r = min(lo + r * step, 1), pf[r] = keep_threshold(1 - q_r), cd[i * L + r] = w_i / q_r (or
+// w_i without rescale), cf = float(cd).
+struct RankTables {
+  std::vector<float> pf;
+  std::vector<double> cd;
+  std::vector<float> cf;
+
+  RankTables(std::size_t L, double lo, double step, const std::vector<double>& weights, bool rescale)
+      : pf(L), cd(weights.size() * L), cf(weights.size() * L) {
+    for (std::size_t r = 0; r < L; ++r) {
+      const double q = std::min(lo + static_cast<double>(r) * step, 1.0);
+      pf[r] = keep_threshold(1.0 - q);
+      for (std::size_t i = 0; i < weights.size(); ++i) {
+        cd[i * L + r] = rescale ? weights[i] / q : weights[i];
+        cf[i * L + r] = static_cast<float>(cd[i * L + r]);
+      }
+    }
+  }
+  static std::size_t bytes(std::size_t L, std::size_t n) { return L * (sizeof(float) + n * (sizeof(double) + sizeof(float))); }
+  template <class T>
+  const T* factors(std::uint32_t i) const {
+    if constexpr (std::is_same_v<T, double>)
+      return cd.data() + i * pf.size();
+    else
+      return cf.data() + i * pf.size();
+  }
+};
 
 // ----------------------------------------------------------------------------------------------
 // The strategy
@@ -249,10 +790,21 @@ class DropMerge {
     double sum = 0;
     for (double x : weights_) sum += x;
     if (!T::ties && normalize_ && sum == 0) throw sdk::Error("weights sum to 0, so they cannot be normalized");
-    out_factor_ = T::ties ? lambda_ : lambda_ * (normalize_ ? 1.0 / sum : 1.0);
-    drop_threshold_f_ = float_threshold(1.0 - density_);
+    const double out_factor = T::ties ? lambda_ : lambda_ * (normalize_ ? 1.0 / sum : 1.0);
+    drop_threshold_ = drop_ ? keep_threshold(1.0 - density_) : 0.0f;  // 0: u >= 0 keeps all
     // DARE's per-model factor for survivors: w_i / density (rescale) or w_i.
-    for (double x : weights_) survivor_scale_.push_back(rescale_ ? x / density_ : x);
+    for (double x : weights_) {
+      nonnegative_weights_ = nonnegative_weights_ && x >= 0;
+      const double c = rescale_ ? x / density_ : x;
+      const float sign = x > 0 ? 1.0f : x < 0 ? -1.0f : 0.0f;
+      double_.add_model(c, x, sign);
+      float_.add_model(c, x, sign);
+    }
+    double_.out_factor = out_factor;
+    float_.out_factor = static_cast<float>(out_factor);
+    if constexpr (kDella) {
+      if (drop_) cache_tables(job);
+    }
   }
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
@@ -260,36 +812,28 @@ class DropMerge {
     std::vector<std::uint64_t> keys(drop_ ? n_ : 0);
     for (std::uint32_t i = 0; i < keys.size(); ++i) keys[i] = job_.random_key(c.tensor(), i);
     std::vector<std::uint64_t> kept(n_, 0);
-    Scratch s(n_, T::ties);
+    bool della = false;
     if constexpr (kDella) {
-      // Whole rows (CFX_PASS_WHOLE_ROWS): rank each model's row, then merge it blockwise.
+      // Whole rows (CFX_PASS_WHOLE_ROWS).
       const auto len = static_cast<std::size_t>(c.tensor().row_length);  // numel (1) for a scalar
       if (len >= (std::size_t{1} << 31)) throw sdk::Error("della ranks rows of fewer than 2^31 entries");
       if (len == 0 || count % len != 0)
         throw sdk::Error("internal: della needs chunks of whole rows (chunk of " + std::to_string(count) +
                          " entries, rows of " + std::to_string(len) + ")");
-      if (drop_) {
-        s.rank.resize(n_ * len);
-        s.radix_a.resize(len);
-        s.radix_b.resize(len);
+      const auto [lo, step] = spread(len);
+      // Without a spread every q is density: DARE's arithmetic, which needs no ranks.
+      della = drop_ && !(step == 0.0 && lo == density_);
+      if (della) {
+        run_della<double>(c, len, keys, kept, out.data());
       }
-      const double step = len > 1 ? 2.0 * epsilon_ / static_cast<double>(len - 1) : 0.0;
-      const double lo = len > 1 ? density_ - epsilon_ : density_;
-      for (std::size_t r0 = 0; r0 < count; r0 += len) {
-        if (drop_)
-          for (std::uint32_t i = 0; i < n_; ++i)
-            rank_row(c.models()[i] + r0, len, s.radix_a.data(), s.radix_b.data(), s.rank.data() + i * len);
-        for (std::size_t k0 = 0; k0 < len; k0 += kBlock) {
-          const std::size_t m = std::min(kBlock, len - k0);
-          merge_block(c, r0 + k0, m, keys, kept, s, [&](std::uint32_t i, const float* u, double* q, double* p) {
-            della_probs(s.rank.data() + i * len + k0, m, lo, step, q, p);
-            return count_kept_each(u, p, m);
-          }, out.data());
-        }
-      }
-    } else {
-      for (std::size_t k0 = 0; k0 < count; k0 += kBlock)
-        merge_block(c, k0, std::min(kBlock, count - k0), keys, kept, s, nullptr, out.data());
+    }
+    if (!della) {
+      // Float32 (a BF16 output) in one group of models, with float_guard's fallback to double;
+      // the election only with weights >= 0, whose agreeing terms cannot cancel.
+      if (c.float32_suffices() && n_ <= kGroup && (!T::ties || nonnegative_weights_))
+        run_dare<float>(c, float_, keys, kept, out.data());
+      else
+        run_dare<double>(c, double_, keys, kept, out.data());
     }
     for (std::uint32_t i = 0; i < n_; ++i) kept_[i].fetch_add(drop_ ? kept[i] : count, std::memory_order_relaxed);
     elements_.fetch_add(count, std::memory_order_relaxed);
@@ -321,65 +865,227 @@ class DropMerge {
   }
 
  private:
-  struct Scratch {
-    Scratch(std::uint32_t n, bool ties) : W(static_cast<std::size_t>(ties ? n : 1) * kBlock) {}
-    std::vector<double> W;  // ties: every model's W of the block; linear: one model's
-    std::vector<std::int32_t> rank;
-    std::vector<std::uint64_t> radix_a, radix_b;
-    double acc[kBlock];
-    double q[kBlock], p[kBlock];
-    float u[kBlock];
-    se::Block election;
+  // Per-model constants in one arithmetic V: survivor factors (in V and in double), weights,
+  // signs of the weights, and the output factor (lambda, or for the sum lambda / sum w).
+  template <class V>
+  struct Factors {
+    std::vector<V> c, w;
+    std::vector<double> cd;
+    std::vector<float> s;
+    V out_factor = 1;
+    void add_model(double ci, double wi, float si) {
+      c.push_back(static_cast<V>(ci));
+      cd.push_back(ci);
+      w.push_back(static_cast<V>(wi));
+      s.push_back(si);
+    }
   };
 
-  // Merges entries [k0, k0 + m) of the chunk into out. `probs(i, u, q, p)` (DELLA) fills the
-  // block's keep probabilities and drop thresholds of model i and returns how many u >= p.
-  template <class Probs>
-  void merge_block(const sdk::Chunk& c, std::size_t k0, std::size_t m, const std::vector<std::uint64_t>& keys,
-                   std::vector<std::uint64_t>& kept, Scratch& s, Probs probs, float* out) {
-    auto model_W = [&](std::uint32_t i, double* W) {
-      const float* d = c.models()[i] + k0;
-      if (!drop_) {
-        scaled(d, m, weights_[i], W);
-        return;
-      }
-      job_.host()->random_uniform(keys[i], c.begin() + k0, m, s.u);
-      if constexpr (kDella) {
-        kept[i] += probs(i, s.u, s.q, s.p);
-        della_block(d, s.u, s.q, s.p, m, weights_[i], rescale_, W);
-      } else {
-        const double p = 1.0 - density_;
-        kept[i] += count_kept(s.u, m, drop_threshold_f_);
-        dare_block(d, s.u, m, p, survivor_scale_[i], W);
-      }
-    };
-    const float* base = c.base().data() + k0;
-    if constexpr (T::ties) {
-      s.election.clear(m);
-      for (std::uint32_t i = 0; i < n_; ++i) {
-        double* W = s.W.data() + i * kBlock;
-        model_W(i, W);
-        se::vote(W, m, s.election);
-      }
-      for (std::uint32_t i = 0; i < n_; ++i) se::agree(s.W.data() + i * kBlock, weights_[i], m, s.election);
-      se::finish(s.election, m, normalize_, s.acc);
-    } else {
-      std::fill_n(s.acc, m, 0.0);
-      for (std::uint32_t i = 0; i < n_; ++i) {
-        if (!drop_) {
-          add_scaled(c.models()[i] + k0, m, weights_[i], s.acc);
-        } else if constexpr (!kDella) {
-          const double p = 1.0 - density_;
-          job_.host()->random_uniform(keys[i], c.begin() + k0, m, s.u);
-          kept[i] += count_kept(s.u, m, drop_threshold_f_);
-          dare_add(c.models()[i] + k0, s.u, m, p, survivor_scale_[i], s.acc);
-        } else {
-          model_W(i, s.W.data());
-          add(s.W.data(), m, s.acc);
+  // DELLA's lowest keep probability and step per rank for rows of `len` entries.
+  std::pair<double, double> spread(std::size_t len) const {
+    const double step = len > 1 ? 2.0 * epsilon_ / static_cast<double>(len - 1) : 0.0;
+    const double lo = len > 1 ? density_ - epsilon_ : density_;
+    return {lo, step};
+  }
+
+  // Rank tables for the job's row lengths, while they fit kTableBudget (built once: the map
+  // then only reads them, from any thread).
+  void cache_tables(const sdk::Job& job) {
+    std::size_t bytes = 0;
+    for (const cfx_tensor& t : job.tensors()) {
+      const auto len = static_cast<std::size_t>(t.row_length);
+      if (len < 2 || len >= (std::size_t{1} << 31) || tables_.count(len)) continue;
+      const std::size_t b = RankTables::bytes(len, n_);
+      if (bytes + b > kTableBudget) continue;
+      bytes += b;
+      const auto [lo, step] = spread(len);
+      tables_.emplace(len, RankTables(len, lo, step, weights_, rescale_));
+    }
+  }
+
+  // DARE (and DELLA without a spread): blocks of kBlock entries, groups of kGroup models.
+  template <class V>
+  void run_dare(const sdk::Chunk& c, const Factors<V>& fac, const std::vector<std::uint64_t>& keys,
+                std::vector<std::uint64_t>& kept, float* out) const {
+    static const float kZeros[kBlock] = {};  // the uniforms when nothing is dropped (threshold 0)
+    const std::size_t count = c.count();
+    const ScratchPool::Lease lease = pool_.get();
+    Scratch& s = *lease;
+    float* u = drop_ ? at_least(s.u, std::size_t{kGroup} * kBlock) : nullptr;
+    // State between groups (more than kGroup models only).
+    const bool carry = n_ > kGroup;
+    Sums<V>& sums = s.carry<V>();
+    V* acc = carry && !T::ties ? at_least(sums.acc, kBlock) : nullptr;
+    if (carry && T::ties) sums.election.reserve(kBlock);
+    const Election<V> st = carry && T::ties ? sums.election.at(0) : Election<V>{};
+    for (std::size_t k0 = 0; k0 < count; k0 += kBlock) {
+      const std::size_t m = std::min(kBlock, count - k0);
+      const float* base = c.base().data() + k0;
+      for (std::uint32_t i0 = 0; i0 < n_; i0 += kGroup) {
+        const unsigned g = std::min(kGroup, n_ - i0);
+        Group<V> grp{};
+        for (unsigned j = 0; j < g; ++j) {
+          const std::uint32_t i = i0 + j;
+          grp.x[j] = c.models()[i] + k0;
+          grp.c[j] = fac.c[i];
+          grp.cd[j] = fac.cd[i];
+          grp.w[j] = fac.w[i];
+          grp.s[j] = fac.s[i];
+          if (drop_) {
+            float* ui = u + j * kBlock;
+            job_.host()->random_uniform(keys[i], c.begin() + k0, m, ui);
+            kept[i] += count_kept(ui, m, drop_threshold_);
+            grp.u[j] = ui;
+          } else {
+            grp.u[j] = kZeros;
+          }
         }
+        const bool first = i0 == 0, last = i0 + g == n_;
+        float* o = last ? out + k0 : nullptr;
+        if constexpr (T::ties) {
+          ties_group<V>(g, normalize_, carry, grp, drop_threshold_, m, first ? nullptr : &st, &st, base,
+                        fac.out_factor, o);
+        } else {
+          linear_group<V>(g, grp, drop_threshold_, m, first ? nullptr : acc, acc, base, fac.out_factor, o);
+        }
+        if constexpr (std::is_same_v<V, float>) redo_unsafe(g, grp, m, base, out + k0);
       }
     }
-    finish_block(base, s.acc, m, out_factor_, out + k0);
+  }
+
+  // float_guard after a float32 DARE block (one group, so `grp` holds every model): the flagged
+  // entries again in double, from the same uniforms.
+  void redo_unsafe(unsigned g, const Group<float>& grp, std::size_t m, const float* base, float* out) const {
+    std::uint8_t flags[kBlock];
+    if (flag_unsafe_n<T::ties>(g, grp, base, m, float_.out_factor, out, flags) == 0) return;
+    for (std::size_t k = 0; k < m; ++k) {
+      if (!flags[k]) continue;
+      Group<double> one{};
+      for (unsigned j = 0; j < g; ++j) {
+        one.x[j] = grp.x[j] + k;
+        one.u[j] = grp.u[j] + k;
+        one.c[j] = double_.c[j];
+        one.cd[j] = double_.cd[j];
+        one.w[j] = double_.w[j];
+        one.s[j] = double_.s[j];
+      }
+      if constexpr (T::ties)
+        ties_group<double>(g, normalize_, false, one, drop_threshold_, 1, nullptr, nullptr, base + k,
+                           double_.out_factor, out + k);
+      else
+        linear_group<double>(g, one, drop_threshold_, 1, nullptr, nullptr, base + k, double_.out_factor, out + k);
+    }
+  }
+
+  // DELLA with a spread: groups of whole rows (one random_uniform call per group and model),
+  // each row of each model through della_row into the group's sums, then the group's finish.
+  template <class V>
+  void run_della(const sdk::Chunk& c, std::size_t len, const std::vector<std::uint64_t>& keys,
+                 std::vector<std::uint64_t>& kept, float* out) const {
+    const Factors<V>& fac = factors<V>();
+    std::unique_ptr<RankTables> own;
+    const RankTables& tab = tables_for(len, own);
+    const float* pf = tab.pf.data();
+    const std::size_t count = c.count();
+    const std::size_t group = std::max<std::size_t>(1, kRowGroup / len) * len;
+    const std::size_t cap = std::min(group, count);
+    const ScratchPool::Lease lease = pool_.get();
+    Scratch& s = *lease;
+    float* u = at_least(s.u, cap);
+    RowBuffers rb{at_least(s.key, len + 16), at_least(s.idx, len + 16), at_least(s.unz, len + 16),
+                  at_least(s.cand, len + 16), at_least(s.a, len), at_least(s.b, len)};
+    // The sums are zero at rest: the finish clears what the group added (nothing in between
+    // throws), so no pass clears them.
+    Sums<V>& sums = s.rest<V>();
+    V* acc = T::ties ? nullptr : at_least(sums.acc, cap);
+    if (T::ties) sums.election.reserve(cap);
+    for (std::size_t g0 = 0; g0 < count; g0 += group) {
+      const std::size_t m = std::min(group, count - g0);
+      for (std::uint32_t i = 0; i < n_; ++i) {
+        job_.host()->random_uniform(keys[i], c.begin() + g0, m, u);
+        const V* cv = tab.factors<V>(i);
+        const double* cd = tab.factors<double>(i);
+        for (std::size_t r0 = 0; r0 < m; r0 += len) {
+          const float* x = c.models()[i] + g0 + r0;
+          const float* base = c.base().data() + g0 + r0;
+          if constexpr (T::ties) {
+            const Election<V> e = sums.election.at(r0);
+            const V wi = fac.w[i];
+            const float si = fac.s[i];
+            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+              ElectionTerm<V> t{e.vote[k], e.pos[k], e.neg[k], e.pos_w[k], e.neg_w[k]};
+              t.add(x[k] - base[k], keep, cv[r], cd[r], wi, si);
+              e.vote[k] = t.vote;
+              e.pos[k] = t.pos;
+              e.neg[k] = t.neg;
+              e.pos_w[k] = t.pos_w;
+              e.neg_w[k] = t.neg_w;
+            });
+          } else {
+            V* row_acc = acc + r0;
+            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+              row_acc[k] += keep ? cv[r] * static_cast<V>(x[k] - base[k]) : V(0);
+            });
+          }
+        }
+      }
+      const float* base = c.base().data() + g0;
+      if constexpr (T::ties) {
+        if (normalize_)
+          finish_election<V, true>(base, sums.election.at(0), m, fac.out_factor, out + g0);
+        else
+          finish_election<V, false>(base, sums.election.at(0), m, fac.out_factor, out + g0);
+      } else {
+        finish_sum<V>(base, acc, m, fac.out_factor, out + g0);
+      }
+    }
+  }
+
+  // Scratch arrays of one row (see RowSplit, visit_candidates).
+  struct RowBuffers {
+    std::uint32_t *key, *idx;
+    float* unz;
+    std::uint32_t* cand;
+    std::uint64_t *a, *b;
+  };
+
+  // One row of one model (task vector x - base, uniforms u): returns how many of its entries
+  // are kept, and calls add(k, r, keep) for every nonzero entry k that may be kept (rank r in
+  // the row; keep: whether it is) to add its W into the sums.
+  template <class Add>
+  static std::uint64_t della_row(const float* x, const float* base, const float* u, const float* pf, std::size_t len,
+                                 const RowBuffers& rb, Add&& add) {
+    RowSplit split{rb.key, rb.idx, rb.unz};
+    split_row(x, base, u, pf, len, split);
+    // Zeros take ranks 0 .. zeros-1 in index order (their W is 0: only their count matters),
+    // the nonzero entries ranks zeros .. len-1 in magnitude order.
+    const std::size_t zeros = len - split.nonzero;
+    std::uint64_t kept = split.kept_zeros;
+    const float* unz = rb.unz;
+    const std::uint32_t* idx = rb.idx;
+    visit_candidates(split, pf[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
+      const std::size_t r = zeros + rank;
+      const bool keep = unz[j] >= pf[r];
+      kept += keep ? 1 : 0;
+      add(idx[j], r, keep);
+    });
+    return kept;
+  }
+
+  // The rank tables of rows of `len` entries: the job's, else built into `own`.
+  const RankTables& tables_for(std::size_t len, std::unique_ptr<RankTables>& own) const {
+    if (const auto it = tables_.find(len); it != tables_.end()) return it->second;
+    const auto [lo, step] = spread(len);
+    own = std::make_unique<RankTables>(len, lo, step, weights_, rescale_);
+    return *own;
+  }
+
+  template <class V>
+  const Factors<V>& factors() const {
+    if constexpr (std::is_same_v<V, double>)
+      return double_;
+    else
+      return float_;
   }
 
   static std::string num(double v) {
@@ -397,10 +1103,14 @@ class DropMerge {
   std::uint32_t n_;
   double density_, epsilon_, lambda_;
   bool normalize_, rescale_;
-  bool drop_ = true;        // density < 1
-  double out_factor_ = 1;   // out = base + out_factor_ * (merged sum, or the election's result)
-  float drop_threshold_f_ = 0;  // DARE: float_threshold(1 - density)
-  std::vector<double> weights_, survivor_scale_;
+  bool drop_ = true;            // density < 1
+  float drop_threshold_ = 0;    // DARE: keep_threshold(1 - density); 0 (keep all) without drop
+  std::vector<double> weights_;
+  Factors<double> double_;
+  Factors<float> float_;
+  bool nonnegative_weights_ = true;
+  std::map<std::size_t, RankTables> tables_;  // DELLA: by row length
+  mutable ScratchPool pool_;
   std::unique_ptr<std::atomic<std::uint64_t>[]> kept_;
   std::atomic<std::uint64_t> elements_{0};
 };
