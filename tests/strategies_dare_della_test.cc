@@ -638,7 +638,8 @@ TEST_F(DareDellaTest, DareStaysExactWhereTermsCancel) {
     Params p{ties ? "dare_ties" : "dare_linear"};
     p.density = 0.7;
     p.seed = 3;
-    if (!ties) p.weights = {1.0, 1.0, -1.0}, p.rescale = false;
+    p.rescale = false;  // survivors unscaled: the kept updates undo the base exactly
+    if (!ties) p.weights = {1.0, 1.0, -1.0};
     if (ties) p.normalize = true;
     JobConfig j = job(p, ties ? "cancel_ties" : "cancel_linear");
     j.out_dtype = DType::BF16;
