@@ -15,7 +15,8 @@
 // are then gathered during it, for the report.
 // Guard: an agent with no unique entry has rho_i = alpha when it has shared entries (it is
 // saturated: all of its update is shared), else 0 (it changed nothing).
-// Task vectors are float32 (the host's); the arithmetic per entry is float32 for a BF16 output and
+// Task vectors are float32, x_i - base formed in the kernels from the raw values (the host's task
+// vector, without its separate sweep); the arithmetic per entry is float32 for a BF16 output and
 // double otherwise, rounded once.
 #include <conflux/plugin.hpp>
 
@@ -85,7 +86,11 @@ CONFLUX_MULTIVERSION std::uint32_t fused_sweep(const float* const* d, const floa
   const T lmax = std::max(std::max(l0, l1), std::max(l2, l3));
   std::uint32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0, unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const float v0 = d0[k], v1 = N > 1 ? d1[k] : 0.0f, v2 = N > 2 ? d2[k] : 0.0f, v3 = N > 3 ? d3[k] : 0.0f;
+    // The float32 task vectors, formed here from the raw values (the host's subtraction: the
+    // same bits, without a separate sweep).
+    const float b0 = base[k];
+    const float v0 = d0[k] - b0, v1 = N > 1 ? d1[k] - b0 : 0.0f, v2 = N > 2 ? d2[k] - b0 : 0.0f,
+                v3 = N > 3 ? d3[k] - b0 : 0.0f;
     const bool a0 = std::fabs(v0) >= eps, a1 = N > 1 && std::fabs(v1) >= eps, a2 = N > 2 && std::fabs(v2) >= eps,
                a3 = N > 3 && std::fabs(v3) >= eps;
     const std::uint32_t c = static_cast<std::uint32_t>(a0) + a1 + a2 + a3;
@@ -149,12 +154,14 @@ struct Block {
 
 // Adds agent i's entries: active count, sum of active values, lambda_i * active values.
 template <class T>
-CONFLUX_MULTIVERSION void accumulate(const float* d, std::size_t m, float eps, T lambda, Block<T>& b) {
+CONFLUX_MULTIVERSION void accumulate(const float* x, const float* base, std::size_t m, float eps, T lambda,
+                                     Block<T>& b) {
   for (std::size_t k = 0; k < m; ++k) {
-    const bool on = std::fabs(d[k]) >= eps;
+    const float d = x[k] - base[k];
+    const bool on = std::fabs(d) >= eps;
     b.active[k] += on ? 1u : 0u;
-    b.sum[k] += on ? static_cast<T>(d[k]) : T(0);
-    b.unique[k] += on ? lambda * static_cast<T>(d[k]) : T(0);
+    b.sum[k] += on ? static_cast<T>(d) : T(0);
+    b.unique[k] += on ? lambda * static_cast<T>(d) : T(0);
   }
 }
 
@@ -170,10 +177,10 @@ CONFLUX_MULTIVERSION void combine_block(const float* base, std::size_t m, const 
 
 // Agent i's unique and shared active entries in a block.
 static_assert(kBlock < kTallySpan);
-CONFLUX_MULTIVERSION void count_block(const float* d, std::size_t m, float eps, const std::uint32_t* active,
-                                      std::uint64_t& unique, std::uint64_t& shared) {
+CONFLUX_MULTIVERSION void count_block(const float* x, const float* base, std::size_t m, float eps,
+                                      const std::uint32_t* active, std::uint64_t& unique, std::uint64_t& shared) {
   std::uint32_t tally = 0;
-  for (std::size_t k = 0; k < m; ++k) tally += std::fabs(d[k]) >= eps ? tally_tag(active[k]) : 0u;
+  for (std::size_t k = 0; k < m; ++k) tally += std::fabs(x[k] - base[k]) >= eps ? tally_tag(active[k]) : 0u;
   add_tally(tally, unique, shared);
 }
 
@@ -187,10 +194,10 @@ void blockwise(std::uint32_t n, const float* const* d, const float* base, std::s
     std::fill_n(b.active, m, 0u);
     std::fill_n(b.sum, m, T(0));
     std::fill_n(b.unique, m, T(0));
-    for (std::uint32_t i = 0; i < n; ++i) accumulate<T>(d[i] + k0, m, eps, lambda[i], b);
+    for (std::uint32_t i = 0; i < n; ++i) accumulate<T>(d[i] + k0, base + k0, m, eps, lambda[i], b);
     if (out) combine_block<T>(base + k0, m, b, out + k0);
     if (unique)
-      for (std::uint32_t i = 0; i < n; ++i) count_block(d[i] + k0, m, eps, b.active, unique[i], shared[i]);
+      for (std::uint32_t i = 0; i < n; ++i) count_block(d[i] + k0, base + k0, m, eps, b.active, unique[i], shared[i]);
   }
 }
 
@@ -372,14 +379,14 @@ struct Ram {
     const float one[kFused] = {1.0f, 1.0f, 1.0f, 1.0f};
     if (n_ > kFused) {
       std::vector<float> ones(n_, 1.0f);
-      blockwise<float>(n_, c.models(), nullptr, c.count(), eps_f_, ones.data(), nullptr, st, st + n_);
+      blockwise<float>(n_, c.models(), c.base().data(), c.count(), eps_f_, ones.data(), nullptr, st, st + n_);
       return;
     }
     for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
       const std::size_t m = std::min(kTallySpan, c.count() - k0);
       const float* d[kFused];
       for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0;
-      fused<float, false, true>(n_, d, nullptr, m, eps_f_, one, nullptr, st, st + n_);
+      fused<float, false, true>(n_, d, c.base().data() + k0, m, eps_f_, one, nullptr, st, st + n_);
     }
   }
 
@@ -415,8 +422,8 @@ struct Ram {
 CONFLUX_PLUGIN(Ram,
                sdk::only_if<Ram, &Ram::model_pass>(
                    sdk::reduce_pass<Ram, std::uint64_t, 0, &Ram::count, &Ram::combine, &Ram::model_done>(
-                       CFX_PASS_MODEL_REDUCE, CFX_PASS_TASK_VECTORS)),
+                       CFX_PASS_MODEL_REDUCE)),
                sdk::only_if<Ram, &Ram::tensor_pass>(
                    sdk::reduce_pass<Ram, std::uint64_t, 1, &Ram::count, &Ram::combine, &Ram::tensor_done>(
-                       CFX_PASS_TENSOR_REDUCE, CFX_PASS_TASK_VECTORS)),
-               sdk::map_pass<Ram, &Ram::map>(CFX_PASS_TASK_VECTORS))
+                       CFX_PASS_TENSOR_REDUCE)),
+               sdk::map_pass<Ram, &Ram::map>())
