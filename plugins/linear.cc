@@ -87,23 +87,19 @@ struct Linear {
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
     if (c.model_count() > 4) return run(c, out);
-    const bool f32 = c.float32_suffices();
-    for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
-      const std::size_t m = std::min(kBlock, out.size() - k0);
-      auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
-        using T = decltype(zero);
-        const float* x[4];
-        for (unsigned i = 0; i < c.model_count(); ++i) x[i] = c.models()[i] + k0 + at;
-        const T* w = nullptr;
-        if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
-        return fused_n<T, std::is_same_v<T, float>>(c.model_count(), x, w, count, out.data() + k0 + at);
-      };
-      if (f32)
-        fg::run(m, [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); },
-                [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
-      else
-        sweep(0.0, 0, m);
-    }
+    auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
+      using T = decltype(zero);
+      const float* x[4];
+      for (unsigned i = 0; i < c.model_count(); ++i) x[i] = c.models()[i] + at;
+      const T* w = nullptr;
+      if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
+      return fused_n<T, std::is_same_v<T, float>>(c.model_count(), x, w, count, out.data() + at);
+    };
+    if (c.float32_suffices())
+      fg::run(out.size(), [&](std::size_t at, std::size_t n) { return sweep(0.0f, at, n); },
+              [&](std::size_t at, std::size_t n) { sweep(0.0, at, n); });
+    else
+      sweep(0.0, 0, out.size());
   }
 
   // More than 4 models: blockwise, in double.

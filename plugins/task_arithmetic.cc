@@ -100,20 +100,17 @@ struct TaskArithmetic {
   // Float32 with float_guard's per-entry fallback to double (one sweep: at most 4 models).
   void run_guarded(const sdk::Chunk& c, sdk::Span<float> out) const {
     const unsigned n = c.model_count();
-    for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
-      const std::size_t m = std::min(kBlock, out.size() - k0);
-      auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
-        using T = decltype(zero);
-        const float* x[4];
-        for (unsigned i = 0; i < n; ++i) x[i] = c.models()[i] + k0 + at;
-        const T* w = nullptr;
-        if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
-        return add_group<T, std::is_same_v<T, float>>(n, x, w, c.base().data() + k0 + at, count, nullptr, nullptr,
-                                                      out.data() + k0 + at);
-      };
-      fg::run(m, [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); },
-              [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
-    }
+    auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
+      using T = decltype(zero);
+      const float* x[4];
+      for (unsigned i = 0; i < n; ++i) x[i] = c.models()[i] + at;
+      const T* w = nullptr;
+      if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
+      return add_group<T, std::is_same_v<T, float>>(n, x, w, c.base().data() + at, count, nullptr, nullptr,
+                                                    out.data() + at);
+    };
+    fg::run(out.size(), [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); },
+            [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
   }
 
   template <class T>
