@@ -15,7 +15,7 @@ namespace sdk = conflux::sdk;
 namespace {
 
 struct Traits {
-  static constexpr sdk::Info info{"dare_linear", "1.0.0",
+  static constexpr sdk::Info info{"dare_linear", "1.1.0",
                                   "DARE: randomly drop task-vector entries (keep density, rescale), then task "
                                   "arithmetic",
                                   1, 0, CFX_BASE_REQUIRED};

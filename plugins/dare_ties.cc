@@ -16,7 +16,7 @@ namespace sdk = conflux::sdk;
 namespace {
 
 struct Traits {
-  static constexpr sdk::Info info{"dare_ties", "1.0.0",
+  static constexpr sdk::Info info{"dare_ties", "1.1.0",
                                   "DARE: randomly drop task-vector entries (keep density, rescale), then the TIES "
                                   "sign election",
                                   1, 0, CFX_BASE_REQUIRED};

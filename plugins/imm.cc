@@ -72,7 +72,7 @@ float keep_threshold(double p) {
 }  // namespace
 
 struct Imm {
-  static constexpr sdk::Info info{"imm", "1.0.0",
+  static constexpr sdk::Info info{"imm", "1.1.0",
                                   "Iterative Model Merging: the original plus a weighted DARE of the new round's "
                                   "update",
                                   1, 1, CFX_BASE_REQUIRED};

@@ -66,7 +66,7 @@ std::uint32_t fused_n(unsigned n, const float* const* x, const T* w, std::size_t
 }  // namespace
 
 struct Linear {
-  static constexpr sdk::Info info{"linear", "1.0.0", "Weighted average of the models' weights",
+  static constexpr sdk::Info info{"linear", "1.1.0", "Weighted average of the models' weights",
                                   1, 0, CFX_BASE_UNUSED};
   static inline const sdk::Param params[] = {
       sdk::Param::per_model("weights", 1.0, "weight of each model (one number applies to all)"),

@@ -214,7 +214,7 @@ std::uint32_t blend_group(unsigned g, const float* const* x, const float* base, 
 }  // namespace
 
 struct ModelStock {
-  static constexpr sdk::Info info{"model_stock", "1.0.0",
+  static constexpr sdk::Info info{"model_stock", "1.1.0",
                                   "Model Stock: t * mean of the models + (1 - t) * base, t from the angle between "
                                   "their task vectors",
                                   2, 0, CFX_BASE_REQUIRED};

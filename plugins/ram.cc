@@ -204,7 +204,7 @@ void blockwise(std::uint32_t n, const float* const* d, const float* base, std::s
 }  // namespace
 
 struct Ram {
-  static constexpr sdk::Info info{"ram", "1.0.0",
+  static constexpr sdk::Info info{"ram", "1.1.0",
                                   "Reinforced Agent Merging: unique entries kept (RAM+: rescaled), shared ones "
                                   "averaged over the active agents",
                                   2, 0, CFX_BASE_REQUIRED};

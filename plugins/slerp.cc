@@ -151,7 +151,7 @@ enum class Kind : std::uint8_t { empty, spherical, parallel, zero_norm };
 }  // namespace
 
 struct Slerp {
-  static constexpr sdk::Info info{"slerp", "1.0.0",
+  static constexpr sdk::Info info{"slerp", "1.1.0",
                                   "Spherical linear interpolation of two models (base + one, or two models)", 1, 2,
                                   CFX_BASE_OPTIONAL};
   static inline const sdk::Param params[] = {

@@ -69,7 +69,7 @@ std::uint32_t add_group(unsigned g, const float* const* x, const T* w, const flo
 }  // namespace
 
 struct TaskArithmetic {
-  static constexpr sdk::Info info{"task_arithmetic", "1.0.0",
+  static constexpr sdk::Info info{"task_arithmetic", "1.1.0",
                                   "Base plus the weighted sum of the models' task vectors", 1, 0,
                                   CFX_BASE_REQUIRED};
   static inline const sdk::Param params[] = {

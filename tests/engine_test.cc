@@ -307,7 +307,7 @@ TEST_F(EngineTest, WritesManifestAndAuxiliaryFiles) {
   run(j);
   const auto manifest = boost::json::parse(read_bytes(dir_ / "out" / "conflux-manifest.json")).as_object();
   EXPECT_EQ(manifest.at("strategy").at("id").as_string(), "task_arithmetic");
-  EXPECT_EQ(manifest.at("strategy").at("version").as_string(), "1.0.0");
+  EXPECT_EQ(manifest.at("strategy").at("version").as_string(), "1.1.0");  // 1.1: float32 for BF16 outputs
   EXPECT_EQ(manifest.at("seed").to_number<std::uint64_t>(), 42u);
   EXPECT_EQ(manifest.at("params").at("lambda").as_double(), 0.5);
   EXPECT_EQ(manifest.at("params").at("weights").as_array().size(), 2u);
