@@ -158,8 +158,9 @@ typedef struct cfx_tensor {
   uint32_t out_precision;
 } cfx_tensor;
 
-/* Outputs of at most this many significand bits (BF16) are computed in float32 by Conflux's
-   strategies; wider ones (F16, F32, F64) in double. */
+/* Outputs of at most this many significand bits (BF16) may be computed in float32: Conflux's
+   element-wise strategies do, recomputing in double the entries whose terms cancel; wider
+   outputs (F16, F32, F64) need double to stay within 1 ulp. */
 #define CFX_FLOAT32_OUTPUT_BITS 8
 
 typedef struct cfx_chunk {
