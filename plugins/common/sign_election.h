@@ -1,8 +1,7 @@
 // TIES sign election and disjoint merge (Yadav et al. 2023, mergekit's consensus_method "sum"),
 // shared by the ties / breadcrumbs_ties / dare_ties / della plugins. Header-only, no state.
 //
-// DEFINITION (per entry; i runs over the models in index order, arithmetic in double, or in
-// float32 for a BF16 output; see BasicBlock):
+// DEFINITION (per entry; i runs over the models in index order, all arithmetic in double):
 //   W_i   = w_i * d_i          d_i the (trimmed / dropped / rescaled) task-vector entry, w_i the
 //                              model's weight; the caller forms W_i (e.g. w_i * double(d_i))
 //   vote  = sum_i W_i          s = +1 when vote >= 0 (a zero sum counts as +), else -1
@@ -46,68 +45,55 @@ namespace conflux::plugins::sign_election {
 // Block length the Block arrays hold (entries per call; 3 * 8 KiB of doubles on the stack).
 inline constexpr std::size_t kBlock = 1024;
 
-// The arithmetic type T is double, or float32 where the strategy computes in float32 (a BF16
-// output, sdk::float32_suffices); the definition above is unchanged with T for double.
-template <class T>
-struct BasicBlock {
-  T vote[kBlock];  // sum_i W_i
-  T sum[kBlock];   // sum_i [agree_i] W_i
-  T div[kBlock];   // sum_i [agree_i] w_i
+struct Block {
+  double vote[kBlock];   // sum_i W_i
+  double sum[kBlock];    // sum_i [agree_i] W_i
+  double div[kBlock];    // sum_i [agree_i] w_i
   // Zeroes the first m entries of every array.
   void clear(std::size_t m) {
-    std::fill_n(vote, m, T(0));
-    std::fill_n(sum, m, T(0));
-    std::fill_n(div, m, T(0));
+    std::fill_n(vote, m, 0.0);
+    std::fill_n(sum, m, 0.0);
+    std::fill_n(div, m, 0.0);
   }
 };
-using Block = BasicBlock<double>;
 
 // Phase 1: vote[k] += W[k].
-template <class T>
-CONFLUX_MULTIVERSION static inline void vote(const T* W, std::size_t m, BasicBlock<T>& b) {
+CONFLUX_MULTIVERSION static inline void vote(const double* W, std::size_t m, Block& b) {
   for (std::size_t k = 0; k < m; ++k) b.vote[k] += W[k];
 }
 
-// Phase 1 with W = w * T(d).
-template <class T>
-CONFLUX_MULTIVERSION static inline void vote_scaled(const float* d, T w, std::size_t m, BasicBlock<T>& b) {
-  for (std::size_t k = 0; k < m; ++k) b.vote[k] += w * static_cast<T>(d[k]);
+// Phase 1 with W = w * double(d).
+CONFLUX_MULTIVERSION static inline void vote_scaled(const float* d, double w, std::size_t m, Block& b) {
+  for (std::size_t k = 0; k < m; ++k) b.vote[k] += w * static_cast<double>(d[k]);
 }
 
 // Phase 2 (after every model voted): where W[k] has the elected sign, sum[k] += W[k] and
 // div[k] += w.
-template <class T>
-CONFLUX_MULTIVERSION static inline void agree(const T* W, T w, std::size_t m, BasicBlock<T>& b) {
+CONFLUX_MULTIVERSION static inline void agree(const double* W, double w, std::size_t m, Block& b) {
   for (std::size_t k = 0; k < m; ++k) {
-    const T x = W[k];
-    const bool up = b.vote[k] >= T(0);
-    const bool on = (up & (x > T(0))) | (!up & (x < T(0)));  // bitwise: no branches, vectorizes
-    b.sum[k] += on ? x : T(0);
-    b.div[k] += on ? w : T(0);
+    const double x = W[k];
+    const bool up = b.vote[k] >= 0.0;
+    const bool on = (up & (x > 0.0)) | (!up & (x < 0.0));  // bitwise: no branches, vectorizes
+    b.sum[k] += on ? x : 0.0;
+    b.div[k] += on ? w : 0.0;
   }
 }
 
-// Phase 2 with W = w * T(d).
-template <class T>
-CONFLUX_MULTIVERSION static inline void agree_scaled(const float* d, T w, std::size_t m, BasicBlock<T>& b) {
+// Phase 2 with W = w * double(d).
+CONFLUX_MULTIVERSION static inline void agree_scaled(const float* d, double w, std::size_t m, Block& b) {
   for (std::size_t k = 0; k < m; ++k) {
-    const T x = w * static_cast<T>(d[k]);
-    const bool up = b.vote[k] >= T(0);
-    const bool on = (up & (x > T(0))) | (!up & (x < T(0)));
-    b.sum[k] += on ? x : T(0);
-    b.div[k] += on ? w : T(0);
+    const double x = w * static_cast<double>(d[k]);
+    const bool up = b.vote[k] >= 0.0;
+    const bool on = (up & (x > 0.0)) | (!up & (x < 0.0));
+    b.sum[k] += on ? x : 0.0;
+    b.div[k] += on ? w : 0.0;
   }
 }
 
-// merged[k] = sum[k] / div[k] (0 where div[k] == 0) when normalize, else sum[k]. The quotient is
-// taken everywhere (by 1 where div is 0) and then selected: no branch in the loop.
-template <class T>
-CONFLUX_MULTIVERSION static inline void finish(const BasicBlock<T>& b, std::size_t m, bool normalize, T* merged) {
+// merged[k] = sum[k] / div[k] (0 where div[k] == 0) when normalize, else sum[k].
+CONFLUX_MULTIVERSION static inline void finish(const Block& b, std::size_t m, bool normalize, double* merged) {
   if (normalize) {
-    for (std::size_t k = 0; k < m; ++k) {
-      const T q = b.sum[k] / (b.div[k] != T(0) ? b.div[k] : T(1));
-      merged[k] = b.div[k] != T(0) ? q : T(0);
-    }
+    for (std::size_t k = 0; k < m; ++k) merged[k] = b.div[k] != 0.0 ? b.sum[k] / b.div[k] : 0.0;
   } else {
     for (std::size_t k = 0; k < m; ++k) merged[k] = b.sum[k];
   }

@@ -11,7 +11,7 @@
 //   k_i = floor(density_i * n),  a_i = floor(gamma_i * n) (0 without gamma),
 //   a_i = n - k_i when a_i + k_i > n (as mergekit: fewer top entries removed),
 //   rank the entries by (|d_i| desc, flat index asc) and keep ranks [a_i, a_i + k_i).
-//   t_i = d_i on kept entries, 0 elsewhere;  W_i = w_i * t_i.
+//   t_i = d_i on kept entries, 0 elsewhere;  W_i = w_i * t_i (double).
 //   kElect:  merged = TIES disjoint merge of the W_i (sign_election.h; normalize: divided by the
 //            agreeing weights, 0 where they sum to 0);  out = base + lambda * merged
 //   else:    out = base + lambda * sum_i W_i / (normalize ? sum_i w_i : 1)
@@ -50,96 +50,90 @@ constexpr std::uint32_t kFusedModels = 4;
 
 // One block through all N models at once, in registers: d_i = x_i - base (float32), t_i = d_i
 // where lo_i <= key(d_i) < hi_i (else 0), W_i = w_i * t_i, then the election (Elect) or the
-// sum, in T (double; the kernels take T for a float32 variant). The election keeps the vote and, per sign,
-// the sum of W_i and of w_i; picking the elected sign's pair afterwards adds exactly the same
-// terms in the same order as sign_election's agree (the others add +0), and the sum adds
-// w_i * t_i in model order as the blockwise path: the same bits, whichever path a block takes
-// (which depends on the chunking).
-template <class T, bool Elect, bool Normalize, std::uint32_t N>
+// sum. The election keeps the
+// vote and, per sign, the sum of W_i and of w_i; picking the elected sign's pair afterwards
+// adds exactly the same terms in the same order as sign_election's agree (the others add +0),
+// and the sum adds w_i * t_i in model order as the blockwise path: the same bits.
+template <bool Elect, bool Normalize, std::uint32_t N>
 CONFLUX_MULTIVERSION static void fused_block(const float* const* d, const std::uint32_t* lo, const std::uint32_t* hi,
-                                             const T* w, const float* base, T lambda, std::size_t m, float* out) {
+                                             const double* w, const float* base, double lambda, std::size_t m,
+                                             float* out) {
   static_assert(N >= 1 && N <= 4);
   // Operands in named locals (array copies become memcpy's the vectorizer cannot see through).
   const float *x0 = d[0], *x1 = d[N > 1 ? 1 : 0], *x2 = d[N > 2 ? 2 : 0], *x3 = d[N > 3 ? 3 : 0];
   const std::uint32_t l0 = lo[0], l1 = lo[N > 1 ? 1 : 0], l2 = lo[N > 2 ? 2 : 0], l3 = lo[N > 3 ? 3 : 0];
   const std::uint32_t h0 = hi[0], h1 = hi[N > 1 ? 1 : 0], h2 = hi[N > 2 ? 2 : 0], h3 = hi[N > 3 ? 3 : 0];
-  const T w0 = w[0], w1 = w[N > 1 ? 1 : 0], w2 = w[N > 2 ? 2 : 0], w3 = w[N > 3 ? 3 : 0];
+  const double w0 = w[0], w1 = w[N > 1 ? 1 : 0], w2 = w[N > 2 ? 2 : 0], w3 = w[N > 3 ? 3 : 0];
   for (std::size_t k = 0; k < m; ++k) {
     // t_i * w_i: the trimmed entry (bitwise &: no branch), weighted.
-    auto weighted = [k, base](const float* x, std::uint32_t l, std::uint32_t h, T wi) {
+    auto weighted = [k, base](const float* x, std::uint32_t l, std::uint32_t h, double wi) {
       const float v = x[k] - base[k];  // the float32 task vector, as the host would form it
       const std::uint32_t key = topk::key_of(v);
-      return wi * static_cast<T>(((key >= l) & (key < h)) ? v : 0.0f);
+      return wi * static_cast<double>(((key >= l) & (key < h)) ? v : 0.0f);
     };
     if constexpr (Elect) {
-      T vote = 0, pos = 0, neg = 0, pos_w = 0, neg_w = 0;
-      auto add = [&](T W, T wi) {
+      double vote = 0, pos = 0, neg = 0, pos_w = 0, neg_w = 0;
+      auto add = [&](double W, double wi) {
         vote += W;
-        pos += W > T(0) ? W : T(0);
-        neg += W < T(0) ? W : T(0);
-        pos_w += W > T(0) ? wi : T(0);
-        neg_w += W < T(0) ? wi : T(0);
+        pos += W > 0.0 ? W : 0.0;
+        neg += W < 0.0 ? W : 0.0;
+        pos_w += W > 0.0 ? wi : 0.0;
+        neg_w += W < 0.0 ? wi : 0.0;
       };
       add(weighted(x0, l0, h0, w0), w0);
       if constexpr (N > 1) add(weighted(x1, l1, h1, w1), w1);
       if constexpr (N > 2) add(weighted(x2, l2, h2, w2), w2);
       if constexpr (N > 3) add(weighted(x3, l3, h3, w3), w3);
-      const bool up = vote >= T(0);
-      const T sum = up ? pos : neg, div = up ? pos_w : neg_w;
-      T merged = sum;
-      if constexpr (Normalize) {
-        const T q = sum / (div != T(0) ? div : T(1));  // as sign_election::finish
-        merged = div != T(0) ? q : T(0);
-      }
-      out[k] = static_cast<float>(static_cast<T>(base[k]) + lambda * merged);
+      const bool up = vote >= 0.0;
+      const double sum = up ? pos : neg, div = up ? pos_w : neg_w;
+      double merged = sum;
+      if constexpr (Normalize) merged = div != 0.0 ? sum / div : 0.0;
+      out[k] = static_cast<float>(static_cast<double>(base[k]) + lambda * merged);
     } else {
-      T acc = 0;
+      double acc = 0;
       acc += weighted(x0, l0, h0, w0);
       if constexpr (N > 1) acc += weighted(x1, l1, h1, w1);
       if constexpr (N > 2) acc += weighted(x2, l2, h2, w2);
       if constexpr (N > 3) acc += weighted(x3, l3, h3, w3);
-      out[k] = static_cast<float>(static_cast<T>(base[k]) + acc);
+      out[k] = static_cast<float>(static_cast<double>(base[k]) + acc);
     }
   }
 }
 
-template <class T, bool Elect, bool Normalize>
-void fused_n(std::uint32_t n, const float* const* d, const std::uint32_t* lo, const std::uint32_t* hi, const T* w,
-             const float* base, T lambda, std::size_t m, float* out) {
+template <bool Elect, bool Normalize>
+void fused_n(std::uint32_t n, const float* const* d, const std::uint32_t* lo, const std::uint32_t* hi, const double* w,
+             const float* base, double lambda, std::size_t m, float* out) {
   switch (n) {
-    case 1: return fused_block<T, Elect, Normalize, 1>(d, lo, hi, w, base, lambda, m, out);
-    case 2: return fused_block<T, Elect, Normalize, 2>(d, lo, hi, w, base, lambda, m, out);
-    case 3: return fused_block<T, Elect, Normalize, 3>(d, lo, hi, w, base, lambda, m, out);
-    default: return fused_block<T, Elect, Normalize, 4>(d, lo, hi, w, base, lambda, m, out);
+    case 1: return fused_block<Elect, Normalize, 1>(d, lo, hi, w, base, lambda, m, out);
+    case 2: return fused_block<Elect, Normalize, 2>(d, lo, hi, w, base, lambda, m, out);
+    case 3: return fused_block<Elect, Normalize, 3>(d, lo, hi, w, base, lambda, m, out);
+    default: return fused_block<Elect, Normalize, 4>(d, lo, hi, w, base, lambda, m, out);
   }
 }
 
 // The election normalizes or not; the sum's normalization is in its weights.
-template <class T, bool Elect>
-void fused(std::uint32_t n, const float* const* d, const std::uint32_t* lo, const std::uint32_t* hi, const T* w,
-           const float* base, T lambda, bool normalize, std::size_t m, float* out) {
-  if (Elect && normalize) fused_n<T, Elect, true>(n, d, lo, hi, w, base, lambda, m, out);
-  else fused_n<T, Elect, false>(n, d, lo, hi, w, base, lambda, m, out);
+template <bool Elect>
+void fused(std::uint32_t n, const float* const* d, const std::uint32_t* lo, const std::uint32_t* hi, const double* w,
+           const float* base, double lambda, bool normalize, std::size_t m, float* out) {
+  if (Elect && normalize) fused_n<Elect, true>(n, d, lo, hi, w, base, lambda, m, out);
+  else fused_n<Elect, false>(n, d, lo, hi, w, base, lambda, m, out);
 }
 static_assert(kFusedModels == 4);
 
-// acc[k] += w * T(t[k])
-template <class T>
-CONFLUX_MULTIVERSION static inline void add_scaled(const float* t, T w, std::size_t m, T* acc) {
-  for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<T>(t[k]);
+// acc[k] += w * double(t[k])
+CONFLUX_MULTIVERSION static inline void add_scaled(const float* t, double w, std::size_t m, double* acc) {
+  for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<double>(t[k]);
 }
 
 // out[k] = float(base[k] + lambda * merged[k])
-template <class T>
-CONFLUX_MULTIVERSION static inline void finish_scaled(const float* base, const T* merged, T lambda, std::size_t m,
-                                                      float* out) {
-  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<T>(base[k]) + lambda * merged[k]);
+CONFLUX_MULTIVERSION static inline void finish_scaled(const float* base, const double* merged, double lambda,
+                                                      std::size_t m, float* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<double>(base[k]) + lambda * merged[k]);
 }
 
 // out[k] = float(base[k] + acc[k])
-template <class T>
-CONFLUX_MULTIVERSION static inline void finish_sum(const float* base, const T* acc, std::size_t m, float* out) {
-  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<T>(base[k]) + acc[k]);
+CONFLUX_MULTIVERSION static inline void finish_sum(const float* base, const double* acc, std::size_t m, float* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<double>(base[k]) + acc[k]);
 }
 
 // floor(x * n) as mergekit's int(x * numel): the double product, truncated.
@@ -178,18 +172,7 @@ struct TrimMerge : V {
   }
   bool done(const cfx_tensor* t, sdk::Span<const std::uint32_t> stats) { return selector_.done(t, stats); }
 
-  // In double: the election's sign is a discrete decision that float32 rounding could flip where
-  // the votes nearly cancel, and the selection pass (a second read of the inputs), not this
-  // arithmetic, dominates these strategies' time.
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    merge<double>(c, V::kElect ? weights_.data() : sum_weights_.data(), lambda_, out);
-    selector_.mapped(c);
-  }
-
-  // The merge in T; w: the weights of the election, or those of the sum (with lambda and the
-  // normalization folded in).
-  template <class T>
-  void merge(const sdk::Chunk& c, const T* w, T lambda, sdk::Span<float> out) {
     namespace se = sign_election;
     using trim_detail::kBlock;
     std::vector<topk::Cursor> keep(n_), drop(n_, topk::Cursor{topk::kNothing, 0, 0});
@@ -199,6 +182,7 @@ struct TrimMerge : V {
     }
     std::vector<float> trimmed;
     const float* base = c.base().data();
+    const double* w = V::kElect ? weights_.data() : sum_weights_.data();
     std::vector<const float*> x(n_);
     std::vector<std::uint32_t> lo(n_), hi(n_);
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
@@ -211,8 +195,8 @@ struct TrimMerge : V {
         straddle = straddle || keep[i].quota > 0 || drop[i].quota > 0;
       }
       if (!straddle && n_ <= trim_detail::kFusedModels) {
-        trim_detail::fused<T, V::kElect>(n_, x.data(), lo.data(), hi.data(), w, base + k0, lambda, normalize_, m,
-                                         out.data() + k0);
+        trim_detail::fused<V::kElect>(n_, x.data(), lo.data(), hi.data(), w, base + k0, lambda_, normalize_, m,
+                                      out.data() + k0);
         continue;
       }
       // Blockwise: many models, or the block where ties straddle a boundary.
@@ -220,19 +204,21 @@ struct TrimMerge : V {
       for (std::uint32_t i = 0; i < n_; ++i)
         topk::select_block(x[i], base + k0, m, keep[i], drop[i], trimmed.data() + i * kBlock);
       if constexpr (V::kElect) {
-        se::BasicBlock<T> b;
+        se::Block b;
         b.clear(m);
-        for (std::uint32_t i = 0; i < n_; ++i) se::vote_scaled(trimmed.data() + i * kBlock, w[i], m, b);
-        for (std::uint32_t i = 0; i < n_; ++i) se::agree_scaled(trimmed.data() + i * kBlock, w[i], m, b);
-        T merged[kBlock];
+        for (std::uint32_t i = 0; i < n_; ++i) se::vote_scaled(trimmed.data() + i * kBlock, weights_[i], m, b);
+        for (std::uint32_t i = 0; i < n_; ++i) se::agree_scaled(trimmed.data() + i * kBlock, weights_[i], m, b);
+        double merged[kBlock];
         se::finish(b, m, normalize_, merged);
-        trim_detail::finish_scaled(base + k0, merged, lambda, m, out.data() + k0);
+        trim_detail::finish_scaled(base + k0, merged, lambda_, m, out.data() + k0);
       } else {
-        T acc[kBlock] = {};
-        for (std::uint32_t i = 0; i < n_; ++i) trim_detail::add_scaled(trimmed.data() + i * kBlock, w[i], m, acc);
+        double acc[kBlock] = {};
+        for (std::uint32_t i = 0; i < n_; ++i)
+          trim_detail::add_scaled(trimmed.data() + i * kBlock, sum_weights_[i], m, acc);
         trim_detail::finish_sum(base + k0, acc, m, out.data() + k0);
       }
     }
+    selector_.mapped(c);
   }
 
   void finish() {
