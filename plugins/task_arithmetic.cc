@@ -94,7 +94,7 @@ struct TaskArithmetic {
     if (c.float32_suffices() && c.model_count() <= 4)
       run_guarded(c, out);
     else
-      run<double>(c, weights_.data(), out);
+      run_double(c, out);
   }
 
   // Float32 with float_guard's per-entry fallback to double (one sweep: at most 4 models).
@@ -113,20 +113,21 @@ struct TaskArithmetic {
             [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
   }
 
-  template <class T>
-  static void run(const sdk::Chunk& c, const T* weights, sdk::Span<float> out) {
+  // Double, any number of models: groups of 4 chained through the accumulator.
+  void run_double(const sdk::Chunk& c, sdk::Span<float> out) const {
     const std::uint32_t n = c.model_count();
     // Blocks small enough for the stack and the L1 cache.
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       const float* base = c.base().data() + k0;
       const float* x[4];
-      T acc[kBlock];
+      double acc[kBlock];
       for (std::uint32_t i = 0; i < n; i += 4) {
         const unsigned g = std::min(4u, n - i);
         for (unsigned j = 0; j < g; ++j) x[j] = c.models()[i + j] + k0;
         const bool last = i + g == n;
-        add_group<T>(g, x, weights + i, base, m, i == 0 ? nullptr : acc, acc, last ? out.data() + k0 : nullptr);
+        add_group<double>(g, x, weights_.data() + i, base, m, i == 0 ? nullptr : acc, acc,
+                          last ? out.data() + k0 : nullptr);
       }
     }
   }
