@@ -32,9 +32,12 @@
 #include <vector>
 
 #include "common/float_guard.h"
+#include "common/inputs.h"
 
 namespace sdk = conflux::sdk;
 namespace fg = conflux::plugins::float_guard;
+using conflux::plugins::value;
+using conflux::plugins::with_inputs;
 
 namespace {
 
@@ -73,28 +76,28 @@ inline void add_tally(std::uint32_t tally, std::uint64_t& unique, std::uint64_t&
 // One sweep over m <= kTallySpan entries of N agents:
 //   out = base + (c == 1 ? unique-scaled value : c >= 2 ? mean of active values : 0)
 // Lambda: unique entries scaled by lambda_i (else lambda_i = 1: the sum is the value). Count:
-// also tally each agent's unique and shared entries. `out` may be null (counting only).
+// also tally each agent's unique and shared entries. Write: the output (else counting only, `out` unused).
 // Guard (float32): returns how many results fail float_guard's test, with magnitudes
 // |base| + lambda_max * sum of |active values|.
-template <class T, std::uint32_t N, bool Lambda, bool Count, bool Guard = false>
-CONFLUX_MULTIVERSION std::uint32_t fused_sweep(const float* const* d, const float* base, std::size_t m, float eps,
+template <class T, std::uint32_t N, bool Lambda, bool Count, bool Guard = false, bool Write = true, class In>
+CONFLUX_MULTIVERSION std::uint32_t fused_sweep(const In* const* d, const In* base, std::size_t m, float eps,
                                                const T* lambda, float* out, std::uint64_t* unique,
                                                std::uint64_t* shared) {
   static_assert(N >= 1 && N <= kFused);
-  const float *d0 = d[0], *d1 = d[N > 1 ? 1 : 0], *d2 = d[N > 2 ? 2 : 0], *d3 = d[N > 3 ? 3 : 0];
+  const In *d0 = d[0], *d1 = d[N > 1 ? 1 : 0], *d2 = d[N > 2 ? 2 : 0], *d3 = d[N > 3 ? 3 : 0];
   const T l0 = lambda[0], l1 = lambda[N > 1 ? 1 : 0], l2 = lambda[N > 2 ? 2 : 0], l3 = lambda[N > 3 ? 3 : 0];
   const T lmax = std::max(std::max(l0, l1), std::max(l2, l3));
   std::uint32_t t0 = 0, t1 = 0, t2 = 0, t3 = 0, unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
     // The float32 task vectors, formed here from the raw values (the host's subtraction: the
     // same bits, without a separate sweep).
-    const float b0 = base[k];
-    const float v0 = d0[k] - b0, v1 = N > 1 ? d1[k] - b0 : 0.0f, v2 = N > 2 ? d2[k] - b0 : 0.0f,
-                v3 = N > 3 ? d3[k] - b0 : 0.0f;
+    const float b0 = value(base, k);
+    const float v0 = value(d0, k) - b0, v1 = N > 1 ? value(d1, k) - b0 : 0.0f, v2 = N > 2 ? value(d2, k) - b0 : 0.0f,
+                v3 = N > 3 ? value(d3, k) - b0 : 0.0f;
     const bool a0 = std::fabs(v0) >= eps, a1 = N > 1 && std::fabs(v1) >= eps, a2 = N > 2 && std::fabs(v2) >= eps,
                a3 = N > 3 && std::fabs(v3) >= eps;
     const std::uint32_t c = static_cast<std::uint32_t>(a0) + a1 + a2 + a3;
-    if (out) {
+    if constexpr (Write) {
       T sum = 0, uniq = 0;
       sum += a0 ? static_cast<T>(v0) : T(0);
       if constexpr (N > 1) sum += a1 ? static_cast<T>(v1) : T(0);
@@ -111,7 +114,7 @@ CONFLUX_MULTIVERSION std::uint32_t fused_sweep(const float* const* d, const floa
       // c == 0: the sum is +0, and +0 / 1 the 0 of the definition; c == 1: the value / 1. One
       // division for every entry keeps the loop free of branches.
       const T merged = (c == 1 ? uniq : sum) / static_cast<T>(c > 1 ? c : 1u);
-      const T b = static_cast<T>(base[k]), r = b + merged;
+      const T b = static_cast<T>(b0), r = b + merged;
       out[k] = static_cast<float>(r);
       if constexpr (Guard) {
         const float mag = (a0 ? std::fabs(v0) : 0.0f) + (a1 ? std::fabs(v1) : 0.0f) + (a2 ? std::fabs(v2) : 0.0f) +
@@ -134,14 +137,14 @@ CONFLUX_MULTIVERSION std::uint32_t fused_sweep(const float* const* d, const floa
   return unsafe;
 }
 
-template <class T, bool Lambda, bool Count, bool Guard = false>
-std::uint32_t fused(std::uint32_t n, const float* const* d, const float* base, std::size_t m, float eps,
+template <class T, bool Lambda, bool Count, bool Guard = false, bool Write = true, class In>
+std::uint32_t fused(std::uint32_t n, const In* const* d, const In* base, std::size_t m, float eps,
                     const T* lambda, float* out, std::uint64_t* unique, std::uint64_t* shared) {
   switch (n) {
-    case 1: return fused_sweep<T, 1, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
-    case 2: return fused_sweep<T, 2, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
-    case 3: return fused_sweep<T, 3, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
-    default: return fused_sweep<T, 4, Lambda, Count, Guard>(d, base, m, eps, lambda, out, unique, shared);
+    case 1: return fused_sweep<T, 1, Lambda, Count, Guard, Write>(d, base, m, eps, lambda, out, unique, shared);
+    case 2: return fused_sweep<T, 2, Lambda, Count, Guard, Write>(d, base, m, eps, lambda, out, unique, shared);
+    case 3: return fused_sweep<T, 3, Lambda, Count, Guard, Write>(d, base, m, eps, lambda, out, unique, shared);
+    default: return fused_sweep<T, 4, Lambda, Count, Guard, Write>(d, base, m, eps, lambda, out, unique, shared);
   }
 }
 
@@ -153,11 +156,10 @@ struct Block {
 };
 
 // Adds agent i's entries: active count, sum of active values, lambda_i * active values.
-template <class T>
-CONFLUX_MULTIVERSION void accumulate(const float* x, const float* base, std::size_t m, float eps, T lambda,
-                                     Block<T>& b) {
+template <class T, class In>
+CONFLUX_MULTIVERSION void accumulate(const In* x, const In* base, std::size_t m, float eps, T lambda, Block<T>& b) {
   for (std::size_t k = 0; k < m; ++k) {
-    const float d = x[k] - base[k];
+    const float d = value(x, k) - value(base, k);
     const bool on = std::fabs(d) >= eps;
     b.active[k] += on ? 1u : 0u;
     b.sum[k] += on ? static_cast<T>(d) : T(0);
@@ -166,27 +168,29 @@ CONFLUX_MULTIVERSION void accumulate(const float* x, const float* base, std::siz
 }
 
 // out = base + (one active: its lambda-scaled value; several: their mean; none: 0).
-template <class T>
-CONFLUX_MULTIVERSION void combine_block(const float* base, std::size_t m, const Block<T>& b, float* out) {
+template <class T, class In>
+CONFLUX_MULTIVERSION void combine_block(const In* base, std::size_t m, const Block<T>& b, float* out) {
   for (std::size_t k = 0; k < m; ++k) {
     const std::uint32_t n = b.active[k];
     const T merged = (n == 1 ? b.unique[k] : b.sum[k]) / static_cast<T>(n > 1 ? n : 1u);  // as fused_sweep
-    out[k] = static_cast<float>(static_cast<T>(base[k]) + merged);
+    out[k] = static_cast<float>(static_cast<T>(value(base, k)) + merged);
   }
 }
 
 // Agent i's unique and shared active entries in a block.
 static_assert(kBlock < kTallySpan);
-CONFLUX_MULTIVERSION void count_block(const float* x, const float* base, std::size_t m, float eps,
+template <class In>
+CONFLUX_MULTIVERSION void count_block(const In* x, const In* base, std::size_t m, float eps,
                                       const std::uint32_t* active, std::uint64_t& unique, std::uint64_t& shared) {
   std::uint32_t tally = 0;
-  for (std::size_t k = 0; k < m; ++k) tally += std::fabs(x[k] - base[k]) >= eps ? tally_tag(active[k]) : 0u;
+  for (std::size_t k = 0; k < m; ++k)
+    tally += std::fabs(value(x, k) - value(base, k)) >= eps ? tally_tag(active[k]) : 0u;
   add_tally(tally, unique, shared);
 }
 
 // Blockwise over a span of n > kFused agents: output (unless null) and/or tallies.
-template <class T>
-void blockwise(std::uint32_t n, const float* const* d, const float* base, std::size_t count, float eps,
+template <class T, class In>
+void blockwise(std::uint32_t n, const In* const* d, const In* base, std::size_t count, float eps,
                const T* lambda, float* out, std::uint64_t* unique, std::uint64_t* shared) {
   Block<T> b;
   for (std::size_t k0 = 0; k0 < count; k0 += kBlock) {
@@ -194,8 +198,8 @@ void blockwise(std::uint32_t n, const float* const* d, const float* base, std::s
     std::fill_n(b.active, m, 0u);
     std::fill_n(b.sum, m, T(0));
     std::fill_n(b.unique, m, T(0));
-    for (std::uint32_t i = 0; i < n; ++i) accumulate<T>(d[i] + k0, base + k0, m, eps, lambda[i], b);
-    if (out) combine_block<T>(base + k0, m, b, out + k0);
+    for (std::uint32_t i = 0; i < n; ++i) accumulate(d[i] + k0, base + k0, m, eps, lambda[i], b);
+    if (out) combine_block(base + k0, m, b, out + k0);
     if (unique)
       for (std::uint32_t i = 0; i < n; ++i) count_block(d[i] + k0, base + k0, m, eps, b.active, unique[i], shared[i]);
   }
@@ -238,7 +242,9 @@ struct Ram {
   // Statistics: unique counts of every agent, then shared counts.
   std::size_t stats_count(std::uint32_t) const { return 2 * n_; }
 
-  void count(const sdk::Chunk& c, sdk::Span<std::uint64_t> st) { count_chunk(c, st.data()); }
+  void count(const sdk::Chunk& c, sdk::Span<std::uint64_t> st) {
+    with_inputs(c, [&](auto models, auto base) { count_chunk(c, models, base, st.data()); });
+  }
 
   void combine(const cfx_tensor*, sdk::Span<std::uint64_t> into, sdk::Span<const std::uint64_t> from) {
     for (std::size_t k = 0; k < into.size(); ++k) into[k] += from[k];
@@ -259,13 +265,15 @@ struct Ram {
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
     const double* lambda = tensor_lambdas_.empty() ? lambdas_.data() : tensor_lambdas_.data() + c.tensor().index * n_;
-    if (c.float32_suffices() && n_ <= kFused) {
-      float l[kFused];
-      for (std::uint32_t i = 0; i < n_; ++i) l[i] = static_cast<float>(lambda[i]);
-      merge_f32(c, l, lambda, out.data());
-    } else {
-      merge_f64(c, lambda, out.data());
-    }
+    with_inputs(c, [&](auto models, auto base) {
+      if (c.float32_suffices() && n_ <= kFused) {
+        float l[kFused];
+        for (std::uint32_t i = 0; i < n_; ++i) l[i] = static_cast<float>(lambda[i]);
+        merge_f32(c, models, base, l, lambda, out.data());
+      } else {
+        merge_f64(c, models, base, lambda, out.data());
+      }
+    });
   }
 
   void finish() {
@@ -321,19 +329,20 @@ struct Ram {
  private:
   // The map in double: merged values and, for plain RAM (no statistics pass), the counts for the
   // report.
-  void merge_f64(const sdk::Chunk& c, const double* lambda, float* out) {
+  template <class In>
+  void merge_f64(const sdk::Chunk& c, const In* const* models, const In* base_in, const double* lambda, float* out) {
     const bool counting = r_ == 0;
     std::vector<std::uint64_t> st(counting ? 2 * n_ : 0, 0);
     std::uint64_t* unique = counting ? st.data() : nullptr;
     std::uint64_t* shared = counting ? st.data() + n_ : nullptr;
     if (n_ > kFused) {
-      blockwise<double>(n_, c.models(), c.base().data(), c.count(), eps_f_, lambda, out, unique, shared);
+      blockwise<double>(n_, models, base_in, c.count(), eps_f_, lambda, out, unique, shared);
     } else {
       for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
         const std::size_t m = std::min(kTallySpan, c.count() - k0);
-        const float* d[kFused];
-        for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0;
-        const float* base = c.base().data() + k0;
+        const In* d[kFused];
+        for (std::uint32_t i = 0; i < n_; ++i) d[i] = models[i] + k0;
+        const In* base = base_in + k0;
         if (counting)
           fused<double, false, true>(n_, d, base, m, eps_f_, lambda, out + k0, unique, shared);
         else
@@ -345,15 +354,17 @@ struct Ram {
 
   // The map in float32 (up to kFused agents), entries that fail float_guard's test again in
   // double (lambda_d: the same lambdas in double).
-  void merge_f32(const sdk::Chunk& c, const float* lambda, const double* lambda_d, float* out) {
+  template <class In>
+  void merge_f32(const sdk::Chunk& c, const In* const* models, const In* base_in, const float* lambda,
+                 const double* lambda_d, float* out) {
     const bool counting = r_ == 0;
     std::uint64_t st[2 * kFused] = {};
     for (std::size_t k0 = 0; k0 < c.count(); k0 += fg::kSpan) {
       const std::size_t m = std::min(fg::kSpan, c.count() - k0);
-      const float* d[kFused];
+      const In* d[kFused];
       auto at = [&](std::size_t offset) {
-        for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0 + offset;
-        return c.base().data() + k0 + offset;
+        for (std::uint32_t i = 0; i < n_; ++i) d[i] = models[i] + k0 + offset;
+        return base_in + k0 + offset;
       };
       // r = 0 makes every lambda 1: the unique value is the sum, no products needed.
       const std::uint32_t unsafe =
@@ -362,12 +373,12 @@ struct Ram {
       fg::redo(
           m, unsafe,
           [&](std::size_t k, std::size_t n) {
-            const float* base = at(k);
+            const In* base = at(k);
             return counting ? fused<float, false, false, true>(n_, d, base, n, eps_f_, lambda, out + k0 + k, nullptr, nullptr)
                             : fused<float, true, false, true>(n_, d, base, n, eps_f_, lambda, out + k0 + k, nullptr, nullptr);
           },
           [&](std::size_t k, std::size_t n) {
-            const float* base = at(k);
+            const In* base = at(k);
             fused<double, true, false>(n_, d, base, n, eps_f_, lambda_d, out + k0 + k, nullptr, nullptr);
           });
     }
@@ -375,18 +386,19 @@ struct Ram {
   }
 
   // The statistics pass: each agent's unique and shared entries.
-  void count_chunk(const sdk::Chunk& c, std::uint64_t* st) const {
+  template <class In>
+  void count_chunk(const sdk::Chunk& c, const In* const* models, const In* base, std::uint64_t* st) const {
     const float one[kFused] = {1.0f, 1.0f, 1.0f, 1.0f};
     if (n_ > kFused) {
       std::vector<float> ones(n_, 1.0f);
-      blockwise<float>(n_, c.models(), c.base().data(), c.count(), eps_f_, ones.data(), nullptr, st, st + n_);
+      blockwise<float>(n_, models, base, c.count(), eps_f_, ones.data(), nullptr, st, st + n_);
       return;
     }
     for (std::size_t k0 = 0; k0 < c.count(); k0 += kTallySpan) {
       const std::size_t m = std::min(kTallySpan, c.count() - k0);
-      const float* d[kFused];
-      for (std::uint32_t i = 0; i < n_; ++i) d[i] = c.models()[i] + k0;
-      fused<float, false, true>(n_, d, c.base().data() + k0, m, eps_f_, one, nullptr, st, st + n_);
+      const In* d[kFused];
+      for (std::uint32_t i = 0; i < n_; ++i) d[i] = models[i] + k0;
+      fused<float, false, true, false, false>(n_, d, base + k0, m, eps_f_, one, nullptr, st, st + n_);
     }
   }
 
@@ -422,8 +434,8 @@ struct Ram {
 CONFLUX_PLUGIN(Ram,
                sdk::only_if<Ram, &Ram::model_pass>(
                    sdk::reduce_pass<Ram, std::uint64_t, 0, &Ram::count, &Ram::combine, &Ram::model_done>(
-                       CFX_PASS_MODEL_REDUCE)),
+                       CFX_PASS_MODEL_REDUCE, CFX_PASS_BF16_INPUTS)),
                sdk::only_if<Ram, &Ram::tensor_pass>(
                    sdk::reduce_pass<Ram, std::uint64_t, 1, &Ram::count, &Ram::combine, &Ram::tensor_done>(
-                       CFX_PASS_TENSOR_REDUCE)),
-               sdk::map_pass<Ram, &Ram::map>())
+                       CFX_PASS_TENSOR_REDUCE, CFX_PASS_BF16_INPUTS)),
+               sdk::map_pass<Ram, &Ram::map>(CFX_PASS_BF16_INPUTS))

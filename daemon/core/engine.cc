@@ -132,6 +132,8 @@ struct Scratch {
   AlignedPtr<float> base;
   std::vector<AlignedPtr<float>> models;
   std::vector<const float*> model_ptrs;
+  std::vector<const std::uint16_t*> bf16_ptrs;  // CFX_PASS_BF16_INPUTS: into the mapped files
+  std::size_t out_capacity = 0;
   AlignedPtr<float> out;
   std::size_t staging_capacity = 0;
   AlignedPtr<std::byte> staging;
@@ -154,7 +156,14 @@ struct Scratch {
       models.push_back(aligned_array<float>(capacity));
       model_ptrs.push_back(models.back().get());
     }
-    out = aligned_array<float>(capacity);
+  }
+
+  float* ensure_out(std::size_t n) {
+    if (out_capacity < n) {
+      out = aligned_array<float>(n);
+      out_capacity = n;
+    }
+    return out.get();
   }
 };
 
@@ -328,13 +337,43 @@ class Runner {
     return inputs * item.numel * element_bytes(item.in_dtype) > kKeepResident;
   }
 
-  // Converts the chunk's inputs to float32.
+  // Stored BF16 values are handed out as they are (CFX_PASS_BF16_INPUTS) when every input's data
+  // is 2-byte aligned (safetensors allows any offset; an odd one is converted instead).
+  bool hand_out_bf16(const PlannedItem& item, const cfx_pass& pass) const {
+    if (!(pass.flags & CFX_PASS_BF16_INPUTS) || item.in_dtype != DType::BF16) return false;
+    auto aligned = [](const Checkpoint& c, const TensorRef& ref) {
+      return reinterpret_cast<std::uintptr_t>(c.view(ref).bytes.data()) % alignof(std::uint16_t) == 0;
+    };
+    if (plan_.base() && !aligned(*plan_.base(), *item.base)) return false;
+    for (std::size_t i = 0; i < plan_.models().size(); ++i)
+      if (!aligned(plan_.models()[i], *item.models[i])) return false;
+    return true;
+  }
+
+  // Converts the chunk's inputs to float32, or points at the stored BF16 values.
   void load(const PlannedItem& item, std::uint64_t begin, std::uint64_t count, const cfx_pass& pass, Scratch& s,
             cfx_chunk& chunk, const cfx_tensor& t) {
     const std::size_t n_models = plan_.models().size();
-    s.ensure(static_cast<std::size_t>(count), n_models);
     const std::uint64_t esize = element_bytes(item.in_dtype);
     const std::uint64_t b0 = begin * esize, b1 = (begin + count) * esize;
+    chunk.struct_size = sizeof chunk;
+    chunk.model_count = static_cast<std::uint32_t>(n_models);
+    chunk.tensor = &t;
+    chunk.begin = begin;
+    chunk.count = count;
+    bytes_read_ += (n_models + (plan_.base() ? 1 : 0)) * (b1 - b0);
+    if (opt_.progress) opt_.progress->bytes_done += (n_models + (plan_.base() ? 1 : 0)) * (b1 - b0);
+    if (hand_out_bf16(item, pass)) {
+      auto at = [&](const Checkpoint& c, const TensorRef& ref) {
+        return reinterpret_cast<const std::uint16_t*>(c.view(ref).bytes.data() + b0);
+      };
+      s.bf16_ptrs.resize(n_models);
+      for (std::size_t i = 0; i < n_models; ++i) s.bf16_ptrs[i] = at(plan_.models()[i], *item.models[i]);
+      chunk.bf16_models = s.bf16_ptrs.data();
+      chunk.bf16_base = plan_.base() ? at(*plan_.base(), *item.base) : nullptr;
+      return;
+    }
+    s.ensure(static_cast<std::size_t>(count), n_models);
     auto read = [&](const Checkpoint& c, const TensorRef& ref, float* dst) {
       const TensorView v = c.view(ref);
       to_f32(item.in_dtype, v.bytes.data() + b0, dst, static_cast<std::size_t>(count));
@@ -352,13 +391,6 @@ class Runner {
         read(plan_.models()[i], *item.models[i], s.models[i].get());
       }
     }
-    bytes_read_ += (n_models + (base ? 1 : 0)) * (b1 - b0);
-    if (opt_.progress) opt_.progress->bytes_done += (n_models + (base ? 1 : 0)) * (b1 - b0);
-    chunk.struct_size = sizeof chunk;
-    chunk.model_count = static_cast<std::uint32_t>(n_models);
-    chunk.tensor = &t;
-    chunk.begin = begin;
-    chunk.count = count;
     chunk.models = s.model_ptrs.data();
     chunk.base = base;
   }
@@ -472,7 +504,7 @@ class Runner {
         const std::uint64_t begin = c * size, count = std::min(size, t.numel - begin);
         cfx_chunk chunk{};
         load(item, begin, count, p, s, chunk, t);
-        float* out = s.out.get();
+        float* out = s.ensure_out(static_cast<std::size_t>(count));
         if (p.map(instance_, &chunk, out) != 0) throw plugin_failure("map", &t);
         if (p.flags & CFX_PASS_OUTPUT_DELTA) add_f32(out, chunk.base, static_cast<std::size_t>(count));
         from_f32(item.out_dtype, out, staged + (begin - first) * out_esize, static_cast<std::size_t>(count));
@@ -586,7 +618,7 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
       const std::uint64_t in_esize = element_bytes(item.in_dtype), out_esize = element_bytes(item.out_dtype);
       tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(size)), [&](const tbb::blocked_range<std::uint64_t>& r) {
         Scratch& s = scratch.local();
-        s.ensure(static_cast<std::size_t>(size), n_models);
+        s.ensure_out(static_cast<std::size_t>(size));
         const std::uint64_t first = r.begin() * size, last = std::min(r.end() * size, item.numel);
         if (!item.merged) {
           const Checkpoint& ck = plan.base() ? *plan.base() : plan.models().front();

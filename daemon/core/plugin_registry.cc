@@ -135,7 +135,10 @@ void validate_pass(const cfx_pass& p, std::size_t index, const cfx_plugin& d, co
   }
   if ((p.flags & (CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA)) && d.base == CFX_BASE_UNUSED)
     throw PluginError(at + ": task vectors and delta output need a base, but the plugin declares it unused");
-  if (p.flags & ~std::uint32_t{CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA | CFX_PASS_WHOLE_ROWS})
+  if ((p.flags & CFX_PASS_BF16_INPUTS) && (p.flags & (CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA)))
+    throw PluginError(at + ": stored BF16 inputs cannot be combined with task vectors or delta output");
+  if (p.flags &
+      ~std::uint32_t{CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA | CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS})
     throw PluginError(at + ": unknown flags " + std::to_string(p.flags));
 }
 

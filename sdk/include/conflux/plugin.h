@@ -35,7 +35,8 @@
  *   consecutive tensor-scope passes (tensor reduces, then a map) runs tensor by tensor, so the
  *   re-reads of one tensor hit the cache. The last pass must be a map pass.
  *   Values reach the plugin as float32 (converted by the host from BF16/F16/F32/F64), optionally
- *   as task vectors d_i = theta_i - theta_base (CFX_PASS_TASK_VECTORS). A map pass with
+ *   as task vectors d_i = theta_i - theta_base (CFX_PASS_TASK_VECTORS), or, for a pass that
+ *   asks (CFX_PASS_BF16_INPUTS), BF16 tensors as stored. A map pass with
  *   CFX_PASS_OUTPUT_DELTA writes the merged delta and the host adds the base; the float32 result
  *   is rounded to the output dtype (nearest, ties to even) by the host.
  *   Non-floating tensors (integer buffers) never reach the plugin: the host copies them from the
@@ -75,7 +76,7 @@ extern "C" {
 #endif
 
 #define CFX_ABI_MAJOR 1
-#define CFX_ABI_MINOR 1
+#define CFX_ABI_MINOR 2
 
 /* The one symbol a plugin exports. */
 #define CFX_PLUGIN_ENTRY_SYMBOL "conflux_plugin_entry"
@@ -172,6 +173,14 @@ typedef struct cfx_chunk {
   const float* const* models;   /* model_count arrays of `count` values (task vectors when the
                                    pass has CFX_PASS_TASK_VECTORS) */
   const float* base;            /* `count` base values, or NULL when the job has no base */
+  /* ABI 1.2, passes with CFX_PASS_BF16_INPUTS: when the tensor is stored in BF16, its stored
+     values instead of float32 copies. bf16_models holds model_count arrays of `count` BF16 bit
+     patterns (the float32 value of a pattern p is p << 16, exactly), bf16_base the base's (NULL
+     without a base), and `models` and `base` are then NULL. Otherwise (another dtype, a pass
+     without the flag, or storage the host cannot hand out as aligned uint16_t) these are NULL
+     and the values come as float32 as usual, so a plugin handles both forms. */
+  const uint16_t* const* bf16_models;
+  const uint16_t* bf16_base;
 } cfx_chunk;
 
 typedef struct cfx_host cfx_host;
@@ -203,7 +212,11 @@ typedef enum cfx_pass_kind {
 enum cfx_pass_flags {
   CFX_PASS_TASK_VECTORS = 1u << 0, /* models[i] holds theta_i - theta_base (needs a base) */
   CFX_PASS_OUTPUT_DELTA = 1u << 1, /* MAP: out holds a delta; the host adds the base */
-  CFX_PASS_WHOLE_ROWS = 1u << 2    /* chunks start and end on row boundaries (row_length) */
+  CFX_PASS_WHOLE_ROWS = 1u << 2,   /* chunks start and end on row boundaries (row_length) */
+  /* ABI 1.2: BF16 tensors may arrive as stored (cfx_chunk.bf16_models), without the host's
+     conversion to float32: the plugin reads the input once, straight from the mapped file.
+     Not combinable with TASK_VECTORS or OUTPUT_DELTA. Hosts before 1.2 refuse the flag. */
+  CFX_PASS_BF16_INPUTS = 1u << 3
 };
 
 typedef struct cfx_pass {

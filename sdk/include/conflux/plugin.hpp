@@ -211,6 +211,15 @@ inline bool float32_suffices(const cfx_tensor& t) {
          t.out_precision <= CFX_FLOAT32_OUTPUT_BITS;
 }
 
+// The float32 value of a BF16 bit pattern (exact). Loops over stored BF16 values written with it
+// vectorize (a widening load and a shift).
+inline float bf16_to_float(std::uint16_t bits) {
+  const std::uint32_t w = static_cast<std::uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+
 class Chunk {
  public:
   explicit Chunk(const cfx_chunk* c) : c_(c) {}
@@ -218,9 +227,16 @@ class Chunk {
   std::uint64_t begin() const { return c_->begin; }
   std::size_t count() const { return static_cast<std::size_t>(c_->count); }
   std::uint32_t model_count() const { return c_->model_count; }
+  // Stored BF16 values (passes with CFX_PASS_BF16_INPUTS, BF16 tensors): then models() and
+  // base() are empty and bf16_models()/bf16_base() hold the values; otherwise the reverse.
+  bool is_bf16() const { return bf16_models() != nullptr; }
+  const std::uint16_t* const* bf16_models() const {
+    return c_->struct_size >= offsetof(cfx_chunk, bf16_base) + sizeof c_->bf16_base ? c_->bf16_models : nullptr;
+  }
+  const std::uint16_t* bf16_base() const { return is_bf16() ? c_->bf16_base : nullptr; }
   Span<const float> model(std::uint32_t i) const { return {c_->models[i], count()}; }
   const float* const* models() const { return c_->models; }
-  bool has_base() const { return c_->base != nullptr; }
+  bool has_base() const { return c_->base != nullptr || bf16_base() != nullptr; }
   Span<const float> base() const { return {c_->base, c_->base ? count() : 0}; }
   const cfx_chunk* raw() const { return c_; }
   // See sdk::float32_suffices.
