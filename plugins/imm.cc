@@ -18,26 +18,32 @@
 #include <string>
 
 #include "common/float_guard.h"
+#include "common/inputs.h"
 
 namespace sdk = conflux::sdk;
 namespace fg = conflux::plugins::float_guard;
+using conflux::plugins::value;
+using conflux::plugins::with_inputs;
 
 namespace {
 
 // The kernels compute in T: float32 for a BF16 output (plugin.h, CFX_FLOAT32_OUTPUT_BITS; entries
 // where the update nearly cancels the base are computed again in double, common/float_guard.h),
 // else double. `p` is the drop threshold in T's lanes: the keep test u >= p gives the same decisions
-// in both (see keep_threshold).
+// in both (see keep_threshold). The task vector d = x - base is formed in float32 from the raw
+// values (the host's task vector, without its separate sweep); In: float32 or stored BF16 inputs
+// (common/inputs.h).
 
 // out = base + (u >= p ? scale * d : 0). Guard (float32): returns how many results fail
 // float_guard's test (the kept update nearly cancelling the base).
-template <class T, bool Guard = false>
-CONFLUX_MULTIVERSION std::uint32_t dare_block(const float* d, const float* base, const float* u, std::size_t m, T p,
+template <class T, bool Guard = false, class In>
+CONFLUX_MULTIVERSION std::uint32_t dare_block(const In* x, const In* base, const float* u, std::size_t m, T p,
                                               T scale, float* out) {
   std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const T kept = static_cast<T>(u[k]) >= p ? scale * static_cast<T>(d[k]) : T(0);
-    const T b = static_cast<T>(base[k]), r = b + kept;
+    const float bf = value(base, k), d = value(x, k) - bf;
+    const T kept = static_cast<T>(u[k]) >= p ? scale * static_cast<T>(d) : T(0);
+    const T b = static_cast<T>(bf), r = b + kept;
     out[k] = static_cast<float>(r);
     if constexpr (Guard) unsafe += fg::unsafe(r, std::fabs(b) + std::fabs(kept));
   }
@@ -51,11 +57,12 @@ CONFLUX_MULTIVERSION std::uint32_t count_kept(const float* u, std::size_t m, flo
   return kept;
 }
 
-template <class T, bool Guard = false>
-CONFLUX_MULTIVERSION std::uint32_t weighted_add(const float* d, const float* base, std::size_t m, T w, float* out) {
+template <class T, bool Guard = false, class In>
+CONFLUX_MULTIVERSION std::uint32_t weighted_add(const In* x, const In* base, std::size_t m, T w, float* out) {
   std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const T b = static_cast<T>(base[k]), t = w * static_cast<T>(d[k]), r = b + t;
+    const float bf = value(base, k), d = value(x, k) - bf;
+    const T b = static_cast<T>(bf), t = w * static_cast<T>(d), r = b + t;
     out[k] = static_cast<float>(r);
     if constexpr (Guard) unsafe += fg::unsafe(r, std::fabs(b) + std::fabs(t));
   }
@@ -90,8 +97,11 @@ struct Imm {
         p_f_(keep_threshold(p_)) {}
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    const float* d = c.models()[0];
-    const float* base = c.base().data();
+    with_inputs(c, [&](auto models, auto base) { map_inputs(c, models[0], base, out); });
+  }
+
+  template <class In>
+  void map_inputs(const sdk::Chunk& c, const In* d, const In* base, sdk::Span<float> out) {
     const bool f32 = c.float32_suffices();
     const float w_f = static_cast<float>(weight_), scale_f = static_cast<float>(scale_);
     // Float32 for a BF16 output, with float_guard's per-entry fallback to double.
@@ -116,8 +126,8 @@ struct Imm {
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       job_.host()->random_uniform(key, c.begin() + k0, m, u);
-      const float* dk = d + k0;
-      const float* bk = base + k0;
+      const In* dk = d + k0;
+      const In* bk = base + k0;
       float* ok = out.data() + k0;
       guarded([&](std::size_t at, std::size_t n) { return dare_block<float, true>(dk + at, bk + at, u + at, n, p_f_, scale_f, ok + at); },
               [&](std::size_t at, std::size_t n) { dare_block<double>(dk + at, bk + at, u + at, n, p_, scale_, ok + at); },
@@ -148,4 +158,4 @@ struct Imm {
   std::atomic<std::uint64_t> kept_{0}, total_{0};
 };
 
-CONFLUX_PLUGIN(Imm, sdk::map_pass<Imm, &Imm::map>(CFX_PASS_TASK_VECTORS))
+CONFLUX_PLUGIN(Imm, sdk::map_pass<Imm, &Imm::map>(CFX_PASS_BF16_INPUTS))

@@ -11,18 +11,22 @@
 #include <vector>
 
 #include "common/float_guard.h"
+#include "common/inputs.h"
 
 namespace sdk = conflux::sdk;
 namespace fg = conflux::plugins::float_guard;
+using conflux::plugins::value;
+using conflux::plugins::with_inputs;
 
 namespace {
 
 constexpr std::size_t kBlock = 512;
 
-// acc[k] += w * x[k], in T (the path for more than 4 models)
-template <class T>
-CONFLUX_MULTIVERSION void add_weighted(const float* x, std::size_t m, T w, T* acc) {
-  for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<T>(x[k]);
+// acc[k] += w * x[k], in T (the path for more than 4 models). In: float32 or stored BF16 inputs
+// (common/inputs.h).
+template <class T, class In>
+CONFLUX_MULTIVERSION void add_weighted(const In* x, std::size_t m, T w, T* acc) {
+  for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<T>(value(x, k));
 }
 
 template <class T>
@@ -32,17 +36,17 @@ CONFLUX_MULTIVERSION void round_block(const T* acc, std::size_t m, float* out) {
 
 // Up to 4 models in one sweep, the same sums in the same order as add_weighted. Guard (float32):
 // returns how many results fail float_guard's test.
-template <class T, unsigned G, bool Guard>
-CONFLUX_MULTIVERSION std::uint32_t fused(const float* const* x, const T* w, std::size_t m, float* out) {
+template <class T, unsigned G, bool Guard, class In>
+CONFLUX_MULTIVERSION std::uint32_t fused(const In* const* x, const T* w, std::size_t m, float* out) {
   static_assert(G >= 1 && G <= 4);
-  const float *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
+  const In *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
   const T w0 = w[0], w1 = w[G > 1 ? 1 : 0], w2 = w[G > 2 ? 2 : 0], w3 = w[G > 3 ? 3 : 0];
   std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const T t0 = w0 * static_cast<T>(x0[k]);
-    const T t1 = G > 1 ? w1 * static_cast<T>(x1[k]) : T(0);
-    const T t2 = G > 2 ? w2 * static_cast<T>(x2[k]) : T(0);
-    const T t3 = G > 3 ? w3 * static_cast<T>(x3[k]) : T(0);
+    const T t0 = w0 * static_cast<T>(value(x0, k));
+    const T t1 = G > 1 ? w1 * static_cast<T>(value(x1, k)) : T(0);
+    const T t2 = G > 2 ? w2 * static_cast<T>(value(x2, k)) : T(0);
+    const T t3 = G > 3 ? w3 * static_cast<T>(value(x3, k)) : T(0);
     T a = T(0) + t0;
     if constexpr (G > 1) a += t1;
     if constexpr (G > 2) a += t2;
@@ -53,8 +57,8 @@ CONFLUX_MULTIVERSION std::uint32_t fused(const float* const* x, const T* w, std:
   return unsafe;
 }
 
-template <class T, bool Guard>
-std::uint32_t fused_n(unsigned n, const float* const* x, const T* w, std::size_t m, float* out) {
+template <class T, bool Guard, class In>
+std::uint32_t fused_n(unsigned n, const In* const* x, const T* w, std::size_t m, float* out) {
   switch (n) {
     case 1: return fused<T, 1, Guard>(x, w, m, out);
     case 2: return fused<T, 2, Guard>(x, w, m, out);
@@ -86,11 +90,16 @@ struct Linear {
   }
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    if (c.model_count() > 4) return run(c, out);
+    with_inputs(c, [&](auto models, auto) { map_inputs(c, models, out); });
+  }
+
+  template <class In>
+  void map_inputs(const sdk::Chunk& c, const In* const* models, sdk::Span<float> out) const {
+    if (c.model_count() > 4) return run(c.model_count(), models, out);
     auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
       using T = decltype(zero);
-      const float* x[4];
-      for (unsigned i = 0; i < c.model_count(); ++i) x[i] = c.models()[i] + at;
+      const In* x[4];
+      for (unsigned i = 0; i < c.model_count(); ++i) x[i] = models[i] + at;
       const T* w = nullptr;
       if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
       return fused_n<T, std::is_same_v<T, float>>(c.model_count(), x, w, count, out.data() + at);
@@ -103,11 +112,12 @@ struct Linear {
   }
 
   // More than 4 models: blockwise, in double.
-  void run(const sdk::Chunk& c, sdk::Span<float> out) const {
+  template <class In>
+  void run(std::uint32_t n, const In* const* models, sdk::Span<float> out) const {
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
       double acc[kBlock] = {};
-      for (std::uint32_t i = 0; i < c.model_count(); ++i) add_weighted<double>(c.models()[i] + k0, m, weights_[i], acc);
+      for (std::uint32_t i = 0; i < n; ++i) add_weighted<double>(models[i] + k0, m, weights_[i], acc);
       round_block<double>(acc, m, out.data() + k0);
     }
   }
@@ -116,4 +126,4 @@ struct Linear {
   std::vector<float> weights_f_;
 };
 
-CONFLUX_PLUGIN(Linear, sdk::map_pass<Linear, &Linear::map>())
+CONFLUX_PLUGIN(Linear, sdk::map_pass<Linear, &Linear::map>(CFX_PASS_BF16_INPUTS))

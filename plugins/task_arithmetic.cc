@@ -12,9 +12,12 @@
 #include <vector>
 
 #include "common/float_guard.h"
+#include "common/inputs.h"
 
 namespace sdk = conflux::sdk;
 namespace fg = conflux::plugins::float_guard;
+using conflux::plugins::value;
+using conflux::plugins::with_inputs;
 
 namespace {
 
@@ -23,22 +26,23 @@ constexpr std::size_t kBlock = 512;
 // Up to four models' terms in one sweep (operands in registers, base read once), in model
 // order: acc[k] = acc_in[k] + w0 (x0[k] - base[k]) + w1 (...) + ..., in T. With `out`, the
 // result base + acc is rounded to it instead (the last group); acc_in == nullptr starts from 0.
-// Guard (float32, one group): returns how many results fail float_guard's test.
-template <class T, unsigned G, bool Guard = false>
-CONFLUX_MULTIVERSION std::uint32_t add_models(const float* const* x, const T* w, const float* base, std::size_t m,
+// Guard (float32, one group): returns how many results fail float_guard's test. In: float32 or
+// stored BF16 inputs (common/inputs.h).
+template <class T, unsigned G, bool Guard = false, class In>
+CONFLUX_MULTIVERSION std::uint32_t add_models(const In* const* x, const T* w, const In* base, std::size_t m,
                                               const T* acc_in, T* acc, float* out) {
   static_assert(G >= 1 && G <= 4);
   // Named locals: the vectorizer does not see through arrays of pointers.
-  const float *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
+  const In *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
   const T w0 = w[0], w1 = w[G > 1 ? 1 : 0], w2 = w[G > 2 ? 2 : 0], w3 = w[G > 3 ? 3 : 0];
   std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const T b = static_cast<T>(base[k]);
+    const T b = static_cast<T>(value(base, k));
     T a = acc_in ? acc_in[k] : T(0);
-    const T t0 = w0 * (static_cast<T>(x0[k]) - b);
-    const T t1 = G > 1 ? w1 * (static_cast<T>(x1[k]) - b) : T(0);
-    const T t2 = G > 2 ? w2 * (static_cast<T>(x2[k]) - b) : T(0);
-    const T t3 = G > 3 ? w3 * (static_cast<T>(x3[k]) - b) : T(0);
+    const T t0 = w0 * (static_cast<T>(value(x0, k)) - b);
+    const T t1 = G > 1 ? w1 * (static_cast<T>(value(x1, k)) - b) : T(0);
+    const T t2 = G > 2 ? w2 * (static_cast<T>(value(x2, k)) - b) : T(0);
+    const T t3 = G > 3 ? w3 * (static_cast<T>(value(x3, k)) - b) : T(0);
     a += t0;
     if constexpr (G > 1) a += t1;
     if constexpr (G > 2) a += t2;
@@ -55,8 +59,8 @@ CONFLUX_MULTIVERSION std::uint32_t add_models(const float* const* x, const T* w,
   return unsafe;
 }
 
-template <class T, bool Guard = false>
-std::uint32_t add_group(unsigned g, const float* const* x, const T* w, const float* base, std::size_t m,
+template <class T, bool Guard = false, class In>
+std::uint32_t add_group(unsigned g, const In* const* x, const T* w, const In* base, std::size_t m,
                         const T* acc_in, T* acc, float* out) {
   switch (g) {
     case 1: return add_models<T, 1, Guard>(x, w, base, m, acc_in, acc, out);
@@ -91,40 +95,41 @@ struct TaskArithmetic {
   }
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    if (c.float32_suffices() && c.model_count() <= 4)
-      run_guarded(c, out);
-    else
-      run_double(c, out);
+    with_inputs(c, [&](auto models, auto base) {
+      if (c.float32_suffices() && c.model_count() <= 4)
+        run_guarded(c.model_count(), models, base, out);
+      else
+        run_double(c.model_count(), models, base, out);
+    });
   }
 
   // Float32 with float_guard's per-entry fallback to double (one sweep: at most 4 models).
-  void run_guarded(const sdk::Chunk& c, sdk::Span<float> out) const {
-    const unsigned n = c.model_count();
+  template <class In>
+  void run_guarded(unsigned n, const In* const* models, const In* base, sdk::Span<float> out) const {
     auto sweep = [&](auto zero, std::size_t at, std::size_t count) {
       using T = decltype(zero);
-      const float* x[4];
-      for (unsigned i = 0; i < n; ++i) x[i] = c.models()[i] + at;
+      const In* x[4];
+      for (unsigned i = 0; i < n; ++i) x[i] = models[i] + at;
       const T* w = nullptr;
       if constexpr (std::is_same_v<T, float>) w = weights_f_.data(); else w = weights_.data();
-      return add_group<T, std::is_same_v<T, float>>(n, x, w, c.base().data() + at, count, nullptr, nullptr,
-                                                    out.data() + at);
+      return add_group<T, std::is_same_v<T, float>>(n, x, w, base + at, count, nullptr, nullptr, out.data() + at);
     };
     fg::run(out.size(), [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); },
             [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
   }
 
   // Double, any number of models: groups of 4 chained through the accumulator.
-  void run_double(const sdk::Chunk& c, sdk::Span<float> out) const {
-    const std::uint32_t n = c.model_count();
+  template <class In>
+  void run_double(std::uint32_t n, const In* const* models, const In* base_in, sdk::Span<float> out) const {
     // Blocks small enough for the stack and the L1 cache.
     for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
       const std::size_t m = std::min(kBlock, out.size() - k0);
-      const float* base = c.base().data() + k0;
-      const float* x[4];
+      const In* base = base_in + k0;
+      const In* x[4];
       double acc[kBlock];
       for (std::uint32_t i = 0; i < n; i += 4) {
         const unsigned g = std::min(4u, n - i);
-        for (unsigned j = 0; j < g; ++j) x[j] = c.models()[i + j] + k0;
+        for (unsigned j = 0; j < g; ++j) x[j] = models[i + j] + k0;
         const bool last = i + g == n;
         add_group<double>(g, x, weights_.data() + i, base, m, i == 0 ? nullptr : acc, acc,
                           last ? out.data() + k0 : nullptr);
@@ -136,4 +141,4 @@ struct TaskArithmetic {
   std::vector<float> weights_f_;
 };
 
-CONFLUX_PLUGIN(TaskArithmetic, sdk::map_pass<TaskArithmetic, &TaskArithmetic::map>())
+CONFLUX_PLUGIN(TaskArithmetic, sdk::map_pass<TaskArithmetic, &TaskArithmetic::map>(CFX_PASS_BF16_INPUTS))
