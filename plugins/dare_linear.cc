@@ -34,5 +34,6 @@ using DareLinear = dm::DropMerge<Traits>;
 
 }  // namespace
 
-// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would.
-CONFLUX_PLUGIN(DareLinear, sdk::map_pass<DareLinear, &DareLinear::map>())
+// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would,
+// from BF16 tensors as stored (CFX_PASS_BF16_INPUTS).
+CONFLUX_PLUGIN(DareLinear, sdk::map_pass<DareLinear, &DareLinear::map>(CFX_PASS_BF16_INPUTS))

@@ -35,5 +35,6 @@ using DareTies = dm::DropMerge<Traits>;
 
 }  // namespace
 
-// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would.
-CONFLUX_PLUGIN(DareTies, sdk::map_pass<DareTies, &DareTies::map>())
+// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would,
+// from BF16 tensors as stored (CFX_PASS_BF16_INPUTS).
+CONFLUX_PLUGIN(DareTies, sdk::map_pass<DareTies, &DareTies::map>(CFX_PASS_BF16_INPUTS))

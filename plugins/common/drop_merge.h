@@ -89,6 +89,7 @@
 #include <vector>
 
 #include "float_guard.h"
+#include "inputs.h"
 
 // AVX-512 kernels for DELLA's rows (chosen at run time when the CPU has AVX-512; a build may
 // define CONFLUX_DROP_MERGE_AVX512=0 to leave only the portable ones).
@@ -287,13 +288,13 @@ void finish_election(const float* base, Election<T> e, std::size_t m, T lambda, 
 // DARE: fused sweeps over a group of up to kGroup models
 // ----------------------------------------------------------------------------------------------
 
-// One group's operands for a block: model j has values x[j] (its task vector is x[j] - base, in
-// float32 as the host would form it) and uniforms u[j] (a block of zeros with threshold 0 when
+// One group's operands for a block: model j has values x[j] (float32, or stored BF16: see
+// common/inputs.h; its task vector is x[j] - base, in float32 as the host would form it) and uniforms u[j] (a block of zeros with threshold 0 when
 // nothing is dropped), survivor factor c[j] (w / density or w; in T and, for the vote, in
 // double), weight w[j] and the sign of its weight s[j] (1, -1 or 0).
-template <class T>
+template <class T, class In = float>
 struct Group {
-  const float* x[kGroup];
+  const In* x[kGroup];
   const float* u[kGroup];
   T c[kGroup];
   double cd[kGroup];
@@ -303,25 +304,68 @@ struct Group {
 
 // Linear: acc[k] = acc_in[k] (0 without) + W_0 + W_1 + ... over the group's G models, in model
 // order; with `out` (the last group), base + f * acc rounded to it instead.
-template <class T, unsigned G>
-CONFLUX_MULTIVERSION void linear_sweep(const Group<T>& g, float pf, std::size_t m, const T* acc_in, T* acc,
-                                       const float* base, T f, float* out) {
+// (Whether there is an acc_in and an out is a template argument: a run-time test in the loop
+// keeps it from vectorizing.) Guard (float32, one group, with out): returns how many results
+// fail float_guard's test, with magnitudes |base| + |f| * sum_i |W_i| over the kept terms.
+template <class T, unsigned G, bool AccIn, bool Out, bool Guard, class In>
+CONFLUX_MULTIVERSION std::uint32_t linear_sweep_as(const Group<T, In>& g, float pf, std::size_t m, const T* acc_in,
+                                                   T* acc, const In* base, T f, float* out) {
   static_assert(G >= 1 && G <= kGroup);
+  static_assert(!Guard || (Out && !AccIn));
   // Named locals: the vectorizer does not see through arrays of pointers.
-  const float *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
+  const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
   const float *u0 = g.u[0], *u1 = g.u[G > 1 ? 1 : 0], *u2 = g.u[G > 2 ? 2 : 0], *u3 = g.u[G > 3 ? 3 : 0];
   const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
+  const T fa = std::fabs(f);
+  std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const float b = base[k];
-    T a = acc_in ? acc_in[k] : T(0);
-    a += u0[k] >= pf ? c0 * static_cast<T>(x0[k] - b) : T(0);
-    if constexpr (G > 1) a += u1[k] >= pf ? c1 * static_cast<T>(x1[k] - b) : T(0);
-    if constexpr (G > 2) a += u2[k] >= pf ? c2 * static_cast<T>(x2[k] - b) : T(0);
-    if constexpr (G > 3) a += u3[k] >= pf ? c3 * static_cast<T>(x3[k] - b) : T(0);
-    if (out)
-      out[k] = static_cast<float>(static_cast<T>(b) + f * a);
-    else
+    // Every operand loaded before the selects (a load under a condition becomes a branch).
+    const float b = value(base, k);
+    const float d0 = value(x0, k) - b, d1 = G > 1 ? value(x1, k) - b : 0.0f, d2 = G > 2 ? value(x2, k) - b : 0.0f,
+                d3 = G > 3 ? value(x3, k) - b : 0.0f;
+    const T t0 = u0[k] >= pf ? c0 * static_cast<T>(d0) : T(0);
+    const T t1 = G > 1 && u1[k] >= pf ? c1 * static_cast<T>(d1) : T(0);
+    const T t2 = G > 2 && u2[k] >= pf ? c2 * static_cast<T>(d2) : T(0);
+    const T t3 = G > 3 && u3[k] >= pf ? c3 * static_cast<T>(d3) : T(0);
+    T a = AccIn ? acc_in[k] : T(0);
+    a += t0;
+    if constexpr (G > 1) a += t1;
+    if constexpr (G > 2) a += t2;
+    if constexpr (G > 3) a += t3;
+    if constexpr (Out) {
+      const T r = static_cast<T>(b) + f * a;
+      out[k] = static_cast<float>(r);
+      if constexpr (Guard)
+        unsafe += fg::unsafe(r, std::fabs(b) + fa * (std::fabs(t0) + std::fabs(t1) + std::fabs(t2) + std::fabs(t3)));
+    } else {
       acc[k] = a;
+    }
+  }
+  return unsafe;
+}
+
+template <class T, unsigned G, class In>
+void linear_sweep(const Group<T, In>& g, float pf, std::size_t m, const T* acc_in, T* acc, const In* base, T f,
+                  float* out) {
+  if (acc_in) {
+    if (out) linear_sweep_as<T, G, true, true, false>(g, pf, m, acc_in, acc, base, f, out);
+    else linear_sweep_as<T, G, true, false, false>(g, pf, m, acc_in, acc, base, f, out);
+  } else {
+    if (out) linear_sweep_as<T, G, false, true, false>(g, pf, m, acc_in, acc, base, f, out);
+    else linear_sweep_as<T, G, false, false, false>(g, pf, m, acc_in, acc, base, f, out);
+  }
+}
+
+// The float32 sweep of a linear merge's only group, with float_guard's test: returns how many
+// results fail it.
+template <class In>
+std::uint32_t linear_guarded(unsigned n, const Group<float, In>& g, float pf, std::size_t m, const In* base, float f,
+                             float* out) {
+  switch (n) {
+    case 1: return linear_sweep_as<float, 1, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
+    case 2: return linear_sweep_as<float, 2, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
+    case 3: return linear_sweep_as<float, 3, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
+    default: return linear_sweep_as<float, 4, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
   }
 }
 
@@ -359,11 +403,11 @@ struct ElectionTerm {
 // with `out` (the last group) the elected result base + lambda * merged is rounded to it,
 // else the state is stored to `st`. Without Carry (one group) there is neither `in` nor a
 // stored state, and the loop has no branches (it vectorizes).
-template <class T, unsigned G, bool Normalize, bool Carry>
-CONFLUX_MULTIVERSION void ties_sweep(const Group<T>& g, float pf, std::size_t m, const Election<T>* in,
-                                     const Election<T>* st, const float* base, T lambda, float* out) {
+template <class T, unsigned G, bool Normalize, bool Carry, class In>
+CONFLUX_MULTIVERSION void ties_sweep(const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
+                                     const Election<T>* st, const In* base, T lambda, float* out) {
   static_assert(G >= 1 && G <= kGroup);
-  const float *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
+  const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
   const float *u0 = g.u[0], *u1 = g.u[G > 1 ? 1 : 0], *u2 = g.u[G > 2 ? 2 : 0], *u3 = g.u[G > 3 ? 3 : 0];
   const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
   const double e0 = g.cd[0], e1 = g.cd[G > 1 ? 1 : 0], e2 = g.cd[G > 2 ? 2 : 0], e3 = g.cd[G > 3 ? 3 : 0];
@@ -378,11 +422,11 @@ CONFLUX_MULTIVERSION void ties_sweep(const Group<T>& g, float pf, std::size_t m,
       t.pos_w = in->pos_w[k];
       t.neg_w = in->neg_w[k];
     }
-    const float b = base[k];
-    t.add(x0[k] - b, u0[k] >= pf, c0, e0, w0, s0);
-    if constexpr (G > 1) t.add(x1[k] - b, u1[k] >= pf, c1, e1, w1, s1);
-    if constexpr (G > 2) t.add(x2[k] - b, u2[k] >= pf, c2, e2, w2, s2);
-    if constexpr (G > 3) t.add(x3[k] - b, u3[k] >= pf, c3, e3, w3, s3);
+    const float b = value(base, k);
+    t.add(value(x0, k) - b, u0[k] >= pf, c0, e0, w0, s0);
+    if constexpr (G > 1) t.add(value(x1, k) - b, u1[k] >= pf, c1, e1, w1, s1);
+    if constexpr (G > 2) t.add(value(x2, k) - b, u2[k] >= pf, c2, e2, w2, s2);
+    if constexpr (G > 3) t.add(value(x3, k) - b, u3[k] >= pf, c3, e3, w3, s3);
     if (!Carry || out) {
       out[k] = static_cast<float>(static_cast<T>(b) +
                                   lambda * elect<T, Normalize>(t.vote, t.pos, t.neg, t.pos_w, t.neg_w));
@@ -396,8 +440,8 @@ CONFLUX_MULTIVERSION void ties_sweep(const Group<T>& g, float pf, std::size_t m,
   }
 }
 
-template <class T>
-void linear_group(unsigned n, const Group<T>& g, float pf, std::size_t m, const T* acc_in, T* acc, const float* base,
+template <class T, class In>
+void linear_group(unsigned n, const Group<T, In>& g, float pf, std::size_t m, const T* acc_in, T* acc, const In* base,
                   T f, float* out) {
   switch (n) {
     case 1: return linear_sweep<T, 1>(g, pf, m, acc_in, acc, base, f, out);
@@ -412,24 +456,24 @@ void linear_group(unsigned n, const Group<T>& g, float pf, std::size_t m, const 
 // inputs: linear, |base| + |f| * sum_i |c_i| |x_i - base| (every term as if kept); ties (weights
 // >= 0: the agreeing terms share a sign, so only the base can cancel), |base| + 2 |out - base|.
 // Returns the number of flags.
-template <unsigned G, bool Ties>
-CONFLUX_MULTIVERSION std::uint32_t flag_unsafe(const Group<float>& g, const float* base, std::size_t m, float f,
+template <unsigned G, bool Ties, class In>
+CONFLUX_MULTIVERSION std::uint32_t flag_unsafe(const Group<float, In>& g, const In* base, std::size_t m, float f,
                                                const float* out, std::uint8_t* flags) {
   static_assert(G >= 1 && G <= kGroup);
-  const float *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
+  const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
   const float c0 = std::fabs(g.c[0]), c1 = std::fabs(g.c[G > 1 ? 1 : 0]), c2 = std::fabs(g.c[G > 2 ? 2 : 0]),
               c3 = std::fabs(g.c[G > 3 ? 3 : 0]), fa = std::fabs(f);
   std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const float b = base[k], r = out[k];
+    const float b = value(base, k), r = out[k];
     float mag;
     if constexpr (Ties) {
       mag = std::fabs(b) + 2.0f * std::fabs(r - b);
     } else {
-      float t = c0 * std::fabs(x0[k] - b);
-      if constexpr (G > 1) t += c1 * std::fabs(x1[k] - b);
-      if constexpr (G > 2) t += c2 * std::fabs(x2[k] - b);
-      if constexpr (G > 3) t += c3 * std::fabs(x3[k] - b);
+      float t = c0 * std::fabs(value(x0, k) - b);
+      if constexpr (G > 1) t += c1 * std::fabs(value(x1, k) - b);
+      if constexpr (G > 2) t += c2 * std::fabs(value(x2, k) - b);
+      if constexpr (G > 3) t += c3 * std::fabs(value(x3, k) - b);
       mag = std::fabs(b) + fa * t;
     }
     const std::uint32_t bad = fg::unsafe(r, mag);
@@ -439,8 +483,8 @@ CONFLUX_MULTIVERSION std::uint32_t flag_unsafe(const Group<float>& g, const floa
   return unsafe;
 }
 
-template <bool Ties>
-std::uint32_t flag_unsafe_n(unsigned n, const Group<float>& g, const float* base, std::size_t m, float f,
+template <bool Ties, class In>
+std::uint32_t flag_unsafe_n(unsigned n, const Group<float, In>& g, const In* base, std::size_t m, float f,
                             const float* out, std::uint8_t* flags) {
   switch (n) {
     case 1: return flag_unsafe<1, Ties>(g, base, m, f, out, flags);
@@ -450,9 +494,9 @@ std::uint32_t flag_unsafe_n(unsigned n, const Group<float>& g, const float* base
   }
 }
 
-template <class T, bool Normalize, bool Carry>
-void ties_group_n(unsigned n, const Group<T>& g, float pf, std::size_t m, const Election<T>* in,
-                  const Election<T>* st, const float* base, T lambda, float* out) {
+template <class T, bool Normalize, bool Carry, class In>
+void ties_group_n(unsigned n, const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
+                  const Election<T>* st, const In* base, T lambda, float* out) {
   switch (n) {
     case 1: return ties_sweep<T, 1, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
     case 2: return ties_sweep<T, 2, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
@@ -462,9 +506,9 @@ void ties_group_n(unsigned n, const Group<T>& g, float pf, std::size_t m, const 
 }
 
 // One group of a ties merge: the group is the only one (no carried state) or not.
-template <class T>
-void ties_group(unsigned n, bool normalize, bool carry, const Group<T>& g, float pf, std::size_t m,
-                const Election<T>* in, const Election<T>* st, const float* base, T lambda, float* out) {
+template <class T, class In>
+void ties_group(unsigned n, bool normalize, bool carry, const Group<T, In>& g, float pf, std::size_t m,
+                const Election<T>* in, const Election<T>* st, const In* base, T lambda, float* out) {
   if (carry) {
     if (normalize) ties_group_n<T, true, true>(n, g, pf, m, in, st, base, lambda, out);
     else ties_group_n<T, false, true>(n, g, pf, m, in, st, base, lambda, out);
@@ -829,11 +873,14 @@ class DropMerge {
     }
     if (!della) {
       // Float32 (a BF16 output) in one group of models, with float_guard's fallback to double;
-      // the election only with weights >= 0, whose agreeing terms cannot cancel.
-      if (c.float32_suffices() && n_ <= kGroup && (!T::ties || nonnegative_weights_))
-        run_dare<float>(c, float_, keys, kept, out.data());
-      else
-        run_dare<double>(c, double_, keys, kept, out.data());
+      // the election only with weights >= 0, whose agreeing terms cannot cancel. Stored BF16
+      // inputs for the DARE plugins (CFX_PASS_BF16_INPUTS), float32 otherwise.
+      with_inputs(c, [&](auto models, auto base) {
+        if (c.float32_suffices() && n_ <= kGroup && (!T::ties || nonnegative_weights_))
+          run_dare<float>(c, models, base, float_, keys, kept, out.data());
+        else
+          run_dare<double>(c, models, base, double_, keys, kept, out.data());
+      });
     }
     for (std::uint32_t i = 0; i < n_; ++i) kept_[i].fetch_add(drop_ ? kept[i] : count, std::memory_order_relaxed);
     elements_.fetch_add(count, std::memory_order_relaxed);
@@ -904,9 +951,9 @@ class DropMerge {
   }
 
   // DARE (and DELLA without a spread): blocks of kBlock entries, groups of kGroup models.
-  template <class V>
-  void run_dare(const sdk::Chunk& c, const Factors<V>& fac, const std::vector<std::uint64_t>& keys,
-                std::vector<std::uint64_t>& kept, float* out) const {
+  template <class V, class In>
+  void run_dare(const sdk::Chunk& c, const In* const* models, const In* base_in, const Factors<V>& fac,
+                const std::vector<std::uint64_t>& keys, std::vector<std::uint64_t>& kept, float* out) const {
     static const float kZeros[kBlock] = {};  // the uniforms when nothing is dropped (threshold 0)
     const std::size_t count = c.count();
     const ScratchPool::Lease lease = pool_.get();
@@ -920,13 +967,13 @@ class DropMerge {
     const Election<V> st = carry && T::ties ? sums.election.at(0) : Election<V>{};
     for (std::size_t k0 = 0; k0 < count; k0 += kBlock) {
       const std::size_t m = std::min(kBlock, count - k0);
-      const float* base = c.base().data() + k0;
+      const In* base = base_in + k0;
       for (std::uint32_t i0 = 0; i0 < n_; i0 += kGroup) {
         const unsigned g = std::min(kGroup, n_ - i0);
-        Group<V> grp{};
+        Group<V, In> grp{};
         for (unsigned j = 0; j < g; ++j) {
           const std::uint32_t i = i0 + j;
-          grp.x[j] = c.models()[i] + k0;
+          grp.x[j] = models[i] + k0;
           grp.c[j] = fac.c[i];
           grp.cd[j] = fac.cd[i];
           grp.w[j] = fac.w[i];
@@ -945,22 +992,52 @@ class DropMerge {
         if constexpr (T::ties) {
           ties_group<V>(g, normalize_, carry, grp, drop_threshold_, m, first ? nullptr : &st, &st, base,
                         fac.out_factor, o);
+          if constexpr (std::is_same_v<V, float>) redo_unsafe(g, grp, m, base, out + k0);
+        } else if constexpr (std::is_same_v<V, float>) {
+          // One group (float32 only then): the sweep tests the guard as it goes.
+          linear_redo(g, grp, m, base, out + k0, linear_guarded(g, grp, drop_threshold_, m, base, fac.out_factor, o));
         } else {
           linear_group<V>(g, grp, drop_threshold_, m, first ? nullptr : acc, acc, base, fac.out_factor, o);
         }
-        if constexpr (std::is_same_v<V, float>) redo_unsafe(g, grp, m, base, out + k0);
       }
     }
   }
 
-  // float_guard after a float32 DARE block (one group, so `grp` holds every model): the flagged
-  // entries again in double, from the same uniforms.
-  void redo_unsafe(unsigned g, const Group<float>& grp, std::size_t m, const float* base, float* out) const {
+  // A float32 linear block with `unsafe` entries failing float_guard's test: those entries (found
+  // one at a time by the same float32 sweep) again in double, from the same uniforms.
+  template <class In>
+  void linear_redo(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
+                   std::uint32_t unsafe) const {
+    auto entry = [&](auto& one, std::size_t k) {
+      for (unsigned j = 0; j < g; ++j) {
+        one.x[j] = grp.x[j] + k;
+        one.u[j] = grp.u[j] + k;
+        one.c[j] = factors<typename std::decay_t<decltype(one.c[0])>>().c[j];
+      }
+    };
+    fg::redo(
+        m, unsafe,
+        [&](std::size_t k, std::size_t) {
+          Group<float, In> one{};
+          entry(one, k);
+          return linear_guarded(g, one, drop_threshold_, 1, base + k, float_.out_factor, out + k);
+        },
+        [&](std::size_t k, std::size_t) {
+          Group<double, In> one{};
+          entry(one, k);
+          linear_group<double>(g, one, drop_threshold_, 1, nullptr, nullptr, base + k, double_.out_factor, out + k);
+        });
+  }
+
+  // float_guard after a float32 DARE ties block (one group, so `grp` holds every model): the
+  // flagged entries again in double, from the same uniforms.
+  template <class In>
+  void redo_unsafe(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out) const {
     std::uint8_t flags[kBlock];
     if (flag_unsafe_n<T::ties>(g, grp, base, m, float_.out_factor, out, flags) == 0) return;
     for (std::size_t k = 0; k < m; ++k) {
       if (!flags[k]) continue;
-      Group<double> one{};
+      Group<double, In> one{};
       for (unsigned j = 0; j < g; ++j) {
         one.x[j] = grp.x[j] + k;
         one.u[j] = grp.u[j] + k;
