@@ -39,5 +39,6 @@ using Della = dm::DropMerge<Traits>;
 
 }  // namespace
 
-// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would.
-CONFLUX_PLUGIN(Della, sdk::map_pass<Della, &Della::map>(CFX_PASS_WHOLE_ROWS))
+// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would,
+// from BF16 tensors as stored (CFX_PASS_BF16_INPUTS).
+CONFLUX_PLUGIN(Della, sdk::map_pass<Della, &Della::map>(CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS))

@@ -39,5 +39,6 @@ using DellaLinear = dm::DropMerge<Traits>;
 
 }  // namespace
 
-// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would.
-CONFLUX_PLUGIN(DellaLinear, sdk::map_pass<DellaLinear, &DellaLinear::map>(CFX_PASS_WHOLE_ROWS))
+// Raw values (no CFX_PASS_TASK_VECTORS): the kernels form x - base themselves, as the host would,
+// from BF16 tensors as stored (CFX_PASS_BF16_INPUTS).
+CONFLUX_PLUGIN(DellaLinear, sdk::map_pass<DellaLinear, &DellaLinear::map>(CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS))

@@ -257,30 +257,30 @@ inline T elect(double vote, T pos, T neg, T pos_w, T neg_w) {
 
 // out[k] = base[k] + f * acc[k], rounded once; acc[k] = 0 again (sums kept zero at rest are
 // not cleared in a separate pass).
-template <class T>
-CONFLUX_MULTIVERSION void finish_sum(const float* base, T* acc, std::size_t m, T f, float* out) {
+template <class T, class In>
+CONFLUX_MULTIVERSION void finish_sum(const In* base, T* acc, std::size_t m, T f, float* out) {
   for (std::size_t k = 0; k < m; ++k) {
-    out[k] = static_cast<float>(static_cast<T>(base[k]) + f * acc[k]);
+    out[k] = static_cast<float>(static_cast<T>(value(base, k)) + f * acc[k]);
     acc[k] = T(0);
   }
 }
 
 // out[k] = base[k] + lambda * elected[k], rounded once; the state is zero again. (The arrays
 // are distinct: __restrict spares the vectorizer more run-time alias checks than it makes.)
-template <class T, bool Normalize>
-CONFLUX_MULTIVERSION void finish_election_arrays(const float* __restrict base, double* __restrict vote,
+template <class T, bool Normalize, class In>
+CONFLUX_MULTIVERSION void finish_election_arrays(const In* __restrict base, double* __restrict vote,
                                                  T* __restrict pos, T* __restrict neg, T* __restrict pos_w,
                                                  T* __restrict neg_w, std::size_t m, T lambda, float* __restrict out) {
   for (std::size_t k = 0; k < m; ++k) {
-    out[k] = static_cast<float>(static_cast<T>(base[k]) +
+    out[k] = static_cast<float>(static_cast<T>(value(base, k)) +
                                 lambda * elect<T, Normalize>(vote[k], pos[k], neg[k], pos_w[k], neg_w[k]));
     vote[k] = 0.0;
     pos[k] = neg[k] = pos_w[k] = neg_w[k] = T(0);
   }
 }
 
-template <class T, bool Normalize>
-void finish_election(const float* base, Election<T> e, std::size_t m, T lambda, float* out) {
+template <class T, bool Normalize, class In>
+void finish_election(const In* base, Election<T> e, std::size_t m, T lambda, float* out) {
   finish_election_arrays<T, Normalize>(base, e.vote, e.pos, e.neg, e.pos_w, e.neg_w, m, lambda, out);
 }
 
@@ -544,13 +544,14 @@ struct RowSplit {
 
 // Splits the row of task vector x - base (float32, as the host would form it). Branch-free:
 // zeros and nonzeros interleave at random.
-inline void split_row_scalar(const float* x, const float* base, const float* u, const float* pf, std::size_t n,
+template <class In>
+inline void split_row_scalar(const In* x, const In* base, const float* u, const float* pf, std::size_t n,
                              RowSplit& s) {
   std::uint32_t any = 0, all = ~0u;
   std::size_t nz = 0, z = 0;
   std::uint64_t kept = 0;
   for (std::size_t k = 0; k < n; ++k) {
-    const std::uint32_t bits = key_of(x[k] - base[k]);
+    const std::uint32_t bits = key_of(value(x, k) - value(base, k));
     const bool on = bits != 0;
     s.key[nz] = bits;
     s.idx[nz] = static_cast<std::uint32_t>(k);
@@ -577,7 +578,17 @@ inline bool have_avx512() {
 
 // The same with AVX-512 compress (sparse task vectors: most entries are zeros, and the scalar
 // split's dependency chain through the counts costs more than the rest of the row).
-__attribute__((target("avx512f"))) inline void split_row_avx512(const float* x, const float* base, const float* u,
+// 16 inputs as float32 lanes: loaded, or widened from stored BF16.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const std::uint16_t* p) {
+  // The zero-masking forms: GCC 12 warns on the plain ones' undefined pass-through operand.
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const auto all = static_cast<__mmask16>(0xFFFF);
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, bits), 16));
+}
+
+template <class In>
+__attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, const In* base, const float* u,
                                                                 const float* pf, std::size_t n, RowSplit& s) {
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -585,7 +596,7 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const float* x, 
   std::size_t nz = 0, z = 0, k = 0;
   std::uint64_t kept = 0;
   for (; k + 16 <= n; k += 16) {
-    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(base + k));
+    const __m512 d = _mm512_sub_ps(load16(x + k), load16(base + k));
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
     const __mmask16 on = _mm512_test_epi32_mask(bits, bits);
     any = _mm512_mask_or_epi32(any, on, any, bits);
@@ -666,8 +677,8 @@ __attribute__((target("avx512f"))) inline std::size_t rank_avx512(const std::uin
 }
 #endif
 
-inline void split_row(const float* x, const float* base, const float* u, const float* pf, std::size_t n,
-                      RowSplit& s) {
+template <class In>
+inline void split_row(const In* x, const In* base, const float* u, const float* pf, std::size_t n, RowSplit& s) {
 #if CONFLUX_DROP_MERGE_AVX512
   if (have_avx512()) return split_row_avx512(x, base, u, pf, n, s);
 #endif
@@ -868,7 +879,7 @@ class DropMerge {
       // Without a spread every q is density: DARE's arithmetic, which needs no ranks.
       della = drop_ && !(step == 0.0 && lo == density_);
       if (della) {
-        run_della<double>(c, len, keys, kept, out.data());
+        with_inputs(c, [&](auto models, auto base) { run_della<double>(c, models, base, len, keys, kept, out.data()); });
       }
     }
     if (!della) {
@@ -1056,8 +1067,9 @@ class DropMerge {
 
   // DELLA with a spread: groups of whole rows (one random_uniform call per group and model),
   // each row of each model through della_row into the group's sums, then the group's finish.
-  template <class V>
-  void run_della(const sdk::Chunk& c, std::size_t len, const std::vector<std::uint64_t>& keys,
+  template <class V, class In>
+  void run_della(const sdk::Chunk& c, const In* const* models, const In* base_in, std::size_t len,
+                 const std::vector<std::uint64_t>& keys,
                  std::vector<std::uint64_t>& kept, float* out) const {
     const Factors<V>& fac = factors<V>();
     std::unique_ptr<RankTables> own;
@@ -1083,15 +1095,15 @@ class DropMerge {
         const V* cv = tab.factors<V>(i);
         const double* cd = tab.factors<double>(i);
         for (std::size_t r0 = 0; r0 < m; r0 += len) {
-          const float* x = c.models()[i] + g0 + r0;
-          const float* base = c.base().data() + g0 + r0;
+          const In* x = models[i] + g0 + r0;
+          const In* base = base_in + g0 + r0;
           if constexpr (T::ties) {
             const Election<V> e = sums.election.at(r0);
             const V wi = fac.w[i];
             const float si = fac.s[i];
             kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
               ElectionTerm<V> t{e.vote[k], e.pos[k], e.neg[k], e.pos_w[k], e.neg_w[k]};
-              t.add(x[k] - base[k], keep, cv[r], cd[r], wi, si);
+              t.add(value(x, k) - value(base, k), keep, cv[r], cd[r], wi, si);
               e.vote[k] = t.vote;
               e.pos[k] = t.pos;
               e.neg[k] = t.neg;
@@ -1101,12 +1113,12 @@ class DropMerge {
           } else {
             V* row_acc = acc + r0;
             kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
-              row_acc[k] += keep ? cv[r] * static_cast<V>(x[k] - base[k]) : V(0);
+              row_acc[k] += keep ? cv[r] * static_cast<V>(value(x, k) - value(base, k)) : V(0);
             });
           }
         }
       }
-      const float* base = c.base().data() + g0;
+      const In* base = base_in + g0;
       if constexpr (T::ties) {
         if (normalize_)
           finish_election<V, true>(base, sums.election.at(0), m, fac.out_factor, out + g0);
@@ -1129,8 +1141,8 @@ class DropMerge {
   // One row of one model (task vector x - base, uniforms u): returns how many of its entries
   // are kept, and calls add(k, r, keep) for every nonzero entry k that may be kept (rank r in
   // the row; keep: whether it is) to add its W into the sums.
-  template <class Add>
-  static std::uint64_t della_row(const float* x, const float* base, const float* u, const float* pf, std::size_t len,
+  template <class In, class Add>
+  static std::uint64_t della_row(const In* x, const In* base, const float* u, const float* pf, std::size_t len,
                                  const RowBuffers& rb, Add&& add) {
     RowSplit split{rb.key, rb.idx, rb.unz};
     split_row(x, base, u, pf, len, split);
