@@ -43,6 +43,9 @@
 // registers; more models go through blocks of 256 elements, one statistic at a time. Both follow
 // the order above with the same operations (no fused multiply-add: d_i d_j is rounded before it
 // is added), so they give the same bits.
+// Both passes take BF16 tensors as stored (CFX_PASS_BF16_INPUTS: read straight from the mapped
+// files, no conversion sweep by the host); a BF16 value widens to float32 exactly, so the kernels,
+// templated on the input type, give the same bits as from float32 copies.
 #include <conflux/plugin.hpp>
 
 #include <algorithm>
@@ -58,15 +61,20 @@
 #include <vector>
 
 #include "common/float_guard.h"
+#include "common/inputs.h"
+#include "common/widen.h"
 
 namespace sdk = conflux::sdk;
 namespace fg = conflux::plugins::float_guard;
+using conflux::plugins::value;
+using conflux::plugins::with_inputs;
 
 namespace {
 
 // Element-wise IEEE double arithmetic in GCC/Clang vector types (see plugins/slerp.cc): four
 // doubles per vector, the same bits on every instruction set under CONFLUX_MULTIVERSION.
-typedef double v4d __attribute__((vector_size(32)));
+using conflux::plugins::v4d;
+using conflux::plugins::widen4;
 constexpr std::size_t kLanes = 16;
 constexpr std::size_t kGroup = 4;         // lanes per sweep of the register kernels (one v4d)
 constexpr std::size_t kRowBlock = 512;    // elements of a row per round of those sweeps (a multiple of kLanes)
@@ -75,8 +83,6 @@ constexpr std::size_t kMapBlock = 512;    // elements per block of the map pass,
 constexpr std::uint32_t kRegisterModels = 4;  // up to this many models, statistics in registers
 static_assert(kBlock % kLanes == 0 && kRowBlock % kLanes == 0 && kLanes % kGroup == 0);
 
-// Four floats widened to double (one vcvtps2pd).
-#define CFX_WIDEN4(p) (v4d{(p)[0], (p)[1], (p)[2], (p)[3]})
 
 double fold_lanes(const double* l) {
   double s = l[0];
@@ -87,17 +93,22 @@ double fold_lanes(const double* l) {
 // One group of four lanes of up to four models' statistics (lanes + 16 q: statistic q's lanes)
 // over the elements [from, end) that fall in those lanes (from: a block's start plus the group's
 // first lane), continuing the lanes' sums. The base, the N deltas and the S sums stay in
-// registers (at most 1 + 4 + 10 vectors, within AVX2's sixteen).
-template <std::uint32_t N, std::uint32_t S>
-[[gnu::always_inline]] inline void sweep_group(const float* const* xs, const float* b, std::size_t from,
-                                               std::size_t end, double* lanes) {
+// registers (at most 1 + 4 + 10 vectors, within AVX2's sixteen). In: float32 or stored BF16
+// inputs (common/inputs.h).
+template <std::uint32_t N, std::uint32_t S, class In>
+[[gnu::always_inline]] inline void sweep_group(const In* const* xs, const In* b, std::size_t from, std::size_t end,
+                                               double* lanes) {
   v4d acc[S];
   for (std::uint32_t q = 0; q < S; ++q) std::memcpy(&acc[q], lanes + kLanes * q, sizeof acc[q]);
   std::size_t k = from;
   for (; k + kGroup <= end; k += kLanes) {
-    const v4d bk = CFX_WIDEN4(b + k);
-    v4d d[N];
-    for (std::uint32_t i = 0; i < N; ++i) d[i] = CFX_WIDEN4(xs[i] + k) - bk;
+    v4d bk, d[N];
+    widen4(b + k, bk);
+    for (std::uint32_t i = 0; i < N; ++i) {
+      v4d x;
+      widen4(xs[i] + k, x);
+      d[i] = x - bk;
+    }
     std::uint32_t q = 0;
     for (std::uint32_t i = 0; i < N; ++i) acc[q++] += d[i] * d[i];
     for (std::uint32_t i = 0; i < N; ++i)
@@ -107,7 +118,8 @@ template <std::uint32_t N, std::uint32_t S>
   // The row ends inside this group (in its last block): the last elements, lane by lane.
   for (std::size_t l = 0; l < kGroup && k + l < end; ++l) {
     double d[N];
-    for (std::uint32_t i = 0; i < N; ++i) d[i] = static_cast<double>(xs[i][k + l]) - b[k + l];
+    for (std::uint32_t i = 0; i < N; ++i)
+      d[i] = static_cast<double>(value(xs[i], k + l)) - static_cast<double>(value(b, k + l));
     double* o = lanes + l;
     for (std::uint32_t i = 0; i < N; ++i, o += kLanes) *o += d[i] * d[i];
     for (std::uint32_t i = 0; i < N; ++i)
@@ -119,10 +131,10 @@ template <std::uint32_t N, std::uint32_t S>
 // sweep per group of four lanes, in blocks of kRowBlock elements so that the four sweeps over a
 // block read it from L1 (a long row would come from L2 four times). Every lane still adds its
 // elements in increasing j.
-template <std::uint32_t N>
-[[gnu::always_inline]] inline void row_lanes(const float* const* x, const float* b, std::size_t n, double* out) {
+template <std::uint32_t N, class In>
+[[gnu::always_inline]] inline void row_lanes(const In* const* x, const In* b, std::size_t n, double* out) {
   constexpr std::uint32_t S = N + N * (N - 1) / 2;
-  const float* xs[N];
+  const In* xs[N];
   for (std::uint32_t i = 0; i < N; ++i) xs[i] = x[i];
   std::memset(out, 0, sizeof(double) * kLanes * S);
   for (std::size_t k0 = 0; k0 < n; k0 += kRowBlock)
@@ -130,24 +142,37 @@ template <std::uint32_t N>
       sweep_group<N, S>(xs, b, k0 + g, std::min(n, k0 + kRowBlock), out + g);
 }
 
-CONFLUX_MULTIVERSION void row_lanes2(const float* const* x, const float* b, std::size_t n, double* out) {
+template <class In>
+CONFLUX_MULTIVERSION void row_lanes2(const In* const* x, const In* b, std::size_t n, double* out) {
   row_lanes<2>(x, b, n, out);
 }
-CONFLUX_MULTIVERSION void row_lanes3(const float* const* x, const float* b, std::size_t n, double* out) {
+template <class In>
+CONFLUX_MULTIVERSION void row_lanes3(const In* const* x, const In* b, std::size_t n, double* out) {
   row_lanes<3>(x, b, n, out);
 }
-CONFLUX_MULTIVERSION void row_lanes4(const float* const* x, const float* b, std::size_t n, double* out) {
+template <class In>
+CONFLUX_MULTIVERSION void row_lanes4(const In* const* x, const In* b, std::size_t n, double* out) {
   row_lanes<4>(x, b, n, out);
 }
-#undef CFX_WIDEN4
 
-// General path. d[k] = x[k] - base[k] in double.
-CONFLUX_MULTIVERSION void deltas(const float* x, const double* base, std::size_t m, double* d) {
-  for (std::size_t k = 0; k < m; ++k) d[k] = static_cast<double>(x[k]) - base[k];
+template <class In>
+using RowKernel = void (*)(const In* const*, const In*, std::size_t, double*);
+
+// The register kernel for n models (nullptr: more than kRegisterModels).
+template <class In>
+RowKernel<In> row_kernel(std::uint32_t n) {
+  return n == 2 ? row_lanes2<In> : n == 3 ? row_lanes3<In> : n == 4 ? row_lanes4<In> : nullptr;
 }
 
-CONFLUX_MULTIVERSION void widen(const float* x, std::size_t m, double* out) {
-  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<double>(x[k]);
+// General path. d[k] = x[k] - base[k] in double.
+template <class In>
+CONFLUX_MULTIVERSION void deltas(const In* x, const double* base, std::size_t m, double* d) {
+  for (std::size_t k = 0; k < m; ++k) d[k] = static_cast<double>(value(x, k)) - base[k];
+}
+
+template <class In>
+CONFLUX_MULTIVERSION void widen(const In* x, std::size_t m, double* out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<double>(value(x, k));
 }
 
 // lanes[k mod 16] += x[k] * y[k] for k < m, each lane in increasing k (four accumulators of four
@@ -166,28 +191,32 @@ CONFLUX_MULTIVERSION void accumulate(const double* x, const double* y, std::size
   for (std::size_t j = 0; k + j < m; ++j) lanes[j] += x[k + j] * y[k + j];
 }
 
-// The map pass. Up to four models (G) summed in model order in T, continuing acc_in (nullptr:
-// from the first of them); with `out` (the last group) out = a * sum + u * base is rounded to it
-// instead. One sweep per group, its operands in registers. Guard (float32, one group): returns
-// how many results fail float_guard's test (magnitudes |a| sum |theta_i| + |u base|: the sum and
-// the two terms may cancel).
-template <class T, unsigned G, bool Guard = false>
-CONFLUX_MULTIVERSION std::uint32_t blend(const float* const* x, const float* base, std::size_t m, const T* acc_in,
-                                         T* acc, T a, T u, float* out) {
+// The map pass. Up to four models (G) summed in model order in T, continuing acc_in (Chained;
+// else from the first of them); Last (the last group): out = a * sum + u * base is rounded to out
+// instead of the sum kept in acc. One sweep per group, its operands in registers. Guard (float32,
+// one group: not Chained, Last): returns how many results fail float_guard's test (magnitudes
+// |a| sum |theta_i| + |u base|: the sum and the two terms may cancel). In: float32 or stored BF16
+// inputs (common/inputs.h). Chained and Last are template arguments: runtime tests in the loop
+// keep it from vectorizing for BF16 inputs (too large to unswitch).
+template <class T, unsigned G, bool Guard, bool Chained, bool Last, class In>
+CONFLUX_MULTIVERSION std::uint32_t blend(const In* const* x, const In* base, std::size_t m, const T* acc_in, T* acc,
+                                         T a, T u, float* out) {
   static_assert(G >= 1 && G <= 4);
+  static_assert(!Guard || (!Chained && Last));
   // Named locals: the vectorizer does not see through arrays of pointers.
-  const float *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
+  const In *x0 = x[0], *x1 = x[G > 1 ? 1 : 0], *x2 = x[G > 2 ? 2 : 0], *x3 = x[G > 3 ? 3 : 0];
   const T abs_a = std::fabs(a);
   std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const T v0 = static_cast<T>(x0[k]), v1 = G > 1 ? static_cast<T>(x1[k]) : T(0);
-    const T v2 = G > 2 ? static_cast<T>(x2[k]) : T(0), v3 = G > 3 ? static_cast<T>(x3[k]) : T(0);
-    T s = acc_in ? acc_in[k] + v0 : v0;
+    const T v0 = static_cast<T>(value(x0, k)), v1 = G > 1 ? static_cast<T>(value(x1, k)) : T(0);
+    const T v2 = G > 2 ? static_cast<T>(value(x2, k)) : T(0), v3 = G > 3 ? static_cast<T>(value(x3, k)) : T(0);
+    T s = v0;
+    if constexpr (Chained) s = acc_in[k] + v0;
     if constexpr (G > 1) s += v1;
     if constexpr (G > 2) s += v2;
     if constexpr (G > 3) s += v3;
-    if (out) {
-      const T ub = u * static_cast<T>(base[k]), r = a * s + ub;
+    if constexpr (Last) {
+      const T ub = u * static_cast<T>(value(base, k)), r = a * s + ub;
       out[k] = static_cast<float>(r);
       if constexpr (Guard) {
         const T models = std::fabs(v0) + std::fabs(v1) + std::fabs(v2) + std::fabs(v3);
@@ -200,14 +229,30 @@ CONFLUX_MULTIVERSION std::uint32_t blend(const float* const* x, const float* bas
   return unsafe;
 }
 
-template <class T, bool Guard = false>
-std::uint32_t blend_group(unsigned g, const float* const* x, const float* base, std::size_t m, const T* acc_in, T* acc,
-                          T a, T u, float* out) {
+template <class T, bool Guard, bool Chained, bool Last, class In>
+std::uint32_t blend_n(unsigned g, const In* const* x, const In* base, std::size_t m, const T* acc_in, T* acc, T a, T u,
+                      float* out) {
   switch (g) {
-    case 1: return blend<T, 1, Guard>(x, base, m, acc_in, acc, a, u, out);
-    case 2: return blend<T, 2, Guard>(x, base, m, acc_in, acc, a, u, out);
-    case 3: return blend<T, 3, Guard>(x, base, m, acc_in, acc, a, u, out);
-    default: return blend<T, 4, Guard>(x, base, m, acc_in, acc, a, u, out);
+    case 1: return blend<T, 1, Guard, Chained, Last>(x, base, m, acc_in, acc, a, u, out);
+    case 2: return blend<T, 2, Guard, Chained, Last>(x, base, m, acc_in, acc, a, u, out);
+    case 3: return blend<T, 3, Guard, Chained, Last>(x, base, m, acc_in, acc, a, u, out);
+    default: return blend<T, 4, Guard, Chained, Last>(x, base, m, acc_in, acc, a, u, out);
+  }
+}
+
+// blend for a group of g models: Chained when acc_in is given, Last when out is. Guard: one group
+// (acc_in null, out given).
+template <class T, bool Guard = false, class In>
+std::uint32_t blend_group(unsigned g, const In* const* x, const In* base, std::size_t m, const T* acc_in, T* acc, T a,
+                          T u, float* out) {
+  if constexpr (Guard) {
+    return blend_n<T, true, false, true>(g, x, base, m, nullptr, nullptr, a, u, out);
+  } else if (acc_in) {
+    return out ? blend_n<T, false, true, true>(g, x, base, m, acc_in, acc, a, u, out)
+               : blend_n<T, false, true, false>(g, x, base, m, acc_in, acc, a, u, out);
+  } else {
+    return out ? blend_n<T, false, false, true>(g, x, base, m, acc_in, acc, a, u, out)
+               : blend_n<T, false, false, false>(g, x, base, m, acc_in, acc, a, u, out);
   }
 }
 
@@ -228,7 +273,6 @@ struct ModelStock {
         pairs_(n_ * (n_ - 1) / 2),
         stats_(n_ + pairs_),
         filter_wise_(job.flag("filter_wise")),
-        row_kernel_(n_ == 2 ? row_lanes2 : n_ == 3 ? row_lanes3 : n_ == 4 ? row_lanes4 : nullptr),
         state_(new TensorState[job.tensors().size()]) {}
 
   // Statistics pass: whole rows; per row s_1..s_N then p_12, p_13, ..., stored per row.
@@ -241,34 +285,41 @@ struct ModelStock {
     std::call_once(s.once, [&] { s.rows.reset(new double[stats_ * (t.numel / len)]); });
     const std::uint64_t rows = c.count() / len;
     double* out = s.rows.get() + stats_ * (c.begin() / len);
-    if (row_kernel_)
-      register_rows(c, len, rows, out);
-    else
-      block_rows(c, len, rows, out);
+    with_inputs(c, [&](auto models, auto base) {
+      if (n_ <= kRegisterModels)
+        register_rows(models, base, len, rows, out);
+      else
+        block_rows(models, base, len, rows, out);
+    });
     rows_seen[0] += rows;
   }
 
   // Up to kRegisterModels models: one kernel call per row.
-  void register_rows(const sdk::Chunk& c, std::uint64_t len, std::uint64_t rows, double* out) const {
+  template <class In>
+  void register_rows(const In* const* models, const In* base, std::uint64_t len, std::uint64_t rows,
+                     double* out) const {
+    const RowKernel<In> kernel = row_kernel<In>(n_);
     double lanes[kLanes * (kRegisterModels + kRegisterModels * (kRegisterModels - 1) / 2)];
-    const float* x[kRegisterModels];
+    const In* x[kRegisterModels];
     for (std::uint64_t r = 0; r < rows; ++r) {
-      for (std::uint32_t i = 0; i < n_; ++i) x[i] = c.models()[i] + r * len;
-      row_kernel_(x, c.base().data() + r * len, len, lanes);
+      for (std::uint32_t i = 0; i < n_; ++i) x[i] = models[i] + r * len;
+      kernel(x, base + r * len, len, lanes);
       for (std::size_t q = 0; q < stats_; ++q) out[stats_ * r + q] = fold_lanes(lanes + q * kLanes);
     }
   }
 
   // More models: blocks of kBlock elements, one statistic at a time.
-  void block_rows(const sdk::Chunk& c, std::uint64_t len, std::uint64_t rows, double* out) const {
+  template <class In>
+  void block_rows(const In* const* models, const In* base_in, std::uint64_t len, std::uint64_t rows,
+                  double* out) const {
     std::vector<double> base(kBlock), d(n_ * kBlock), lanes(stats_ * kLanes);
     for (std::uint64_t r = 0; r < rows; ++r) {
       std::fill(lanes.begin(), lanes.end(), 0.0);
       for (std::uint64_t k0 = 0; k0 < len; k0 += kBlock) {
         const std::size_t m = static_cast<std::size_t>(std::min<std::uint64_t>(kBlock, len - k0));
         const std::uint64_t off = r * len + k0;
-        widen(c.base().data() + off, m, base.data());
-        for (std::uint32_t i = 0; i < n_; ++i) deltas(c.models()[i] + off, base.data(), m, d.data() + i * kBlock);
+        widen(base_in + off, m, base.data());
+        for (std::uint32_t i = 0; i < n_; ++i) deltas(models[i] + off, base.data(), m, d.data() + i * kBlock);
         double* l = lanes.data();
         for (std::uint32_t i = 0; i < n_; ++i, l += kLanes) accumulate(d.data() + i * kBlock, d.data() + i * kBlock, m, l);
         for (std::uint32_t i = 0; i < n_; ++i)
@@ -303,10 +354,16 @@ struct ModelStock {
   }
 
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
+    with_inputs(c, [&](auto models, auto base) { map_inputs(c, models, base, out); });
+  }
+
+  template <class In>
+  void map_inputs(const sdk::Chunk& c, const In* const* models, const In* base, sdk::Span<float> out) {
     const cfx_tensor& t = c.tensor();
     TensorState& s = state_[t.index];
+    const bool f32 = c.float32_suffices();
     if (!filter_wise_) {
-      merge(c, 0, out.size(), s.t, out.data());
+      merge(f32, models, base, 0, out.size(), s.t, out.data());
       return;
     }
     // Row by row (a chunk may start or end inside a row).
@@ -314,7 +371,7 @@ struct ModelStock {
     for (std::size_t k = 0; k < out.size();) {
       const std::uint64_t e = c.begin() + k, row = e / len;
       const std::size_t m = static_cast<std::size_t>(std::min<std::uint64_t>(out.size() - k, (row + 1) * len - e));
-      merge(c, k, m, s.t_rows[row], out.data());
+      merge(f32, models, base, k, m, s.t_rows[row], out.data());
       k += m;
     }
     // The last chunk of the tensor frees its per-row t (every other chunk is done with it).
@@ -416,17 +473,19 @@ struct ModelStock {
 
   // out[k0 .. k0+m) = (t / N) * sum_i theta_i + (1 - t) * base, the coefficients in double. For
   // a BF16 output of up to four models (one sweep): float32 (the coefficients rounded to it here),
-  // with float_guard's per-entry fallback to double.
-  void merge(const sdk::Chunk& c, std::size_t k0, std::size_t m, double t, float* out) const {
+  // with float_guard's per-entry fallback to double. f32: the chunk's float32_suffices().
+  template <class In>
+  void merge(bool f32, const In* const* models, const In* base, std::size_t k0, std::size_t m, double t,
+             float* out) const {
     const double a = t / static_cast<double>(n_), u = 1 - t;
-    if (!c.float32_suffices() || n_ > 4) return merge_double(c, k0, m, a, u, out);
+    if (!f32 || n_ > 4) return merge_double(models, base, k0, m, a, u, out);
     const float af = static_cast<float>(a), uf = static_cast<float>(u);
     auto sweep = [&](auto a_t, auto u_t, std::size_t at, std::size_t count) {
       using T = decltype(a_t);
-      const float* x[4];
-      for (std::uint32_t j = 0; j < n_; ++j) x[j] = c.models()[j] + k0 + at;
-      return blend_group<T, std::is_same_v<T, float>>(n_, x, c.base().data() + k0 + at, count, nullptr, nullptr, a_t,
-                                                        u_t, out + k0 + at);
+      const In* x[4];
+      for (std::uint32_t j = 0; j < n_; ++j) x[j] = models[j] + k0 + at;
+      return blend_group<T, std::is_same_v<T, float>>(n_, x, base + k0 + at, count, nullptr, nullptr, a_t, u_t,
+                                                        out + k0 + at);
     };
     fg::run(m, [&](std::size_t at, std::size_t count) { return sweep(af, uf, at, count); },
             [&](std::size_t at, std::size_t count) { sweep(a, u, at, count); });
@@ -434,11 +493,13 @@ struct ModelStock {
 
   // In double: up to four models in one sweep; more in blocks small enough for the stack and the
   // L1 cache, the models four at a time, their partial sums kept in the block.
-  void merge_double(const sdk::Chunk& c, std::size_t k0, std::size_t m, double a, double u, float* out) const {
-    const float* x[4];
+  template <class In>
+  void merge_double(const In* const* models, const In* base, std::size_t k0, std::size_t m, double a, double u,
+                    float* out) const {
+    const In* x[4];
     if (n_ <= 4) {
-      for (std::uint32_t j = 0; j < n_; ++j) x[j] = c.models()[j] + k0;
-      blend_group<double>(n_, x, c.base().data() + k0, m, nullptr, nullptr, a, u, out + k0);
+      for (std::uint32_t j = 0; j < n_; ++j) x[j] = models[j] + k0;
+      blend_group<double>(n_, x, base + k0, m, nullptr, nullptr, a, u, out + k0);
       return;
     }
     for (std::size_t b = 0; b < m; b += kMapBlock) {
@@ -446,10 +507,9 @@ struct ModelStock {
       double acc[kMapBlock];
       for (std::uint32_t i = 0; i < n_; i += 4) {
         const unsigned g = std::min(4u, n_ - i);
-        for (unsigned j = 0; j < g; ++j) x[j] = c.models()[i + j] + off;
+        for (unsigned j = 0; j < g; ++j) x[j] = models[i + j] + off;
         const bool last = i + g == n_;
-        blend_group<double>(g, x, c.base().data() + off, len, i == 0 ? nullptr : acc, acc, a, u,
-                            last ? out + off : nullptr);
+        blend_group<double>(g, x, base + off, len, i == 0 ? nullptr : acc, acc, a, u, last ? out + off : nullptr);
       }
     }
   }
@@ -458,12 +518,10 @@ struct ModelStock {
   std::uint32_t n_;
   std::size_t pairs_, stats_;
   bool filter_wise_;
-  // Up to kRegisterModels models: the statistics of one row in registers (else nullptr).
-  void (*row_kernel_)(const float* const*, const float*, std::size_t, double*);
   std::unique_ptr<TensorState[]> state_;  // one per floating tensor
 };
 
 CONFLUX_PLUGIN(ModelStock,
                sdk::reduce_pass<ModelStock, std::uint64_t, 0, &ModelStock::stats, &ModelStock::combine,
-                                &ModelStock::done>(CFX_PASS_TENSOR_REDUCE, CFX_PASS_WHOLE_ROWS),
-               sdk::map_pass<ModelStock, &ModelStock::map>())
+                                &ModelStock::done>(CFX_PASS_TENSOR_REDUCE, CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS),
+               sdk::map_pass<ModelStock, &ModelStock::map>(CFX_PASS_BF16_INPUTS))

@@ -36,6 +36,9 @@
 // only on the tensor's values and shape, never on how the host cut it into chunks. Memory: three
 // doubles per row of the tensors being processed. The statistics kernel may fuse a product and
 // its sum (FMA): the product of two floats is exact in double, so that changes no bit.
+// Both passes take BF16 tensors as stored (CFX_PASS_BF16_INPUTS: read straight from the mapped
+// files, no conversion sweep by the host); a BF16 value widens to float32 exactly, so the kernels,
+// templated on the input type, give the same bits as from float32 copies.
 //
 // REPORT (conflux-manifest.json, "report"): t, which checkpoints are v0 and v1, how many tensors
 // were interpolated spherically / linearly (near-parallel) / linearly (zero norm), the range of
@@ -52,20 +55,22 @@
 #include <string>
 
 #include "common/float_guard.h"
+#include "common/inputs.h"
+#include "common/widen.h"
 
 namespace sdk = conflux::sdk;
 namespace fg = conflux::plugins::float_guard;
+using conflux::plugins::value;
+using conflux::plugins::with_inputs;
 
 namespace {
 
 // GCC/Clang vector extensions: element-wise IEEE double arithmetic in a fixed lane layout, the
 // same bits on every instruction set (plugins are built with -ffp-contract=off).
-typedef double v4d __attribute__((vector_size(32)));
+using conflux::plugins::v4d;
+using conflux::plugins::widen4;
 constexpr std::size_t kLanes = 16;
 
-// Four floats widened to double (one vcvtps2pd; __builtin_convertvector on eight floats compiles
-// to extracts and inserts).
-#define CFX_WIDEN4(p) (v4d{(p)[0], (p)[1], (p)[2], (p)[3]})
 
 // The statistics kernel: both operands of every product are floats, so the product is exact in
 // double and a fused multiply-add rounds exactly as the product and then the sum do. Contraction
@@ -88,9 +93,10 @@ double fold_lanes(const double* l) {
 // sweeps of W lanes (W = 16: one sweep; 8: lanes 0-7, then 8-15). A sweep keeps its lanes of the
 // three sums in registers: 3 W / 4 accumulators and W / 2 operands, which fit AVX-512's 32
 // vector registers for W = 16 and AVX2's 16 for W = 8. Each lane adds its elements in
-// increasing j either way, so W changes no bit.
-template <std::size_t W>
-CFX_EXACT_FMA void row_sums(const float* a, const float* b, std::size_t n, double* out) {
+// increasing j either way, so W changes no bit. In: float32 or stored BF16 inputs
+// (common/inputs.h; a BF16 value widens to the same double as its float32 copy).
+template <std::size_t W, class In>
+CFX_EXACT_FMA void row_sums(const In* a, const In* b, std::size_t n, double* out) {
   static_assert(W % 4 == 0 && kLanes % W == 0);
   constexpr std::size_t V = W / 4;  // vectors per sum
   double aa[kLanes], bb[kLanes], ab[kLanes];
@@ -99,7 +105,9 @@ CFX_EXACT_FMA void row_sums(const float* a, const float* b, std::size_t n, doubl
     std::size_t k = g;
     for (; k + W <= n; k += kLanes)
       for (std::size_t v = 0; v < V; ++v) {
-        const v4d x = CFX_WIDEN4(a + k + 4 * v), y = CFX_WIDEN4(b + k + 4 * v);
+        v4d x, y;
+        widen4(a + k + 4 * v, x);
+        widen4(b + k + 4 * v, y);
         saa[v] += x * x, sbb[v] += y * y, sab[v] += x * y;
       }
     std::memcpy(aa + g, saa, sizeof saa);
@@ -107,7 +115,7 @@ CFX_EXACT_FMA void row_sums(const float* a, const float* b, std::size_t n, doubl
     std::memcpy(ab + g, sab, sizeof sab);
     // The row ends inside this sweep's lanes: its last elements, lane by lane.
     for (std::size_t j = 0; j < W && k + j < n; ++j) {
-      const double x = a[k + j], y = b[k + j];
+      const double x = value(a, k + j), y = value(b, k + j);
       aa[g + j] += x * x;
       bb[g + j] += y * y;
       ab[g + j] += x * y;
@@ -117,26 +125,27 @@ CFX_EXACT_FMA void row_sums(const float* a, const float* b, std::size_t n, doubl
   out[1] = fold_lanes(bb);
   out[2] = fold_lanes(ab);
 }
-#undef CFX_WIDEN4
 
-using RowSums = void (*)(const float*, const float*, std::size_t, double*);
+template <class In>
+using RowSums = void (*)(const In*, const In*, std::size_t, double*);
 
 // The sweep width for this CPU: one sweep where its 20 vectors fit in registers (AVX-512), two
 // elsewhere (with AVX2's 16 registers one sweep spills accumulators: 1.7 times slower there).
-RowSums pick_row_sums() {
+template <class In>
+RowSums<In> pick_row_sums() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx512f")) return row_sums<16>;
+  if (__builtin_cpu_supports("avx512f")) return row_sums<16, In>;
 #endif
-  return row_sums<8>;
+  return row_sums<8, In>;
 }
 
 // out[k] = c0 * a[k] + c1 * b[k] in T, rounded once. Guard (float32): returns how many results
-// fail float_guard's test (the two terms cancelling).
-template <class T, bool Guard = false>
-CONFLUX_MULTIVERSION std::uint32_t mix(const float* a, const float* b, std::size_t n, T c0, T c1, float* out) {
+// fail float_guard's test (the two terms cancelling). In: float32 or stored BF16 inputs.
+template <class T, bool Guard = false, class In>
+CONFLUX_MULTIVERSION std::uint32_t mix(const In* a, const In* b, std::size_t n, T c0, T c1, float* out) {
   std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < n; ++k) {
-    const T t0 = c0 * static_cast<T>(a[k]), t1 = c1 * static_cast<T>(b[k]), r = t0 + t1;
+    const T t0 = c0 * static_cast<T>(value(a, k)), t1 = c1 * static_cast<T>(value(b, k)), r = t0 + t1;
     out[k] = static_cast<float>(r);
     if constexpr (Guard) unsafe += fg::unsafe(r, std::fabs(t0) + std::fabs(t1));
   }
@@ -165,7 +174,8 @@ struct Slerp {
       : job_(job),
         t_(job.number("t")),
         has_base_(job.has_base()),
-        row_sums_(pick_row_sums()),
+        row_sums_f32_(pick_row_sums<float>()),
+        row_sums_bf16_(pick_row_sums<std::uint16_t>()),
         state_(new TensorState[job.tensors().size()]) {
     const std::uint32_t n = job.model_count();
     if (has_base_ ? n != 1 : n != 2)
@@ -183,11 +193,13 @@ struct Slerp {
       throw sdk::Error("internal: the host handed a chunk that is not made of whole rows");
     TensorState& s = state_[t.index];
     std::call_once(s.once, [&] { s.rows.reset(new double[3 * (t.numel / len)]); });
-    const float* a = first(c);
-    const float* b = second(c);
     double* out = s.rows.get() + 3 * (c.begin() / len);
     const std::uint64_t rows = c.count() / len;
-    for (std::uint64_t r = 0; r < rows; ++r) row_sums_(a + r * len, b + r * len, len, out + 3 * r);
+    with_inputs(c, [&](auto models, auto base) {
+      const auto *a = first(models, base), *b = second(models, base);
+      const auto row_sums = kernel(a);
+      for (std::uint64_t r = 0; r < rows; ++r) row_sums(a + r * len, b + r * len, len, out + 3 * r);
+    });
     rows_seen[0] += rows;
   }
 
@@ -232,8 +244,12 @@ struct Slerp {
   // The coefficients are the tensor's (double). For a BF16 output: float32 (the coefficients
   // rounded to it here, the same for every chunk), with float_guard's per-entry fallback to double.
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
+    with_inputs(c, [&](auto models, auto base) { map_inputs(c, first(models, base), second(models, base), out); });
+  }
+
+  template <class In>
+  void map_inputs(const sdk::Chunk& c, const In* a, const In* b, sdk::Span<float> out) const {
     const TensorState& s = state_[c.tensor().index];
-    const float *a = first(c), *b = second(c);
     if (!c.float32_suffices()) {
       mix<double>(a, b, out.size(), s.c0, s.c1, out.data());
       return;
@@ -311,17 +327,25 @@ struct Slerp {
     Kind kind = Kind::empty;
   };
 
-  const float* first(const sdk::Chunk& c) const { return has_base_ ? c.base().data() : c.models()[0]; }
-  const float* second(const sdk::Chunk& c) const { return has_base_ ? c.models()[0] : c.models()[1]; }
+  // v0 and v1 among a chunk's inputs (float32 or stored BF16).
+  template <class In>
+  const In* first(const In* const* models, const In* base) const { return has_base_ ? base : models[0]; }
+  template <class In>
+  const In* second(const In* const* models, const In*) const { return has_base_ ? models[0] : models[1]; }
+
+  // The statistics kernel for this CPU and the input type.
+  RowSums<float> kernel(const float*) const { return row_sums_f32_; }
+  RowSums<std::uint16_t> kernel(const std::uint16_t*) const { return row_sums_bf16_; }
 
   const sdk::Job& job_;
   double t_;
   bool has_base_;
-  RowSums row_sums_;                      // the statistics kernel for this CPU
+  RowSums<float> row_sums_f32_;           // the statistics kernel for this CPU, float32 inputs
+  RowSums<std::uint16_t> row_sums_bf16_;  // and stored BF16 inputs
   std::unique_ptr<TensorState[]> state_;  // one per floating tensor
 };
 
 CONFLUX_PLUGIN(Slerp,
                sdk::reduce_pass<Slerp, std::uint64_t, 0, &Slerp::stats, &Slerp::combine, &Slerp::done>(
-                   CFX_PASS_TENSOR_REDUCE, CFX_PASS_WHOLE_ROWS),
-               sdk::map_pass<Slerp, &Slerp::map>())
+                   CFX_PASS_TENSOR_REDUCE, CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS),
+               sdk::map_pass<Slerp, &Slerp::map>(CFX_PASS_BF16_INPUTS))
