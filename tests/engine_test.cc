@@ -426,4 +426,212 @@ TEST_F(EngineTest, StrategyRequirementsAreCheckedBeforeReading) {
   EXPECT_FALSE(fs::exists(dir_ / "out"));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Stored BF16 inputs (ABI 1.2, CFX_PASS_BF16_INPUTS), through tests/plugins/bf16_probe.cc. The
+// probe fails the merge on a chunk that breaks the ABI's rules (models/base NULL with BF16
+// values, bf16_* NULL with float32 ones, has_base, alignment); its map writes
+// (((m_0 + m_1) + ...) - base) in float32 and its reduces sum every input value in double; its
+// report counts, per pass (and per tensor for the map), the elements that came as stored BF16
+// and those that came as float32. Its passes: a model reduce and a tensor reduce with the flag,
+// a tensor reduce without it, and the map with it.
+
+class Bf16InputsTest : public EngineTest {
+ protected:
+  void SetUp() override {
+    EngineTest::SetUp();
+    plugins_.load_dirs({fs::path(CONFLUX_TEST_PLUGIN_DIR) / "bf16_probe"});
+    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+  }
+
+  // A probe job over base (optional) and models m0..m(n-1), written as float32: the map's
+  // results exactly.
+  JobConfig probe(int n_models, bool with_base, const std::string& out) {
+    JobConfig j = job("bf16_probe", n_models, {}, out);
+    if (!with_base) j.base.reset();
+    j.out_dtype = DType::F32;
+    return j;
+  }
+
+  struct Expected {
+    std::uint64_t elements = 0;  // of the merged (floating) tensors
+    double sum = 0;              // of every input value of those
+    double magnitude = 0;        // of their absolute values
+  };
+
+  // Expects every floating tensor of `out` to equal, bit for bit, (((m_0 + m_1) + ...) - base)
+  // computed here in float32 from the values stored in the inputs; returns what the probe's
+  // reduces should have seen.
+  Expected expect_exact_output(const fs::path& out, int n_models, bool with_base) {
+    const Checkpoint merged = Checkpoint::open(out);
+    const Checkpoint base = Checkpoint::open(dir_ / "base");
+    std::vector<Checkpoint> models;
+    for (int m = 0; m < n_models; ++m) models.push_back(Checkpoint::open(dir_ / ("m" + std::to_string(m))));
+    Expected e;
+    for (const TensorRef& t : merged.tensors()) {
+      if (!dtype_is_mergeable(t.info->dtype)) continue;
+      EXPECT_EQ(t.info->dtype, DType::F32) << t.name();
+      const TensorView v = merged.view(t);
+      const TensorView b = base.view(base.at(t.name()));
+      std::vector<TensorView> xs;
+      for (const auto& c : models) xs.push_back(c.view(c.at(t.name())));
+      std::uint64_t wrong = 0;
+      for (std::uint64_t k = 0; k < t.info->numel; ++k) {
+        float acc = 0;
+        for (const auto& x : xs) {
+          acc += static_cast<float>(x.element(k));
+          e.sum += x.element(k);
+          e.magnitude += std::abs(x.element(k));
+        }
+        if (with_base) {
+          acc -= static_cast<float>(b.element(k));
+          e.sum += b.element(k);
+          e.magnitude += std::abs(b.element(k));
+        }
+        const float got = v.as<float>()[k];
+        if (std::memcmp(&got, &acc, sizeof got) != 0 && wrong++ == 0)
+          ADD_FAILURE() << t.name() << "[" << k << "] = " << got << ", expected " << acc;
+      }
+      EXPECT_EQ(wrong, 0u) << "wrong elements in " << t.name();
+      e.elements += t.info->numel;
+    }
+    return e;
+  }
+
+  // The probe's counts for one pass: elements that came as stored BF16 and as float32.
+  static void expect_counts(const boost::json::object& report, const char* pass, std::uint64_t bf16, std::uint64_t f32) {
+    SCOPED_TRACE(pass);
+    const auto& o = report.at(pass).as_object();
+    EXPECT_EQ(conflux_test::count(o, "bf16"), bf16);
+    EXPECT_EQ(conflux_test::count(o, "f32"), f32);
+  }
+  // A reduce pass's sum of every input value, against `e` (summed in another order).
+  static void expect_sum(const boost::json::object& report, const char* pass, const Expected& e) {
+    const double got = conflux_test::number(report.at(pass).as_object(), "sum");
+    EXPECT_NEAR(got, e.sum, 1e-12 * e.magnitude) << pass;
+  }
+};
+
+// A BF16 checkpoint (base and two models; tensors of several chunks whose sizes are no multiple
+// of the chunk size): the map gets pointers to the stored values, with models and base NULL,
+// and they are the stored values. Without a base, bf16_base is NULL.
+TEST_F(Bf16InputsTest, MapGetsTheStoredBf16Values) {
+  make_inputs(DType::BF16, 2);
+  for (bool with_base : {true, false}) {
+    SCOPED_TRACE(with_base ? "with a base" : "without a base");
+    const std::string out = with_base ? "with_base" : "no_base";
+    run(probe(2, with_base, out), 2, 1000);
+    const Expected e = expect_exact_output(dir_ / out, 2, with_base);
+    EXPECT_EQ(e.elements, 131u * 37 + 63 * 41 + 41 + 5 * 7 * 9 + 1 + 0 + 1031);
+    const auto r = report(out);
+    expect_counts(r, "map", e.elements, 0);
+    const auto& tensors = r.at("tensors").as_object();
+    for (const Spec& s : specs_) {
+      SCOPED_TRACE(s.name);
+      EXPECT_EQ(conflux_test::count(tensors.at(s.name).as_object(), "map_bf16"), numel(s.shape));
+      EXPECT_EQ(conflux_test::count(tensors.at(s.name).as_object(), "map_f32"), 0u);
+    }
+  }
+}
+
+// Checkpoints of another dtype: the same passes get float32 (bf16_* NULL), with the same results.
+TEST_F(Bf16InputsTest, OtherDtypesStillArriveAsFloat32) {
+  for (DType t : {DType::F32, DType::F16}) {
+    SCOPED_TRACE(std::string(dtype_name(t)));
+    make_inputs(t, 2);
+    const std::string out = std::string("out_") + std::string(dtype_name(t));
+    run(probe(2, true, out), 2, 1000);
+    const Expected e = expect_exact_output(dir_ / out, 2, true);
+    const auto r = report(out);
+    expect_counts(r, "map", 0, e.elements);
+    expect_counts(r, "model_reduce", 0, e.elements);
+    expect_counts(r, "tensor_reduce_bf16", 0, e.elements);
+    expect_counts(r, "tensor_reduce_f32", 0, e.elements);
+    expect_sum(r, "model_reduce", e);
+    expect_sum(r, "tensor_reduce_bf16", e);
+  }
+}
+
+// Reduce passes with the flag, of tensor and of model scope, get the stored values too; a reduce
+// pass without it still gets float32, in the same job.
+TEST_F(Bf16InputsTest, ReducePassesWithTheFlagGetTheStoredValuesToo) {
+  make_inputs(DType::BF16, 3);
+  for (const unsigned threads : {1u, 2u}) {
+    SCOPED_TRACE(threads);
+    const std::string out = "out" + std::to_string(threads);
+    run(probe(3, true, out), threads, 777);
+    const Expected e = expect_exact_output(dir_ / out, 3, true);
+    const auto r = report(out);
+    expect_counts(r, "model_reduce", e.elements, 0);
+    expect_counts(r, "tensor_reduce_bf16", e.elements, 0);
+    expect_counts(r, "tensor_reduce_f32", 0, e.elements);
+    expect_sum(r, "model_reduce", e);
+    expect_sum(r, "tensor_reduce_bf16", e);
+    expect_sum(r, "tensor_reduce_f32", e);
+  }
+}
+
+// safetensors allows a tensor's data at any offset: a BF16 tensor placed after a 1-byte U8 one
+// starts at an odd address in the mapping (the header is padded to 8 bytes and the mapping is
+// page-aligned). When any input's data is odd, that tensor is converted to float32 for every
+// pass; a tensor whose data is even everywhere still comes as stored. Results are the same.
+TEST_F(Bf16InputsTest, OddDataOffsetsFallBackToFloat32) {
+  const Spec w{"w", {5, 401}, DType::BF16}, u{"u", {1003}, DType::BF16};
+  specs_ = {w, u};
+  auto bf16_data = [](const Spec& s, int input) {  // input -1: the base
+    std::string d;
+    for (std::uint64_t j = 0; j < numel(s.shape); ++j) {
+      const std::uint16_t bits = f32_to_bf16_bits(input < 0 ? base_value(s, j) : model_value(s, j, input));
+      d.append(reinterpret_cast<const char*>(&bits), sizeof bits);
+    }
+    return d;
+  };
+  // "mask" and "pad" are 1-byte U8 tensors: [mask][w][pad][u] puts w at odd offset 1 and u at an
+  // even one; [w][u][mask][pad] keeps both even.
+  auto write = [&](const std::string& name, int input, bool odd) {
+    fs::remove_all(dir_ / name);
+    fs::create_directories(dir_ / name);
+    conflux_test::StBuilder b;
+    if (odd) b.add("mask", "U8", {1}, "\x01");
+    b.add("w", "BF16", w.shape, bf16_data(w, input));
+    if (odd) b.add("pad", "U8", {1}, "\x02");
+    b.add("u", "BF16", u.shape, bf16_data(u, input));
+    if (!odd) b.add("mask", "U8", {1}, "\x01").add("pad", "U8", {1}, "\x02");
+    b.write(dir_ / name / "model.safetensors");
+    // The premise: where w and u start in the mapping.
+    const Checkpoint c = Checkpoint::open(dir_ / name);
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(c.view(c.at("w")).bytes.data()) % 2, odd ? 1u : 0u) << name;
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(c.view(c.at("u")).bytes.data()) % 2, 0u) << name;
+  };
+  struct Case {
+    const char* what;
+    bool base_odd, m0_odd, m1_odd;
+  };
+  for (const Case& c : {Case{"one model odd", false, false, true}, Case{"the base odd", true, false, false},
+                        Case{"every input odd", true, true, true}}) {
+    SCOPED_TRACE(c.what);
+    write("base", -1, c.base_odd);
+    write("m0", 0, c.m0_odd);
+    write("m1", 1, c.m1_odd);
+    const std::string out = std::string("out_") + (c.base_odd ? "b" : "") + (c.m0_odd ? "0" : "") + (c.m1_odd ? "1" : "");
+    run(probe(2, true, out), 2, 1000);
+    const Expected e = expect_exact_output(dir_ / out, 2, true);
+    EXPECT_EQ(e.elements, 2005u + 1003u);
+    const auto r = report(out);
+    const auto& tensors = r.at("tensors").as_object();
+    EXPECT_EQ(conflux_test::count(tensors.at("w").as_object(), "map_bf16"), 0u);
+    EXPECT_EQ(conflux_test::count(tensors.at("w").as_object(), "map_f32"), 2005u);
+    EXPECT_EQ(conflux_test::count(tensors.at("u").as_object(), "map_bf16"), 1003u);
+    EXPECT_EQ(conflux_test::count(tensors.at("u").as_object(), "map_f32"), 0u);
+    expect_counts(r, "model_reduce", 1003, 2005);
+    expect_counts(r, "tensor_reduce_bf16", 1003, 2005);
+    expect_counts(r, "tensor_reduce_f32", 0, 2005 + 1003);
+    expect_sum(r, "model_reduce", e);
+    expect_sum(r, "tensor_reduce_bf16", e);
+    // The U8 tensors are copied from the base, wherever they sit.
+    const Checkpoint merged = Checkpoint::open(dir_ / out);
+    EXPECT_EQ(conflux_test::to_string(merged.view(merged.at("mask")).bytes), "\x01");
+    EXPECT_EQ(conflux_test::to_string(merged.view(merged.at("pad")).bytes), "\x02");
+  }
+}
+
 }  // namespace

@@ -510,19 +510,46 @@ Row make_row(std::size_t len, double nonzero, int kind, std::uint64_t seed) {
   return r;
 }
 
+// The split of stored BF16 inputs (CFX_PASS_BF16_INPUTS), given float32 values that are
+// BF16 values: their bits are the stored form.
+template <void (*Split)(const std::uint16_t*, const std::uint16_t*, const float*, const float*, std::size_t,
+                        dm::RowSplit&)>
+void split_stored_bf16(const float* x, const float* base, const float* u, const float* pf, std::size_t n,
+                       dm::RowSplit& s) {
+  std::vector<std::uint16_t> xb(n), bb(n);
+  for (std::size_t k = 0; k < n; ++k) {
+    xb[k] = f32_to_bf16_bits(x[k]);
+    bb[k] = f32_to_bf16_bits(base[k]);
+    EXPECT_EQ(magnitude_bits(bf16_bits_to_f32(xb[k])), magnitude_bits(x[k])) << "not a BF16 value";
+  }
+  Split(xb.data(), bb.data(), u, pf, n, s);
+}
+
 TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
   using Split = void (*)(const float*, const float*, const float*, const float*, std::size_t, dm::RowSplit&);
-  std::vector<std::pair<const char*, Split>> splits{{"scalar", dm::split_row_scalar}};
+  std::vector<std::pair<const char*, Split>> float_splits{{"scalar", dm::split_row_scalar<float>}};
+  std::vector<std::pair<const char*, Split>> bf16_splits{
+      {"scalar, stored bf16", split_stored_bf16<dm::split_row_scalar<std::uint16_t>>}};
 #if CONFLUX_DROP_MERGE_AVX512
-  if (dm::have_avx512()) splits.emplace_back("avx512", dm::split_row_avx512);
+  if (dm::have_avx512()) {
+    float_splits.emplace_back("avx512", dm::split_row_avx512<float>);
+    bf16_splits.emplace_back("avx512, stored bf16", split_stored_bf16<dm::split_row_avx512<std::uint16_t>>);
+  }
 #endif
   std::uint64_t seed = 0, rows = 0, counted = 0;
   for (const std::size_t len : {2, 15, 16, 17, 33, 100, 896, 1501, 4864})
     for (const double nonzero : {0.0, 0.06, 0.5, 1.0})
-      for (const int kind : {0, 1, 2}) {
+      for (const int kind : {0, 1, 2, 3}) {
         SCOPED_TRACE("len " + std::to_string(len) + ", nonzero " + std::to_string(nonzero) + ", kind " +
                      std::to_string(kind));
-        Row row = make_row(len, nonzero, kind, ++seed);
+        // kind 3: kind 2's row rounded to BF16 values, through the float32 and the stored-BF16 splits.
+        Row row = make_row(len, nonzero, std::min(kind, 2), ++seed);
+        auto splits = float_splits;
+        if (kind == 3) {
+          for (auto* v : {&row.x, &row.base})
+            for (float& f : *v) f = bf16_bits_to_f32(f32_to_bf16_bits(f));
+          splits.insert(splits.end(), bf16_splits.begin(), bf16_splits.end());
+        }
         // density 0.2, epsilon 0.15: thresholds 1 - q from 0.95 down to 0.65.
         const dm::RankTables tables(len, 0.05, 0.3 / static_cast<double>(len - 1), {1.0}, true);
         const float* pf = tables.pf.data();

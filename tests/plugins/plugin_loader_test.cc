@@ -537,10 +537,11 @@ cfx_pass map_pass(std::uint32_t flags = 0) {
   return p;
 }
 
-cfx_pass reduce_pass() {
+cfx_pass reduce_pass(std::uint32_t flags = 0) {
   cfx_pass p{};
   p.struct_size = sizeof p;
   p.kind = CFX_PASS_TENSOR_REDUCE;
+  p.flags = flags;
   p.stats_size = 8;
   p.reduce = reduce_fn;
   p.combine = combine_fn;
@@ -720,6 +721,45 @@ TEST(ValidatePlugin, TaskVectorsNeedABase) {
   desc.d.base = CFX_BASE_REQUIRED;
   LoadedPlugin out;
   EXPECT_NO_THROW(conflux::validate_plugin(desc.get(), kFile, out));
+}
+
+// ABI 1.2: stored BF16 inputs reach the plugin as they are, so the host cannot form task vectors
+// from them nor add a float32 base to a delta: either combination is refused, naming the pass.
+TEST(ValidatePlugin, Bf16InputsExcludeTaskVectorsAndDeltaOutput) {
+  Desc desc;
+  desc.d.base = CFX_BASE_REQUIRED;
+  for (const std::uint32_t other : {std::uint32_t{CFX_PASS_TASK_VECTORS}, std::uint32_t{CFX_PASS_OUTPUT_DELTA}}) {
+    SCOPED_TRACE(other);
+    desc.passes = {reduce_pass(), map_pass(CFX_PASS_BF16_INPUTS | other)};
+    const std::string e = rejection(desc);
+    EXPECT_TRUE(contains(e, "pass 1:")) << e;
+    EXPECT_TRUE(contains(e, "BF16")) << e;
+    EXPECT_TRUE(contains(e, other == CFX_PASS_TASK_VECTORS ? "task vectors" : "delta output")) << e;
+  }
+  // A reduce pass too (pass 0), the map pass being fine.
+  desc.passes = {reduce_pass(CFX_PASS_BF16_INPUTS | CFX_PASS_TASK_VECTORS), map_pass(CFX_PASS_BF16_INPUTS)};
+  const std::string e = rejection(desc);
+  EXPECT_TRUE(contains(e, "pass 0:")) << e;
+  EXPECT_TRUE(contains(e, "BF16")) << e;
+}
+
+TEST(ValidatePlugin, Bf16InputsAloneAreAccepted) {
+  for (const cfx_base_use base : {CFX_BASE_UNUSED, CFX_BASE_OPTIONAL, CFX_BASE_REQUIRED}) {
+    SCOPED_TRACE(base);
+    Desc desc;
+    desc.d.base = base;
+    desc.passes = {reduce_pass(CFX_PASS_BF16_INPUTS), map_pass(CFX_PASS_BF16_INPUTS | CFX_PASS_WHOLE_ROWS)};
+    LoadedPlugin out;
+    ASSERT_NO_THROW(conflux::validate_plugin(desc.get(), kFile, out));
+    ASSERT_EQ(out.passes.size(), 2u);
+    EXPECT_EQ(out.passes[0].flags, std::uint32_t{CFX_PASS_BF16_INPUTS});
+    EXPECT_EQ(out.passes[1].flags, std::uint32_t{CFX_PASS_BF16_INPUTS | CFX_PASS_WHOLE_ROWS});
+  }
+  // The flag after it is still unknown.
+  Desc desc;
+  desc.passes = {reduce_pass(), map_pass(CFX_PASS_BF16_INPUTS << 1)};
+  const std::string e = rejection(desc);
+  EXPECT_TRUE(contains(e, "unknown flags " + std::to_string(CFX_PASS_BF16_INPUTS << 1))) << e;
 }
 
 TEST(ValidatePlugin, DeltaOutputOnlyFromAMap) {

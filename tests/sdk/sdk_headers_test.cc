@@ -3,8 +3,12 @@
 // mapping, through the C ABI with a minimal host table. Exit 0 when everything holds.
 #include <conflux/plugin.hpp>
 
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string>
 
 extern "C" int sdk_abi_c11_check(void);
@@ -140,8 +144,89 @@ void check_precision_query() {
   check(!conflux::sdk::float32_suffices(t), "float32_suffices on an ABI 1.0 tensor", "C++");
 }
 
+// ABI 1.2: sdk::bf16_to_float, and sdk::Chunk telling stored BF16 values from float32 ones.
+void check_bf16() {
+  using conflux::sdk::bf16_to_float;
+  auto bits = [](float f) {
+    std::uint32_t b;
+    std::memcpy(&b, &f, sizeof b);
+    return b;
+  };
+  check(bf16_to_float(0x3F80) == 1.0f, "bf16_to_float(0x3F80) == 1", "C++");
+  check(bf16_to_float(0xC000) == -2.0f, "bf16_to_float(0xC000) == -2", "C++");
+  check(bf16_to_float(0x3F81) == 1.0078125f, "bf16_to_float(0x3F81) == 1 + 2^-7", "C++");
+  check(bf16_to_float(0x4049) == 3.140625f, "bf16_to_float(0x4049) == 3.140625", "C++");
+  check(bits(bf16_to_float(0x0000)) == 0 && bits(bf16_to_float(0x8000)) == 0x80000000u, "signed zeros", "C++");
+  check(bf16_to_float(0x0001) == 0x1p-133f, "smallest subnormal (0x0001) == 2^-133", "C++");
+  check(bf16_to_float(0x8040) == -0x1p-127f, "subnormal 0x8040 == -2^-127", "C++");
+  check(bf16_to_float(0x0080) == 0x1p-126f, "smallest normal (0x0080) == 2^-126", "C++");
+  check(bf16_to_float(0x7F7F) == 0x1.FEp127f, "largest finite (0x7F7F)", "C++");
+  check(bf16_to_float(0x7F80) == std::numeric_limits<float>::infinity(), "+inf (0x7F80)", "C++");
+  check(bf16_to_float(0xFF80) == -std::numeric_limits<float>::infinity(), "-inf (0xFF80)", "C++");
+  check(std::isnan(bf16_to_float(0x7FC0)) && std::isnan(bf16_to_float(0xFFC1)) && std::isnan(bf16_to_float(0x7F81)),
+        "NaN patterns are NaN", "C++");
+  bool exact = true;  // every pattern, NaN payloads included: the high half of the float
+  for (std::uint32_t p = 0; p <= 0xFFFF; ++p) exact = exact && bits(bf16_to_float(static_cast<std::uint16_t>(p))) == p << 16;
+  check(exact, "bf16_to_float(p) has the bits p << 16 for every p", "C++");
+
+  const std::uint64_t shape[1] = {3};
+  cfx_tensor tensor{};
+  tensor.struct_size = sizeof tensor;
+  tensor.rank = 1;
+  tensor.name = "w";
+  tensor.shape = shape;
+  tensor.numel = 3;
+  tensor.row_length = 3;
+  const float f0[3] = {1, 2, 3}, fb[3] = {-1, -2, -3};
+  const float* fmodels[1] = {f0};
+  const std::uint16_t b0[3] = {0x3F80, 0xC000, 0x7F80}, bb[3] = {0, 0x8000, 0x0001};
+  const std::uint16_t* bmodels[1] = {b0};
+  // Non-null garbage where a 1.1 host's chunk ends: never read.
+  const auto* garbage_models = reinterpret_cast<const std::uint16_t* const*>(static_cast<std::uintptr_t>(0x10));
+  const auto* garbage_base = reinterpret_cast<const std::uint16_t*>(static_cast<std::uintptr_t>(0x20));
+
+  cfx_chunk old{};  // an ABI 1.1 host's chunk: float32 values, no bf16 fields
+  old.struct_size = offsetof(cfx_chunk, bf16_models);
+  old.model_count = 1;
+  old.tensor = &tensor;
+  old.count = 3;
+  old.models = fmodels;
+  old.base = fb;
+  old.bf16_models = garbage_models;
+  old.bf16_base = garbage_base;
+  const conflux::sdk::Chunk c_old(&old);
+  check(!c_old.is_bf16() && c_old.bf16_models() == nullptr && c_old.bf16_base() == nullptr,
+        "a 1.1-size chunk is float32 whatever follows it", "C++");
+  check(c_old.has_base() && c_old.base().size() == 3 && c_old.model(0)[2] == 3.0f, "a 1.1-size chunk's values", "C++");
+  old.base = nullptr;
+  check(!c_old.has_base() && c_old.base().empty(), "a 1.1-size chunk without a base", "C++");
+
+  cfx_chunk f32 = old;  // a 1.2 host's float32 chunk
+  f32.struct_size = sizeof f32;
+  f32.base = fb;
+  f32.bf16_models = nullptr;
+  f32.bf16_base = nullptr;
+  const conflux::sdk::Chunk c_f32(&f32);
+  check(!c_f32.is_bf16() && c_f32.bf16_models() == nullptr && c_f32.bf16_base() == nullptr && c_f32.has_base(),
+        "a 1.2 float32 chunk", "C++");
+
+  cfx_chunk bf = f32;  // a 1.2 host's stored-BF16 chunk
+  bf.models = nullptr;
+  bf.base = nullptr;
+  bf.bf16_models = bmodels;
+  bf.bf16_base = bb;
+  const conflux::sdk::Chunk c_bf(&bf);
+  check(c_bf.is_bf16() && c_bf.bf16_models() == bmodels && c_bf.bf16_base() == bb, "a 1.2 BF16 chunk", "C++");
+  check(c_bf.has_base() && c_bf.base().empty() && c_bf.models() == nullptr, "a 1.2 BF16 chunk's base", "C++");
+  check(bf16_to_float(c_bf.bf16_models()[0][1]) == -2.0f && bits(bf16_to_float(c_bf.bf16_base()[1])) == 0x80000000u,
+        "a 1.2 BF16 chunk's values", "C++");
+  bf.bf16_base = nullptr;
+  check(c_bf.is_bf16() && !c_bf.has_base() && c_bf.bf16_base() == nullptr, "a 1.2 BF16 chunk without a base", "C++");
+}
+
 int main() {
   check_precision_query();
+  check_bf16();
   const int c = sdk_abi_c11_check();
   if (c != 0) {
     std::fprintf(stderr, "sdk_headers_test: C11 check failed at step %d\n", c);
