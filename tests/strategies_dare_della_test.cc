@@ -675,6 +675,34 @@ TEST_F(DareDellaTest, DareStaysExactWhereTermsCancel) {
   }
 }
 
+// dare_ties' float32 election where the vote cancels: task vectors (1, -2^-25, -1) * scale, whose
+// float32 vote rounds to 0 (elected +) while the exact vote is -2^-25 * scale (elected -), and
+// their mirror images. The guard sends these entries to double: the elected sign, and so the
+// merged value (about -0.5, not 1), are the reference's.
+TEST_F(DareDellaTest, DareTiesElectsTheExactSignWhereTheVoteCancels) {
+  const std::vector<Spec> specs = {{"e", {96}, DType::F32}};
+  conflux_test::write_checkpoint(dir_ / "base", specs, [](std::size_t, std::uint64_t) { return 0.0f; });
+  for (std::size_t i = 0; i < 3; ++i)
+    conflux_test::write_checkpoint(dir_ / model_name(i), specs, [&](std::size_t, std::uint64_t j) {
+      const double terms[3] = {1.0, -0x1p-25, -1.0};
+      const double sign = j % 2 ? -1.0 : 1.0;
+      return static_cast<float>(sign * std::ldexp(terms[i], static_cast<int>(j % 24) - 12));
+    });
+  models_ = 3;
+  for (const bool normalize : {true, false}) {
+    SCOPED_TRACE(normalize ? "normalize" : "no normalize");
+    Params p{"dare_ties"};
+    p.density = 1.0;
+    p.normalize = normalize;
+    JobConfig j = job(p, normalize ? "vote_norm" : "vote_sum");
+    j.out_dtype = DType::BF16;
+    run(j);
+    const auto ref = reference(inputs(), p).out;
+    EXPECT_LE(max_ulps(j.output, ref), 1.0);
+    EXPECT_LT(ref.at("e")[0], 0.0);  // the exact vote elects -: the check above has teeth
+  }
+}
+
 TEST_F(DareDellaTest, DensityOneIsTaskArithmeticOrTiesWithoutTrimming) {
   write_scenario();
   const std::vector<TensorInputs> in = inputs();

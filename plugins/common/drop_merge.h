@@ -32,7 +32,7 @@
 // float32_suffices, plugin.h CFX_FLOAT32_OUTPUT_BITS), the models fit one group (kGroup) and,
 // for the election, no weight is negative; else T = double (DELLA always: its ranking, not the
 // arithmetic, is its cost). Float32 entries whose terms may cancel are computed again in double
-// (common/float_guard.h; redo_unsafe), so every entry is within 1 BF16 ulp of the double one.
+// (common/float_guard.h; redo), so every entry is within 1 BF16 ulp of the double one.
 //   - q, 1 - q and the survivor factor c_i = w_i / q (w_i without rescale) are computed in
 //     double, as written above. T = double: W_i = c_i * double(d_i). T = float: c_i is rounded
 //     to float and W_i = float(c_i) * d_i in float.
@@ -43,11 +43,11 @@
 //   - ties: sign_election.h in its single-pass form: per entry, in model order, vote += W_i and
 //     per sign the sums of the W_i and of the w_i; merged = the elected sign's sum (divided by
 //     its weights with normalize, 0 where they sum to 0); out = base + lambda * merged. In
-//     T = float the vote is still summed in double from c_i * double(d_i), so the elected sign
-//     is exactly the double path's (it is discontinuous: a float vote could flip it where the
-//     models nearly cancel), and whether W_i agrees is the sign of w_i * d_i (also where the
-//     float product underflows); the sums of the agreeing W_i and w_i and the division are in
-//     float.
+//     T = float the vote, the sums of the agreeing W_i and w_i and the division are in float,
+//     and whether W_i agrees is the sign of w_i * d_i (also where the float product underflows).
+//     The elected sign is discontinuous: an entry whose float vote is too small against its
+//     terms to be sure of the sign (|vote| * 2^12 < sum |W_i|) goes to double, as do entries
+//     whose terms fall below 2^-100 (float products may underflow there).
 //   With T = double every entry has the bits of the definition evaluated in double in this
 //   order (the float64 reference's). With T = float the result is within 1 BF16 ulp of it: the
 //   entries where the terms may cancel far below the magnitudes they combine are redone in
@@ -290,14 +290,13 @@ void finish_election(const In* base, Election<T> e, std::size_t m, T lambda, flo
 
 // One group's operands for a block: model j has values x[j] (float32, or stored BF16: see
 // common/inputs.h; its task vector is x[j] - base, in float32 as the host would form it) and uniforms u[j] (a block of zeros with threshold 0 when
-// nothing is dropped), survivor factor c[j] (w / density or w; in T and, for the vote, in
-// double), weight w[j] and the sign of its weight s[j] (1, -1 or 0).
+// nothing is dropped), survivor factor c[j] (w / density or w, in T), weight w[j] and the sign of
+// its weight s[j] (1, -1 or 0).
 template <class T, class In = float>
 struct Group {
   const In* x[kGroup];
   const float* u[kGroup];
   T c[kGroup];
-  double cd[kGroup];
   T w[kGroup];
   float s[kGroup];
 };
@@ -370,27 +369,30 @@ std::uint32_t linear_guarded(unsigned n, const Group<float, In>& g, float pf, st
 }
 
 // Adds model j's W to one entry's election state. T = double: exactly sign_election's terms.
-// T = float: the vote from the double W, agreement from the sign of s * d (w_i * d_i's sign,
-// also where the float product underflows), the sums in float.
+// T = float (weights >= 0): the sums and the vote in float; agreement from the sign of s * d
+// (w_i * d_i's sign, also where the float product underflows); for the guard, the magnitude of
+// the vote's terms and whether any term is nonzero (see ties_sweep).
 template <class T>
 struct ElectionTerm {
-  double vote = 0;
+  T vote = 0;
   T pos = 0, neg = 0, pos_w = 0, neg_w = 0;
+  T mag = 0;
+  bool active = false;
 
-  void add(float x, bool keep, T c, double cd, T w, float s) {
+  void add(float x, bool keep, T c, T w, float s) {
     const T W = keep ? c * static_cast<T>(x) : T(0);
     bool up, down;
+    vote += W;
     if constexpr (std::is_same_v<T, double>) {
-      (void)cd;
       (void)s;
-      vote += W;
       up = W > 0.0;
       down = W < 0.0;
     } else {
-      vote += keep ? cd * static_cast<double>(x) : 0.0;
       const float sx = s * x;
       up = keep & (sx > 0.0f);
       down = keep & (sx < 0.0f);
+      mag += std::fabs(W);
+      active = active | up | down;
     }
     pos += up ? W : T(0);
     neg += down ? W : T(0);
@@ -403,33 +405,43 @@ struct ElectionTerm {
 // with `out` (the last group) the elected result base + lambda * merged is rounded to it,
 // else the state is stored to `st`. Without Carry (one group) there is neither `in` nor a
 // stored state, and the loop has no branches (it vectorizes).
-template <class T, unsigned G, bool Normalize, bool Carry, class In>
-CONFLUX_MULTIVERSION void ties_sweep(const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
-                                     const Election<T>* st, const In* base, T lambda, float* out) {
+// Guard (T = float, one group, weights >= 0): returns how many entries fail float_guard's test,
+// each of: the float vote's sign may differ from the exact one (|vote| * 2^12 < sum |W_i|; an
+// exact zero vote, which counts as +, is among them); the output cancels (|r| * 2^12 < |base| +
+// |lambda * merged|; the agreeing terms share a sign, so the merged sum itself cannot cancel);
+// or a nonzero term's magnitudes fall below 2^-100, where float products may underflow.
+template <class T, unsigned G, bool Normalize, bool Carry, bool Guard, class In>
+CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
+                                              const Election<T>* st, const In* base, T lambda, float* out) {
   static_assert(G >= 1 && G <= kGroup);
+  static_assert(!Guard || (std::is_same_v<T, float> && !Carry));
   const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
   const float *u0 = g.u[0], *u1 = g.u[G > 1 ? 1 : 0], *u2 = g.u[G > 2 ? 2 : 0], *u3 = g.u[G > 3 ? 3 : 0];
   const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
-  const double e0 = g.cd[0], e1 = g.cd[G > 1 ? 1 : 0], e2 = g.cd[G > 2 ? 2 : 0], e3 = g.cd[G > 3 ? 3 : 0];
   const T w0 = g.w[0], w1 = g.w[G > 1 ? 1 : 0], w2 = g.w[G > 2 ? 2 : 0], w3 = g.w[G > 3 ? 3 : 0];
   const float s0 = g.s[0], s1 = g.s[G > 1 ? 1 : 0], s2 = g.s[G > 2 ? 2 : 0], s3 = g.s[G > 3 ? 3 : 0];
+  std::uint32_t unsafe = 0;
   for (std::size_t k = 0; k < m; ++k) {
     ElectionTerm<T> t;
     if (Carry && in) {
-      t.vote = in->vote[k];
+      t.vote = static_cast<T>(in->vote[k]);
       t.pos = in->pos[k];
       t.neg = in->neg[k];
       t.pos_w = in->pos_w[k];
       t.neg_w = in->neg_w[k];
     }
     const float b = value(base, k);
-    t.add(value(x0, k) - b, u0[k] >= pf, c0, e0, w0, s0);
-    if constexpr (G > 1) t.add(value(x1, k) - b, u1[k] >= pf, c1, e1, w1, s1);
-    if constexpr (G > 2) t.add(value(x2, k) - b, u2[k] >= pf, c2, e2, w2, s2);
-    if constexpr (G > 3) t.add(value(x3, k) - b, u3[k] >= pf, c3, e3, w3, s3);
+    t.add(value(x0, k) - b, u0[k] >= pf, c0, w0, s0);
+    if constexpr (G > 1) t.add(value(x1, k) - b, u1[k] >= pf, c1, w1, s1);
+    if constexpr (G > 2) t.add(value(x2, k) - b, u2[k] >= pf, c2, w2, s2);
+    if constexpr (G > 3) t.add(value(x3, k) - b, u3[k] >= pf, c3, w3, s3);
     if (!Carry || out) {
-      out[k] = static_cast<float>(static_cast<T>(b) +
-                                  lambda * elect<T, Normalize>(t.vote, t.pos, t.neg, t.pos_w, t.neg_w));
+      const T lm = lambda * elect<T, Normalize>(static_cast<double>(t.vote), t.pos, t.neg, t.pos_w, t.neg_w);
+      const T r = static_cast<T>(b) + lm;
+      out[k] = static_cast<float>(r);
+      if constexpr (Guard)
+        unsafe += fg::unsafe(t.vote, t.mag) | fg::unsafe(r, std::fabs(b) + std::fabs(lm)) |
+                  static_cast<std::uint32_t>(t.active & (t.mag < 0x1p-100f));
     } else {
       st->vote[k] = t.vote;
       st->pos[k] = t.pos;
@@ -438,6 +450,7 @@ CONFLUX_MULTIVERSION void ties_sweep(const Group<T, In>& g, float pf, std::size_
       st->neg_w[k] = t.neg_w;
     }
   }
+  return unsafe;
 }
 
 template <class T, class In>
@@ -451,57 +464,14 @@ void linear_group(unsigned n, const Group<T, In>& g, float pf, std::size_t m, co
   }
 }
 
-// float_guard for a float32 DARE block of G models (one group): flags[k] = 1 where the result
-// out[k] may be more than 1 BF16 ulp from the double one, with magnitudes bounded from the
-// inputs: linear, |base| + |f| * sum_i |c_i| |x_i - base| (every term as if kept); ties (weights
-// >= 0: the agreeing terms share a sign, so only the base can cancel), |base| + 2 |out - base|.
-// Returns the number of flags.
-template <unsigned G, bool Ties, class In>
-CONFLUX_MULTIVERSION std::uint32_t flag_unsafe(const Group<float, In>& g, const In* base, std::size_t m, float f,
-                                               const float* out, std::uint8_t* flags) {
-  static_assert(G >= 1 && G <= kGroup);
-  const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
-  const float c0 = std::fabs(g.c[0]), c1 = std::fabs(g.c[G > 1 ? 1 : 0]), c2 = std::fabs(g.c[G > 2 ? 2 : 0]),
-              c3 = std::fabs(g.c[G > 3 ? 3 : 0]), fa = std::fabs(f);
-  std::uint32_t unsafe = 0;
-  for (std::size_t k = 0; k < m; ++k) {
-    const float b = value(base, k), r = out[k];
-    float mag;
-    if constexpr (Ties) {
-      mag = std::fabs(b) + 2.0f * std::fabs(r - b);
-    } else {
-      float t = c0 * std::fabs(value(x0, k) - b);
-      if constexpr (G > 1) t += c1 * std::fabs(value(x1, k) - b);
-      if constexpr (G > 2) t += c2 * std::fabs(value(x2, k) - b);
-      if constexpr (G > 3) t += c3 * std::fabs(value(x3, k) - b);
-      mag = std::fabs(b) + fa * t;
-    }
-    const std::uint32_t bad = fg::unsafe(r, mag);
-    flags[k] = static_cast<std::uint8_t>(bad);
-    unsafe += bad;
-  }
-  return unsafe;
-}
-
-template <bool Ties, class In>
-std::uint32_t flag_unsafe_n(unsigned n, const Group<float, In>& g, const In* base, std::size_t m, float f,
-                            const float* out, std::uint8_t* flags) {
+template <class T, bool Normalize, bool Carry, bool Guard = false, class In>
+std::uint32_t ties_group_n(unsigned n, const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
+                           const Election<T>* st, const In* base, T lambda, float* out) {
   switch (n) {
-    case 1: return flag_unsafe<1, Ties>(g, base, m, f, out, flags);
-    case 2: return flag_unsafe<2, Ties>(g, base, m, f, out, flags);
-    case 3: return flag_unsafe<3, Ties>(g, base, m, f, out, flags);
-    default: return flag_unsafe<4, Ties>(g, base, m, f, out, flags);
-  }
-}
-
-template <class T, bool Normalize, bool Carry, class In>
-void ties_group_n(unsigned n, const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
-                  const Election<T>* st, const In* base, T lambda, float* out) {
-  switch (n) {
-    case 1: return ties_sweep<T, 1, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
-    case 2: return ties_sweep<T, 2, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
-    case 3: return ties_sweep<T, 3, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
-    default: return ties_sweep<T, 4, Normalize, Carry>(g, pf, m, in, st, base, lambda, out);
+    case 1: return ties_sweep<T, 1, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
+    case 2: return ties_sweep<T, 2, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
+    case 3: return ties_sweep<T, 3, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
+    default: return ties_sweep<T, 4, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
   }
 }
 
@@ -516,6 +486,15 @@ void ties_group(unsigned n, bool normalize, bool carry, const Group<T, In>& g, f
     if (normalize) ties_group_n<T, true, false>(n, g, pf, m, in, st, base, lambda, out);
     else ties_group_n<T, false, false>(n, g, pf, m, in, st, base, lambda, out);
   }
+}
+
+// The float32 sweep of a ties merge's only group, with float_guard's test: returns how many
+// entries fail it.
+template <class In>
+std::uint32_t ties_guarded(unsigned n, bool normalize, const Group<float, In>& g, float pf, std::size_t m,
+                           const In* base, float lambda, float* out) {
+  if (normalize) return ties_group_n<float, true, false, true>(n, g, pf, m, nullptr, nullptr, base, lambda, out);
+  return ties_group_n<float, false, false, true>(n, g, pf, m, nullptr, nullptr, base, lambda, out);
 }
 static_assert(kGroup == 4);
 
@@ -923,17 +902,15 @@ class DropMerge {
   }
 
  private:
-  // Per-model constants in one arithmetic V: survivor factors (in V and in double), weights,
-  // signs of the weights, and the output factor (lambda, or for the sum lambda / sum w).
+  // Per-model constants in one arithmetic V: survivor factors, weights, signs of the weights,
+  // and the output factor (lambda, or for the sum lambda / sum w).
   template <class V>
   struct Factors {
     std::vector<V> c, w;
-    std::vector<double> cd;
     std::vector<float> s;
     V out_factor = 1;
     void add_model(double ci, double wi, float si) {
       c.push_back(static_cast<V>(ci));
-      cd.push_back(ci);
       w.push_back(static_cast<V>(wi));
       s.push_back(si);
     }
@@ -986,7 +963,6 @@ class DropMerge {
           const std::uint32_t i = i0 + j;
           grp.x[j] = models[i] + k0;
           grp.c[j] = fac.c[i];
-          grp.cd[j] = fac.cd[i];
           grp.w[j] = fac.w[i];
           grp.s[j] = fac.s[i];
           if (drop_) {
@@ -1000,13 +976,12 @@ class DropMerge {
         }
         const bool first = i0 == 0, last = i0 + g == n_;
         float* o = last ? out + k0 : nullptr;
-        if constexpr (T::ties) {
+        if constexpr (std::is_same_v<V, float>) {
+          // One group (float32 only then): the sweep tests the guard as it goes.
+          redo(g, grp, m, base, out + k0, sweep_guarded(g, grp, m, base, out + k0));
+        } else if constexpr (T::ties) {
           ties_group<V>(g, normalize_, carry, grp, drop_threshold_, m, first ? nullptr : &st, &st, base,
                         fac.out_factor, o);
-          if constexpr (std::is_same_v<V, float>) redo_unsafe(g, grp, m, base, out + k0);
-        } else if constexpr (std::is_same_v<V, float>) {
-          // One group (float32 only then): the sweep tests the guard as it goes.
-          linear_redo(g, grp, m, base, out + k0, linear_guarded(g, grp, drop_threshold_, m, base, fac.out_factor, o));
         } else {
           linear_group<V>(g, grp, drop_threshold_, m, first ? nullptr : acc, acc, base, fac.out_factor, o);
         }
@@ -1014,16 +989,28 @@ class DropMerge {
     }
   }
 
-  // A float32 linear block with `unsafe` entries failing float_guard's test: those entries (found
+  // The float32 sweep of a DARE block's only group, testing float_guard as it goes: returns how
+  // many entries fail the test.
+  template <class In>
+  std::uint32_t sweep_guarded(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base,
+                              float* out) const {
+    if constexpr (T::ties) return ties_guarded(g, normalize_, grp, drop_threshold_, m, base, float_.out_factor, out);
+    else return linear_guarded(g, grp, drop_threshold_, m, base, float_.out_factor, out);
+  }
+
+  // After a float32 block with `unsafe` entries failing float_guard's test: those entries (found
   // one at a time by the same float32 sweep) again in double, from the same uniforms.
   template <class In>
-  void linear_redo(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
-                   std::uint32_t unsafe) const {
+  void redo(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
+            std::uint32_t unsafe) const {
     auto entry = [&](auto& one, std::size_t k) {
+      using V = std::decay_t<decltype(one.c[0])>;
       for (unsigned j = 0; j < g; ++j) {
         one.x[j] = grp.x[j] + k;
         one.u[j] = grp.u[j] + k;
-        one.c[j] = factors<typename std::decay_t<decltype(one.c[0])>>().c[j];
+        one.c[j] = factors<V>().c[j];
+        one.w[j] = factors<V>().w[j];
+        one.s[j] = factors<V>().s[j];
       }
     };
     fg::redo(
@@ -1031,38 +1018,18 @@ class DropMerge {
         [&](std::size_t k, std::size_t) {
           Group<float, In> one{};
           entry(one, k);
-          return linear_guarded(g, one, drop_threshold_, 1, base + k, float_.out_factor, out + k);
+          return sweep_guarded(g, one, 1, base + k, out + k);
         },
         [&](std::size_t k, std::size_t) {
           Group<double, In> one{};
           entry(one, k);
-          linear_group<double>(g, one, drop_threshold_, 1, nullptr, nullptr, base + k, double_.out_factor, out + k);
+          if constexpr (T::ties)
+            ties_group<double>(g, normalize_, false, one, drop_threshold_, 1, nullptr, nullptr, base + k,
+                               double_.out_factor, out + k);
+          else
+            linear_group<double>(g, one, drop_threshold_, 1, nullptr, nullptr, base + k, double_.out_factor,
+                                 out + k);
         });
-  }
-
-  // float_guard after a float32 DARE ties block (one group, so `grp` holds every model): the
-  // flagged entries again in double, from the same uniforms.
-  template <class In>
-  void redo_unsafe(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out) const {
-    std::uint8_t flags[kBlock];
-    if (flag_unsafe_n<T::ties>(g, grp, base, m, float_.out_factor, out, flags) == 0) return;
-    for (std::size_t k = 0; k < m; ++k) {
-      if (!flags[k]) continue;
-      Group<double, In> one{};
-      for (unsigned j = 0; j < g; ++j) {
-        one.x[j] = grp.x[j] + k;
-        one.u[j] = grp.u[j] + k;
-        one.c[j] = double_.c[j];
-        one.cd[j] = double_.cd[j];
-        one.w[j] = double_.w[j];
-        one.s[j] = double_.s[j];
-      }
-      if constexpr (T::ties)
-        ties_group<double>(g, normalize_, false, one, drop_threshold_, 1, nullptr, nullptr, base + k,
-                           double_.out_factor, out + k);
-      else
-        linear_group<double>(g, one, drop_threshold_, 1, nullptr, nullptr, base + k, double_.out_factor, out + k);
-    }
   }
 
   // DELLA with a spread: groups of whole rows (one random_uniform call per group and model),
@@ -1093,7 +1060,6 @@ class DropMerge {
       for (std::uint32_t i = 0; i < n_; ++i) {
         job_.host()->random_uniform(keys[i], c.begin() + g0, m, u);
         const V* cv = tab.factors<V>(i);
-        const double* cd = tab.factors<double>(i);
         for (std::size_t r0 = 0; r0 < m; r0 += len) {
           const In* x = models[i] + g0 + r0;
           const In* base = base_in + g0 + r0;
@@ -1103,7 +1069,7 @@ class DropMerge {
             const float si = fac.s[i];
             kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
               ElectionTerm<V> t{e.vote[k], e.pos[k], e.neg[k], e.pos_w[k], e.neg_w[k]};
-              t.add(value(x, k) - value(base, k), keep, cv[r], cd[r], wi, si);
+              t.add(value(x, k) - value(base, k), keep, cv[r], wi, si);
               e.vote[k] = t.vote;
               e.pos[k] = t.pos;
               e.neg[k] = t.neg;

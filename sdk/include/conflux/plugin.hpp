@@ -40,12 +40,13 @@
 
 #include "conflux/plugin.h"
 
-// CONFLUX_MULTIVERSION before a function compiles it for AVX-512, AVX2 and baseline x86-64 and
-// picks the best at load time (function multiversioning), so plain loops get the widest vectors
-// the CPU has. Element-wise IEEE arithmetic gives the same bits on each version (plugins are
-// built with -ffp-contract=off): results do not depend on the CPU.
+// CONFLUX_MULTIVERSION before a function compiles it for AVX-512 (x86-64-v4, whose byte and
+// 16-bit lanes let loops over stored BF16 use 512-bit vectors; and AVX-512F alone), AVX2 and
+// baseline x86-64 and picks the best at load time (function multiversioning), so plain loops get
+// the widest vectors the CPU has. Element-wise IEEE arithmetic gives the same bits on each
+// version (plugins are built with -ffp-contract=off): results do not depend on the CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
-#define CONFLUX_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define CONFLUX_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx512f", "avx2", "default")))
 #else
 #define CONFLUX_MULTIVERSION
 #endif
