@@ -57,10 +57,10 @@
 // With epsilon = 0 (or rows of one entry) every q is density and DELLA runs DARE's code, so
 // della / della_linear with epsilon 0 give the bits of dare_ties / dare_linear.
 //
-// IMPLEMENTATION. DARE: blocks of kBlock entries; per block and model one random_uniform call
-// and one count of the kept entries, then one sweep over up to kGroup models at once (operands
-// in registers, vectorized; more models carry the per-entry sums between groups, in the same
-// order). DELLA: groups of whole rows, one random_uniform call per group and model; per row and
+// IMPLEMENTATION. DARE: blocks of kBlock entries, one sweep over up to kGroup models at once
+// (operands in registers, vectorized; more models carry the per-entry sums between groups, in
+// the same order) that draws each entry's uniforms itself, by the host's definition (draw), and
+// counts the kept entries as it goes. DELLA: groups of whole rows, one random_uniform call per group and model; per row and
 // model the entries are split (AVX-512 compress where available) into zeros, which take ranks
 // 0 .. Z-1 in index order and whose W is 0 (only their kept count matters, counted during the
 // split), and nonzero entries, ranks Z .. L-1. Only a nonzero entry whose u reaches the row's
@@ -133,11 +133,23 @@ inline float keep_threshold(double p) {
 // Shared kernels
 // ----------------------------------------------------------------------------------------------
 
-// Entries with u[k] >= pf (an integer reduction, which vectorizes).
-CONFLUX_MULTIVERSION static inline std::uint32_t count_kept(const float* u, std::size_t m, float pf) {
-  std::uint32_t kept = 0;
-  for (std::size_t k = 0; k < m; ++k) kept += u[k] >= pf ? 1u : 0u;
-  return kept;
+// DARE draws its uniforms inside its sweeps, by the host's definition (plugin.h,
+// cfx_host::random_uniform, stable forever): u = m * 2^-24 with m = draw(k0, salt, lo32(e)) for
+// element e of the stream of key (k0, k1), salt = k1 ^ hi32(e) * 0x9E3779B9. Drawn in registers,
+// the uniforms need no buffer, no second sweep to count the kept entries, and no host call.
+inline std::uint32_t fmix32(std::uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+inline std::uint32_t draw(std::uint32_t k0, std::uint32_t salt, std::uint32_t lo) {
+  return fmix32(fmix32(lo ^ k0) ^ salt) >> 8;
+}
+// u >= pf exactly when m >= keep_from(pf) (m is an integer, u = m * 2^-24 exactly).
+inline std::uint32_t keep_from(float pf) {
+  return pf <= 0.0f ? 0u : static_cast<std::uint32_t>(std::ceil(static_cast<double>(pf) * 0x1p24));
 }
 
 // Per-entry state of the election while models are added (sign_election.h's single-pass form):
@@ -289,13 +301,15 @@ void finish_election(const In* base, Election<T> e, std::size_t m, T lambda, flo
 // ----------------------------------------------------------------------------------------------
 
 // One group's operands for a block: model j has values x[j] (float32, or stored BF16: see
-// common/inputs.h; its task vector is x[j] - base, in float32 as the host would form it) and uniforms u[j] (a block of zeros with threshold 0 when
-// nothing is dropped), survivor factor c[j] (w / density or w, in T), weight w[j] and the sign of
-// its weight s[j] (1, -1 or 0).
+// common/inputs.h; its task vector is x[j] - base, in float32 as the host would form it), the
+// random stream (k0[j], salt[j]) whose draw for entry k of the block is draw(k0, salt, lo + k)
+// (the block does not cross a multiple of 2^32 in element index), survivor factor c[j]
+// (w / density or w, in T), weight w[j] and the sign of its weight s[j] (1, -1 or 0).
 template <class T, class In = float>
 struct Group {
   const In* x[kGroup];
-  const float* u[kGroup];
+  std::uint32_t k0[kGroup], salt[kGroup];
+  std::uint32_t lo;
   T c[kGroup];
   T w[kGroup];
   float s[kGroup];
@@ -307,25 +321,35 @@ struct Group {
 // keeps it from vectorizing.) Guard (float32, one group, with out): returns how many results
 // fail float_guard's test, with magnitudes |base| + |f| * sum_i |W_i| over the kept terms.
 template <class T, unsigned G, bool AccIn, bool Out, bool Guard, class In>
-CONFLUX_MULTIVERSION std::uint32_t linear_sweep_as(const Group<T, In>& g, float pf, std::size_t m, const T* acc_in,
-                                                   T* acc, const In* base, T f, float* out) {
+CONFLUX_MULTIVERSION std::uint32_t linear_sweep_as(const Group<T, In>& g, std::uint32_t from, std::size_t m,
+                                                   const T* acc_in, T* acc, const In* base, T f, float* out,
+                                                   std::uint32_t* kept) {
   static_assert(G >= 1 && G <= kGroup);
   static_assert(!Guard || (Out && !AccIn));
   // Named locals: the vectorizer does not see through arrays of pointers.
   const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
-  const float *u0 = g.u[0], *u1 = g.u[G > 1 ? 1 : 0], *u2 = g.u[G > 2 ? 2 : 0], *u3 = g.u[G > 3 ? 3 : 0];
+  const std::uint32_t a0 = g.k0[0], a1 = g.k0[G > 1 ? 1 : 0], a2 = g.k0[G > 2 ? 2 : 0], a3 = g.k0[G > 3 ? 3 : 0];
+  const std::uint32_t z0 = g.salt[0], z1 = g.salt[G > 1 ? 1 : 0], z2 = g.salt[G > 2 ? 2 : 0],
+                      z3 = g.salt[G > 3 ? 3 : 0];
   const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
   const T fa = std::fabs(f);
-  std::uint32_t unsafe = 0;
+  std::uint32_t unsafe = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0;
   for (std::size_t k = 0; k < m; ++k) {
+    const std::uint32_t e = g.lo + static_cast<std::uint32_t>(k);
+    const bool on0 = draw(a0, z0, e) >= from, on1 = G > 1 && draw(a1, z1, e) >= from,
+               on2 = G > 2 && draw(a2, z2, e) >= from, on3 = G > 3 && draw(a3, z3, e) >= from;
+    n0 += on0;
+    n1 += on1;
+    n2 += on2;
+    n3 += on3;
     // Every operand loaded before the selects (a load under a condition becomes a branch).
     const float b = value(base, k);
     const float d0 = value(x0, k) - b, d1 = G > 1 ? value(x1, k) - b : 0.0f, d2 = G > 2 ? value(x2, k) - b : 0.0f,
                 d3 = G > 3 ? value(x3, k) - b : 0.0f;
-    const T t0 = u0[k] >= pf ? c0 * static_cast<T>(d0) : T(0);
-    const T t1 = G > 1 && u1[k] >= pf ? c1 * static_cast<T>(d1) : T(0);
-    const T t2 = G > 2 && u2[k] >= pf ? c2 * static_cast<T>(d2) : T(0);
-    const T t3 = G > 3 && u3[k] >= pf ? c3 * static_cast<T>(d3) : T(0);
+    const T t0 = on0 ? c0 * static_cast<T>(d0) : T(0);
+    const T t1 = on1 ? c1 * static_cast<T>(d1) : T(0);
+    const T t2 = on2 ? c2 * static_cast<T>(d2) : T(0);
+    const T t3 = on3 ? c3 * static_cast<T>(d3) : T(0);
     T a = AccIn ? acc_in[k] : T(0);
     a += t0;
     if constexpr (G > 1) a += t1;
@@ -340,31 +364,33 @@ CONFLUX_MULTIVERSION std::uint32_t linear_sweep_as(const Group<T, In>& g, float 
       acc[k] = a;
     }
   }
+  const std::uint32_t n[] = {n0, n1, n2, n3};
+  for (unsigned j = 0; j < G; ++j) kept[j] += n[j];
   return unsafe;
 }
 
 template <class T, unsigned G, class In>
-void linear_sweep(const Group<T, In>& g, float pf, std::size_t m, const T* acc_in, T* acc, const In* base, T f,
-                  float* out) {
+void linear_sweep(const Group<T, In>& g, std::uint32_t from, std::size_t m, const T* acc_in, T* acc, const In* base,
+                  T f, float* out, std::uint32_t* kept) {
   if (acc_in) {
-    if (out) linear_sweep_as<T, G, true, true, false>(g, pf, m, acc_in, acc, base, f, out);
-    else linear_sweep_as<T, G, true, false, false>(g, pf, m, acc_in, acc, base, f, out);
+    if (out) linear_sweep_as<T, G, true, true, false>(g, from, m, acc_in, acc, base, f, out, kept);
+    else linear_sweep_as<T, G, true, false, false>(g, from, m, acc_in, acc, base, f, out, kept);
   } else {
-    if (out) linear_sweep_as<T, G, false, true, false>(g, pf, m, acc_in, acc, base, f, out);
-    else linear_sweep_as<T, G, false, false, false>(g, pf, m, acc_in, acc, base, f, out);
+    if (out) linear_sweep_as<T, G, false, true, false>(g, from, m, acc_in, acc, base, f, out, kept);
+    else linear_sweep_as<T, G, false, false, false>(g, from, m, acc_in, acc, base, f, out, kept);
   }
 }
 
 // The float32 sweep of a linear merge's only group, with float_guard's test: returns how many
 // results fail it.
 template <class In>
-std::uint32_t linear_guarded(unsigned n, const Group<float, In>& g, float pf, std::size_t m, const In* base, float f,
-                             float* out) {
+std::uint32_t linear_guarded(unsigned n, const Group<float, In>& g, std::uint32_t from, std::size_t m,
+                             const In* base, float f, float* out, std::uint32_t* kept) {
   switch (n) {
-    case 1: return linear_sweep_as<float, 1, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
-    case 2: return linear_sweep_as<float, 2, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
-    case 3: return linear_sweep_as<float, 3, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
-    default: return linear_sweep_as<float, 4, false, true, true>(g, pf, m, nullptr, nullptr, base, f, out);
+    case 1: return linear_sweep_as<float, 1, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
+    case 2: return linear_sweep_as<float, 2, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
+    case 3: return linear_sweep_as<float, 3, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
+    default: return linear_sweep_as<float, 4, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
   }
 }
 
@@ -411,17 +437,27 @@ struct ElectionTerm {
 // |lambda * merged|; the agreeing terms share a sign, so the merged sum itself cannot cancel);
 // or a nonzero term's magnitudes fall below 2^-100, where float products may underflow.
 template <class T, unsigned G, bool Normalize, bool Carry, bool Guard, class In>
-CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
-                                              const Election<T>* st, const In* base, T lambda, float* out) {
+CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, std::uint32_t from, std::size_t m,
+                                              const Election<T>* in, const Election<T>* st, const In* base, T lambda,
+                                              float* out, std::uint32_t* kept) {
   static_assert(G >= 1 && G <= kGroup);
   static_assert(!Guard || (std::is_same_v<T, float> && !Carry));
   const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
-  const float *u0 = g.u[0], *u1 = g.u[G > 1 ? 1 : 0], *u2 = g.u[G > 2 ? 2 : 0], *u3 = g.u[G > 3 ? 3 : 0];
+  const std::uint32_t a0 = g.k0[0], a1 = g.k0[G > 1 ? 1 : 0], a2 = g.k0[G > 2 ? 2 : 0], a3 = g.k0[G > 3 ? 3 : 0];
+  const std::uint32_t z0 = g.salt[0], z1 = g.salt[G > 1 ? 1 : 0], z2 = g.salt[G > 2 ? 2 : 0],
+                      z3 = g.salt[G > 3 ? 3 : 0];
   const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
   const T w0 = g.w[0], w1 = g.w[G > 1 ? 1 : 0], w2 = g.w[G > 2 ? 2 : 0], w3 = g.w[G > 3 ? 3 : 0];
   const float s0 = g.s[0], s1 = g.s[G > 1 ? 1 : 0], s2 = g.s[G > 2 ? 2 : 0], s3 = g.s[G > 3 ? 3 : 0];
-  std::uint32_t unsafe = 0;
+  std::uint32_t unsafe = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0;
   for (std::size_t k = 0; k < m; ++k) {
+    const std::uint32_t e = g.lo + static_cast<std::uint32_t>(k);
+    const bool on0 = draw(a0, z0, e) >= from, on1 = G > 1 && draw(a1, z1, e) >= from,
+               on2 = G > 2 && draw(a2, z2, e) >= from, on3 = G > 3 && draw(a3, z3, e) >= from;
+    n0 += on0;
+    n1 += on1;
+    n2 += on2;
+    n3 += on3;
     ElectionTerm<T> t;
     if (Carry && in) {
       t.vote = static_cast<T>(in->vote[k]);
@@ -431,10 +467,10 @@ CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, float pf, s
       t.neg_w = in->neg_w[k];
     }
     const float b = value(base, k);
-    t.add(value(x0, k) - b, u0[k] >= pf, c0, w0, s0);
-    if constexpr (G > 1) t.add(value(x1, k) - b, u1[k] >= pf, c1, w1, s1);
-    if constexpr (G > 2) t.add(value(x2, k) - b, u2[k] >= pf, c2, w2, s2);
-    if constexpr (G > 3) t.add(value(x3, k) - b, u3[k] >= pf, c3, w3, s3);
+    t.add(value(x0, k) - b, on0, c0, w0, s0);
+    if constexpr (G > 1) t.add(value(x1, k) - b, on1, c1, w1, s1);
+    if constexpr (G > 2) t.add(value(x2, k) - b, on2, c2, w2, s2);
+    if constexpr (G > 3) t.add(value(x3, k) - b, on3, c3, w3, s3);
     if (!Carry || out) {
       const T lm = lambda * elect<T, Normalize>(static_cast<double>(t.vote), t.pos, t.neg, t.pos_w, t.neg_w);
       const T r = static_cast<T>(b) + lm;
@@ -450,51 +486,56 @@ CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, float pf, s
       st->neg_w[k] = t.neg_w;
     }
   }
+  const std::uint32_t n[] = {n0, n1, n2, n3};
+  for (unsigned j = 0; j < G; ++j) kept[j] += n[j];
   return unsafe;
 }
 
 template <class T, class In>
-void linear_group(unsigned n, const Group<T, In>& g, float pf, std::size_t m, const T* acc_in, T* acc, const In* base,
-                  T f, float* out) {
+void linear_group(unsigned n, const Group<T, In>& g, std::uint32_t from, std::size_t m, const T* acc_in, T* acc,
+                  const In* base, T f, float* out, std::uint32_t* kept) {
   switch (n) {
-    case 1: return linear_sweep<T, 1>(g, pf, m, acc_in, acc, base, f, out);
-    case 2: return linear_sweep<T, 2>(g, pf, m, acc_in, acc, base, f, out);
-    case 3: return linear_sweep<T, 3>(g, pf, m, acc_in, acc, base, f, out);
-    default: return linear_sweep<T, 4>(g, pf, m, acc_in, acc, base, f, out);
+    case 1: return linear_sweep<T, 1>(g, from, m, acc_in, acc, base, f, out, kept);
+    case 2: return linear_sweep<T, 2>(g, from, m, acc_in, acc, base, f, out, kept);
+    case 3: return linear_sweep<T, 3>(g, from, m, acc_in, acc, base, f, out, kept);
+    default: return linear_sweep<T, 4>(g, from, m, acc_in, acc, base, f, out, kept);
   }
 }
 
 template <class T, bool Normalize, bool Carry, bool Guard = false, class In>
-std::uint32_t ties_group_n(unsigned n, const Group<T, In>& g, float pf, std::size_t m, const Election<T>* in,
-                           const Election<T>* st, const In* base, T lambda, float* out) {
+std::uint32_t ties_group_n(unsigned n, const Group<T, In>& g, std::uint32_t from, std::size_t m,
+                           const Election<T>* in, const Election<T>* st, const In* base, T lambda, float* out,
+                           std::uint32_t* kept) {
   switch (n) {
-    case 1: return ties_sweep<T, 1, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
-    case 2: return ties_sweep<T, 2, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
-    case 3: return ties_sweep<T, 3, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
-    default: return ties_sweep<T, 4, Normalize, Carry, Guard>(g, pf, m, in, st, base, lambda, out);
+    case 1: return ties_sweep<T, 1, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
+    case 2: return ties_sweep<T, 2, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
+    case 3: return ties_sweep<T, 3, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
+    default: return ties_sweep<T, 4, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
   }
 }
 
 // One group of a ties merge: the group is the only one (no carried state) or not.
 template <class T, class In>
-void ties_group(unsigned n, bool normalize, bool carry, const Group<T, In>& g, float pf, std::size_t m,
-                const Election<T>* in, const Election<T>* st, const In* base, T lambda, float* out) {
+void ties_group(unsigned n, bool normalize, bool carry, const Group<T, In>& g, std::uint32_t from, std::size_t m,
+                const Election<T>* in, const Election<T>* st, const In* base, T lambda, float* out,
+                std::uint32_t* kept) {
   if (carry) {
-    if (normalize) ties_group_n<T, true, true>(n, g, pf, m, in, st, base, lambda, out);
-    else ties_group_n<T, false, true>(n, g, pf, m, in, st, base, lambda, out);
+    if (normalize) ties_group_n<T, true, true>(n, g, from, m, in, st, base, lambda, out, kept);
+    else ties_group_n<T, false, true>(n, g, from, m, in, st, base, lambda, out, kept);
   } else {
-    if (normalize) ties_group_n<T, true, false>(n, g, pf, m, in, st, base, lambda, out);
-    else ties_group_n<T, false, false>(n, g, pf, m, in, st, base, lambda, out);
+    if (normalize) ties_group_n<T, true, false>(n, g, from, m, in, st, base, lambda, out, kept);
+    else ties_group_n<T, false, false>(n, g, from, m, in, st, base, lambda, out, kept);
   }
 }
 
 // The float32 sweep of a ties merge's only group, with float_guard's test: returns how many
 // entries fail it.
 template <class In>
-std::uint32_t ties_guarded(unsigned n, bool normalize, const Group<float, In>& g, float pf, std::size_t m,
-                           const In* base, float lambda, float* out) {
-  if (normalize) return ties_group_n<float, true, false, true>(n, g, pf, m, nullptr, nullptr, base, lambda, out);
-  return ties_group_n<float, false, false, true>(n, g, pf, m, nullptr, nullptr, base, lambda, out);
+std::uint32_t ties_guarded(unsigned n, bool normalize, const Group<float, In>& g, std::uint32_t from, std::size_t m,
+                           const In* base, float lambda, float* out, std::uint32_t* kept) {
+  if (normalize)
+    return ties_group_n<float, true, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, kept);
+  return ties_group_n<float, false, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, kept);
 }
 static_assert(kGroup == 4);
 
@@ -826,6 +867,7 @@ class DropMerge {
     if (!T::ties && normalize_ && sum == 0) throw sdk::Error("weights sum to 0, so they cannot be normalized");
     const double out_factor = T::ties ? lambda_ : lambda_ * (normalize_ ? 1.0 / sum : 1.0);
     drop_threshold_ = drop_ ? keep_threshold(1.0 - density_) : 0.0f;  // 0: u >= 0 keeps all
+    keep_from_ = keep_from(drop_threshold_);
     // DARE's per-model factor for survivors: w_i / density (rescale) or w_i.
     for (double x : weights_) {
       nonnegative_weights_ = nonnegative_weights_ && x >= 0;
@@ -942,72 +984,75 @@ class DropMerge {
   template <class V, class In>
   void run_dare(const sdk::Chunk& c, const In* const* models, const In* base_in, const Factors<V>& fac,
                 const std::vector<std::uint64_t>& keys, std::vector<std::uint64_t>& kept, float* out) const {
-    static const float kZeros[kBlock] = {};  // the uniforms when nothing is dropped (threshold 0)
     const std::size_t count = c.count();
     const ScratchPool::Lease lease = pool_.get();
     Scratch& s = *lease;
-    float* u = drop_ ? at_least(s.u, std::size_t{kGroup} * kBlock) : nullptr;
     // State between groups (more than kGroup models only).
     const bool carry = n_ > kGroup;
     Sums<V>& sums = s.carry<V>();
     V* acc = carry && !T::ties ? at_least(sums.acc, kBlock) : nullptr;
     if (carry && T::ties) sums.election.reserve(kBlock);
     const Election<V> st = carry && T::ties ? sums.election.at(0) : Election<V>{};
-    for (std::size_t k0 = 0; k0 < count; k0 += kBlock) {
-      const std::size_t m = std::min(kBlock, count - k0);
+    for (std::size_t k0 = 0; k0 < count;) {
+      // A block stops at a multiple of 2^32 in element index: its draws share hi32 (the salt).
+      const std::uint64_t e0 = c.begin() + k0;
+      const std::uint64_t to_wrap = (std::uint64_t{1} << 32) - (e0 & 0xFFFFFFFFu);
+      const auto m = static_cast<std::size_t>(std::min<std::uint64_t>({kBlock, count - k0, to_wrap}));
       const In* base = base_in + k0;
       for (std::uint32_t i0 = 0; i0 < n_; i0 += kGroup) {
         const unsigned g = std::min(kGroup, n_ - i0);
         Group<V, In> grp{};
+        grp.lo = static_cast<std::uint32_t>(e0);
         for (unsigned j = 0; j < g; ++j) {
           const std::uint32_t i = i0 + j;
           grp.x[j] = models[i] + k0;
           grp.c[j] = fac.c[i];
           grp.w[j] = fac.w[i];
           grp.s[j] = fac.s[i];
-          if (drop_) {
-            float* ui = u + j * kBlock;
-            job_.host()->random_uniform(keys[i], c.begin() + k0, m, ui);
-            kept[i] += count_kept(ui, m, drop_threshold_);
-            grp.u[j] = ui;
-          } else {
-            grp.u[j] = kZeros;
-          }
+          const std::uint64_t key = drop_ ? keys[i] : 0;  // without a drop every draw keeps
+          grp.k0[j] = static_cast<std::uint32_t>(key);
+          grp.salt[j] = static_cast<std::uint32_t>(key >> 32) ^ (static_cast<std::uint32_t>(e0 >> 32) * 0x9E3779B9u);
         }
+        std::uint32_t block_kept[kGroup] = {};
         const bool first = i0 == 0, last = i0 + g == n_;
         float* o = last ? out + k0 : nullptr;
         if constexpr (std::is_same_v<V, float>) {
           // One group (float32 only then): the sweep tests the guard as it goes.
-          redo(g, grp, m, base, out + k0, sweep_guarded(g, grp, m, base, out + k0));
+          redo(g, grp, m, base, out + k0, sweep_guarded(g, grp, m, base, out + k0, block_kept));
         } else if constexpr (T::ties) {
-          ties_group<V>(g, normalize_, carry, grp, drop_threshold_, m, first ? nullptr : &st, &st, base,
-                        fac.out_factor, o);
+          ties_group<V>(g, normalize_, carry, grp, keep_from_, m, first ? nullptr : &st, &st, base, fac.out_factor,
+                        o, block_kept);
         } else {
-          linear_group<V>(g, grp, drop_threshold_, m, first ? nullptr : acc, acc, base, fac.out_factor, o);
+          linear_group<V>(g, grp, keep_from_, m, first ? nullptr : acc, acc, base, fac.out_factor, o, block_kept);
         }
+        for (unsigned j = 0; j < g; ++j) kept[i0 + j] += block_kept[j];
       }
+      k0 += m;
     }
   }
 
   // The float32 sweep of a DARE block's only group, testing float_guard as it goes: returns how
   // many entries fail the test.
   template <class In>
-  std::uint32_t sweep_guarded(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base,
-                              float* out) const {
-    if constexpr (T::ties) return ties_guarded(g, normalize_, grp, drop_threshold_, m, base, float_.out_factor, out);
-    else return linear_guarded(g, grp, drop_threshold_, m, base, float_.out_factor, out);
+  std::uint32_t sweep_guarded(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
+                              std::uint32_t* kept) const {
+    if constexpr (T::ties) return ties_guarded(g, normalize_, grp, keep_from_, m, base, float_.out_factor, out, kept);
+    else return linear_guarded(g, grp, keep_from_, m, base, float_.out_factor, out, kept);
   }
 
   // After a float32 block with `unsafe` entries failing float_guard's test: those entries (found
-  // one at a time by the same float32 sweep) again in double, from the same uniforms.
+  // one at a time by the same float32 sweep) again in double, with the same draws.
   template <class In>
   void redo(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
             std::uint32_t unsafe) const {
+    std::uint32_t ignored[kGroup] = {};  // the block's kept entries are counted already
     auto entry = [&](auto& one, std::size_t k) {
       using V = std::decay_t<decltype(one.c[0])>;
+      one.lo = grp.lo + static_cast<std::uint32_t>(k);
       for (unsigned j = 0; j < g; ++j) {
         one.x[j] = grp.x[j] + k;
-        one.u[j] = grp.u[j] + k;
+        one.k0[j] = grp.k0[j];
+        one.salt[j] = grp.salt[j];
         one.c[j] = factors<V>().c[j];
         one.w[j] = factors<V>().w[j];
         one.s[j] = factors<V>().s[j];
@@ -1018,17 +1063,17 @@ class DropMerge {
         [&](std::size_t k, std::size_t) {
           Group<float, In> one{};
           entry(one, k);
-          return sweep_guarded(g, one, 1, base + k, out + k);
+          return sweep_guarded(g, one, 1, base + k, out + k, ignored);
         },
         [&](std::size_t k, std::size_t) {
           Group<double, In> one{};
           entry(one, k);
           if constexpr (T::ties)
-            ties_group<double>(g, normalize_, false, one, drop_threshold_, 1, nullptr, nullptr, base + k,
-                               double_.out_factor, out + k);
+            ties_group<double>(g, normalize_, false, one, keep_from_, 1, nullptr, nullptr, base + k,
+                               double_.out_factor, out + k, ignored);
           else
-            linear_group<double>(g, one, drop_threshold_, 1, nullptr, nullptr, base + k, double_.out_factor,
-                                 out + k);
+            linear_group<double>(g, one, keep_from_, 1, nullptr, nullptr, base + k, double_.out_factor, out + k,
+                                 ignored);
         });
   }
 
@@ -1160,6 +1205,7 @@ class DropMerge {
   bool normalize_, rescale_;
   bool drop_ = true;            // density < 1
   float drop_threshold_ = 0;    // DARE: keep_threshold(1 - density); 0 (keep all) without drop
+  std::uint32_t keep_from_ = 0;  // keep_from(drop_threshold_): the draws that keep
   std::vector<double> weights_;
   Factors<double> double_;
   Factors<float> float_;
