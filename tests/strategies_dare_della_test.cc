@@ -525,6 +525,26 @@ void split_stored_bf16(const float* x, const float* base, const float* u, const 
   Split(xb.data(), bb.data(), u, pf, n, s);
 }
 
+// DARE's in-register draws are the host's uniforms (plugin.h's definition), also past 2^32 in
+// element index, and keep_from turns the keep test u >= pf into an integer test exactly.
+TEST(DareDraws, AreTheHostsUniforms) {
+  for (const std::uint64_t key : {std::uint64_t{0}, std::uint64_t{0x0123456789ABCDEFull}, ~std::uint64_t{0}})
+    for (const std::uint64_t e : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{1023}, std::uint64_t{0xFFFFFFFFull},
+                                  std::uint64_t{0x100000000ull}, std::uint64_t{0x100000001ull},
+                                  std::uint64_t{0x123456789ABull}}) {
+      const auto salt = static_cast<std::uint32_t>(key >> 32) ^ (static_cast<std::uint32_t>(e >> 32) * 0x9E3779B9u);
+      const std::uint32_t m = dm::draw(static_cast<std::uint32_t>(key), salt, static_cast<std::uint32_t>(e));
+      EXPECT_EQ(static_cast<float>(m) * 0x1p-24f, conflux::random_uniform_at(key, e)) << "key " << key << " e " << e;
+    }
+  for (const float pf : {0.0f, 0x1p-24f, 0.2f, 0.5f, 0.8f, std::nextafter(1.0f, 0.0f), 1.0f}) {
+    const std::uint32_t from = dm::keep_from(pf);
+    for (const std::uint32_t m : {from > 0 ? from - 1 : 0u, from, from + 1})
+      if (m < (1u << 24)) {
+        EXPECT_EQ(m >= from, static_cast<float>(m) * 0x1p-24f >= pf) << "pf " << pf << " m " << m;
+      }
+  }
+}
+
 TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
   using Split = void (*)(const float*, const float*, const float*, const float*, std::size_t, dm::RowSplit&);
   std::vector<std::pair<const char*, Split>> float_splits{{"scalar", dm::split_row_scalar<float>}};
