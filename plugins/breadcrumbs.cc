@@ -12,6 +12,10 @@
 // vectors are exact). Differences from mergekit: ties at either boundary keep the lowest
 // indices (torch's sort order among equal values is unspecified); floor(gamma * n) = 0 removes
 // no top entry (mergekit's slice [n_bot:-0] then keeps nothing at all).
+// Arithmetic: double per entry; for a BF16 output of up to 4 models, float32, and the entries
+// float32 cannot settle within 1 ulp again in double (common/trim_merge.h). Since 1.1.0 (that
+// float32 path: BF16 outputs may differ from 1.0.0 by 1 ulp in rare entries; BF16 inputs read
+// as stored).
 #include <conflux/plugin.hpp>
 
 #include "common/trim_merge.h"
@@ -23,7 +27,7 @@ namespace {
 struct BreadcrumbsVariant {
   static constexpr bool kGamma = true;
   static constexpr bool kElect = false;
-  static constexpr sdk::Info info{"breadcrumbs", "1.0.0",
+  static constexpr sdk::Info info{"breadcrumbs", "1.1.0",
                                   "Model Breadcrumbs: drop each task vector's top outliers and smallest entries per "
                                   "tensor, then task arithmetic",
                                   1, 0, CFX_BASE_REQUIRED};

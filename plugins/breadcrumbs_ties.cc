@@ -7,6 +7,10 @@
 //   merged = sum_i [sign W_i == s] W_i / (normalize ? sum_i [sign W_i == s] w_i : 1), 0 where
 //   that divisor is 0;  out = theta_base + lambda * merged.
 // gamma = 0 is ties; density = 1 is the election without trimming.
+// Arithmetic: double per entry; for a BF16 output of up to 4 models with nonnegative weights,
+// float32, and the entries float32 cannot settle within 1 ulp again in double
+// (common/trim_merge.h). Since 1.1.0 (that float32 path: BF16 outputs may differ from 1.0.0 by
+// 1 ulp in rare entries; BF16 inputs read as stored).
 #include <conflux/plugin.hpp>
 
 #include "common/trim_merge.h"
@@ -18,7 +22,7 @@ namespace {
 struct BreadcrumbsTiesVariant {
   static constexpr bool kGamma = true;
   static constexpr bool kElect = true;
-  static constexpr sdk::Info info{"breadcrumbs_ties", "1.0.0",
+  static constexpr sdk::Info info{"breadcrumbs_ties", "1.1.0",
                                   "Model Breadcrumbs trimming (top outliers and smallest entries dropped per "
                                   "tensor) with the TIES sign election",
                                   1, 0, CFX_BASE_REQUIRED};

@@ -8,6 +8,10 @@
 //      normalize (0 where that divisor is 0; an entry with W_i == 0 never counts)
 //   out = theta_base + lambda * merged         (common/trim_merge.h, common/sign_election.h)
 // density = 1 is the election without trimming (the selection pass is then skipped).
+// Arithmetic: double per entry; for a BF16 output of up to 4 models with nonnegative weights,
+// float32, and the entries float32 cannot settle within 1 ulp again in double
+// (common/trim_merge.h). Since 1.1.0 (that float32 path: BF16 outputs may differ from 1.0.0 by
+// 1 ulp in rare entries; BF16 inputs read as stored).
 // Differences from mergekit: ties at the trim boundary keep the lowest indices (torch's sort
 // leaves that order unspecified); density may give k = 0 (keeps nothing; mergekit asserts);
 // a zero divisor gives 0 also when agreeing weights of mixed signs cancel (mergekit divides by 1).
@@ -22,7 +26,7 @@ namespace {
 struct TiesVariant {
   static constexpr bool kGamma = false;
   static constexpr bool kElect = true;
-  static constexpr sdk::Info info{"ties", "1.0.0",
+  static constexpr sdk::Info info{"ties", "1.1.0",
                                   "TIES-Merging: trim each task vector to its largest magnitudes, elect the "
                                   "sign per entry, average the agreeing entries",
                                   1, 0, CFX_BASE_REQUIRED};

@@ -458,6 +458,75 @@ TEST_F(TiesTest, BreadcrumbsTiesWithoutGammaIsTies) {
   EXPECT_EQ(bytes("t"), bytes("bt"));
 }
 
+// Float32 arithmetic (BF16 output) where the terms cancel. The entries whose float32 result cannot
+// be trusted are computed again in double (fused_block_f32 in plugins/common/trim_merge.h,
+// plugins/common/float_guard.h): every entry stays within 1 ulp of the reference, and the kept
+// counts are the reference's. Float32 inputs on three models, trimmed lightly:
+//   vote: base 0, x2 = -(x0 + x1 + delta): the TIES vote is about -delta, below what float32
+//         resolves of terms near 1, so float32 alone would elect the wrong side (out 0.75
+//         instead of -1.25, or the reverse);
+//   base: agents of tiny values over a base they all undo: the merged update (the mean of the
+//         task vectors, about -base) leaves a result 2^16 times smaller than the base;
+//   sum:  breadcrumbs with weights (1, 1, -1), base 0, x2 = x0 + x1 + delta: the result is
+//         -delta;
+//   tiny: base 0, subnormal task vectors (small multiples of 2^-149) and weights below 1: the
+//         float32 products w_i * t_i round to a few bits or to 0 (no cancellation, but the
+//         same loss of the terms' bits), which lambda = 2^120 makes visible.
+TEST_F(TiesTest, StaysExactWhereTermsCancel) {
+  const std::vector<Spec> specs = {{"w", {41, 37}, DType::F32}, {"v", {1003}, DType::F32}};
+  auto r = [&](std::size_t ti, std::uint64_t j, std::uint64_t c) { return rnd(name_id(specs[ti].name), j, c); };
+  enum class Case { vote, base, sum, tiny };
+  for (const Case cs : {Case::vote, Case::base, Case::sum, Case::tiny}) {
+    const std::string name = cs == Case::vote ? "vote" : cs == Case::base ? "base" : cs == Case::sum ? "sum" : "tiny";
+    SCOPED_TRACE(name);
+    auto base = [&](std::size_t ti, std::uint64_t j) {
+      return cs == Case::base ? static_cast<float>(0.5 + 0.5 * r(ti, j, 1)) : 0.0f;
+    };
+    auto agent = [&](std::size_t ti, std::uint64_t j, std::size_t i) {
+      if (cs == Case::base) return static_cast<float>(std::ldexp(r(ti, j, 2 + i) - 0.5, -16));
+      if (cs == Case::tiny) return static_cast<float>(std::ldexp(std::floor(80 * r(ti, j, 2 + i)) - 40, -149));
+      const double a = 0.5 + 0.5 * r(ti, j, 2), c = 0.25 + 0.5 * r(ti, j, 3);
+      if (i == 0) return static_cast<float>(a);
+      if (i == 1) return static_cast<float>(c);
+      const double s = static_cast<double>(static_cast<float>(a)) + static_cast<float>(c) +
+                       std::ldexp(r(ti, j, 4) - 0.5, -18);
+      return static_cast<float>(cs == Case::vote ? -s : s);
+    };
+    write_checkpoint(dir_ / "base", specs, base);
+    for (std::size_t i = 0; i < kModels; ++i)
+      write_checkpoint(dir_ / model_name(i), specs, [&](std::size_t ti, std::uint64_t j) { return agent(ti, j, i); });
+    const auto inputs = read_inputs(dir_ / "base", model_dirs(kModels));
+    Params p;
+    p.density = {0.9, 0.95, 0.85};
+    p.weights = {1.0, 1.0, 1.0};
+    std::vector<std::string> strategies = {"ties", "breadcrumbs_ties"};
+    if (cs == Case::sum) {
+      strategies = {"breadcrumbs"};
+      p.weights = {1.0, 1.0, -1.0};
+      p.normalize = false;
+      p.elect = false;
+    }
+    if (cs == Case::tiny) {
+      strategies = {"ties", "ties_raw"};  // normalized and not
+      p.weights = {0.3, 0.7, 0.45};
+      p.lambda = 0x1p120;
+    }
+    for (const std::string& label : strategies) {
+      SCOPED_TRACE(label);
+      const std::string strategy = label == "ties_raw" ? "ties" : label;
+      Params q = p;
+      if (strategy != "ties") q.gamma = {0.02, 0.0, 0.05};
+      if (label == "ties_raw") q.normalize = false;
+      const Reference ref = reference(inputs, q);
+      const std::string out = "cancel_" + name + "_" + label;
+      run(job(strategy, model_dirs(kModels), params_of(q), out, DType::BF16));
+      EXPECT_LE(max_ulps(dir_ / out, ref.out), 1.0);
+      const json::array& kept = report(out).at("kept").as_array();
+      for (std::size_t i = 0; i < kModels; ++i) EXPECT_EQ(kept.at(i).to_number<std::uint64_t>(), ref.kept[i]);
+    }
+  }
+}
+
 TEST_F(TiesTest, BitIdenticalAcrossThreadsAndChunks) {
   for (const char* strategy : {"ties", "breadcrumbs", "breadcrumbs_ties"}) {
     SCOPED_TRACE(strategy);

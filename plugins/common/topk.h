@@ -7,6 +7,9 @@
 //   d = x - base, are ranked by (|d| descending, flat index ascending). The passes take the raw
 //   values and the base (no CFX_PASS_TASK_VECTORS) and form d = x - base in float32 inside their
 //   kernels: the same IEEE subtraction as the host's task vectors, without a separate sweep.
+//   The kernels read float32 arrays or, for BF16 tensors, the stored BF16 values
+//   (CFX_PASS_BF16_INPUTS, common/inputs.h: a `class In` of float or std::uint16_t); a BF16 value
+//   widens to float32 exactly, so both give the same d, bit for bit.
 //   A target "top m" selects the entries of rank < m: exactly m entries, and among equal
 //   magnitudes the lower flat index wins.
 //   Magnitudes compare as the float32 bit patterns with the sign bit cleared (the "key"):
@@ -52,8 +55,9 @@
 //   One partial (execution 1): per source a 65536-bin uint32 histogram and 64 KiB of flags,
 //   then one spare histogram (about 320 KiB per source + 256 KiB); later executions use the
 //   first targets x 32768 words of the same partial (targets <= 2 x sources). Per tensor: a few
-//   words per target, and for targets that need tie counts one uint32 per chunk (numel / chunk),
-//   freed when the tensor's map pass has seen all its elements; during a low round, at most
+//   words per target, a word per source (its smallest nonzero key, for the map: least_key),
+//   and for targets that need tie counts one uint32 per chunk (numel / chunk), freed when the
+//   tensor's map pass has seen all its elements; during a low round, at most
 //   min(kListBudget, n / 8) uint16 (2 MiB) per target, freed when it ends.
 //   Counts are uint32: a tensor must have fewer than 2^32 elements (checked at construction).
 #pragma once
@@ -68,6 +72,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "inputs.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -112,12 +118,19 @@ struct Cursor {
 
 namespace kernels {
 
+// The float32 task-vector entry d = x - b of entry k (In: float32 or stored BF16 inputs).
+template <class In>
+inline float delta(const In* x, const In* b, std::size_t k) {
+  return value(x, k) - value(b, k);
+}
+
 // keys[0, nz) = the nonzero keys of d = x - b over [0, m), in order; returns nz. keys has room
 // for m + 16.
-static inline std::size_t compact_nonzero_scalar(const float* x, const float* b, std::size_t m, std::uint32_t* keys) {
+template <class In>
+static inline std::size_t compact_nonzero_scalar(const In* x, const In* b, std::size_t m, std::uint32_t* keys) {
   std::size_t nz = 0;
   for (std::size_t k = 0; k < m; ++k) {  // branch-free
-    const std::uint32_t key = key_of(x[k] - b[k]);
+    const std::uint32_t key = key_of(delta(x, b, k));
     keys[nz] = key;
     nz += key != 0 ? 1 : 0;
   }
@@ -142,6 +155,32 @@ __attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx
   return nz + compact_nonzero_scalar(x + k, b + k, m - k, keys + nz);
 }
 
+// 16 stored BF16 values as float32: widened to 32 bits and shifted into the high half. (The
+// zero-masking forms with every lane on: GCC 12 warns that the plain forms' undefined source
+// "may be used uninitialized".)
+__attribute__((target("avx512f"))) static inline __m512 load_bf16_avx512(const std::uint16_t* p) {
+  const __mmask16 all = 0xFFFF;
+  const __m512i wide = _mm512_maskz_cvtepu16_epi32(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, wide, 16));
+}
+
+// The same for stored BF16 inputs.
+__attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx512(const std::uint16_t* x,
+                                                                                    const std::uint16_t* b,
+                                                                                    std::size_t m,
+                                                                                    std::uint32_t* keys) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  std::size_t nz = 0, k = 0;
+  for (; k + 16 <= m; k += 16) {
+    const __m512 d = _mm512_sub_ps(load_bf16_avx512(x + k), load_bf16_avx512(b + k));
+    const __m512i v = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
+    const __mmask16 on = _mm512_test_epi32_mask(v, v);
+    _mm512_storeu_si512(keys + nz, _mm512_maskz_compress_epi32(on, v));
+    nz += static_cast<std::size_t>(__builtin_popcount(on));
+  }
+  return nz + compact_nonzero_scalar(x + k, b + k, m - k, keys + nz);
+}
+
 static inline bool have_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
@@ -151,7 +190,8 @@ static inline bool have_avx512() {
 }
 #endif
 
-static inline std::size_t compact_nonzero(const float* x, const float* b, std::size_t m, std::uint32_t* keys) {
+template <class In>
+static inline std::size_t compact_nonzero(const In* x, const In* b, std::size_t m, std::uint32_t* keys) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if (have_avx512()) return compact_nonzero_avx512(x, b, m, keys);
 #endif
@@ -182,7 +222,8 @@ CONFLUX_MULTIVERSION static inline void key_range(const std::uint32_t* keys, std
 // to `spare` instead of `hist` (folded back by the caller over [lo >> 15, hi >> 15], the bins
 // touched): equal magnitudes are common, and increments of one bin in a row wait for each
 // other through memory; two histograms halve that chain.
-static inline std::uint32_t hist_high(const float* x, const float* b, std::size_t m, std::uint32_t* hist,
+template <class In>
+static inline std::uint32_t hist_high(const In* x, const In* b, std::size_t m, std::uint32_t* hist,
                                       std::uint32_t* spare, std::uint8_t* impure, std::uint32_t& lo,
                                       std::uint32_t& hi) {
   std::uint32_t keys[kBlock + 16];
@@ -217,17 +258,19 @@ CONFLUX_MULTIVERSION static inline void fold(std::uint32_t* hist, std::uint32_t*
 }
 
 // Entries whose key lies in high bin `bin`.
-CONFLUX_MULTIVERSION static inline std::uint32_t count_in_bin(const float* x, const float* b, std::size_t m,
+template <class In>
+CONFLUX_MULTIVERSION static inline std::uint32_t count_in_bin(const In* x, const In* b, std::size_t m,
                                                              std::uint32_t bin) {
   std::uint32_t c = 0;
-  for (std::size_t k = 0; k < m; ++k) c += (key_of(x[k] - b[k]) >> 15) == bin ? 1u : 0u;
+  for (std::size_t k = 0; k < m; ++k) c += (key_of(delta(x, b, k)) >> 15) == bin ? 1u : 0u;
   return c;
 }
 
 // Low round for one target's block: hist[key & 0x7FFF] += 1 for the keys in high bin `bin`
 // (rare: groups of 64 without one are skipped after a vectorized count), and their low bits
 // appended to `list` in index order when it is not null.
-static inline void hist_low(const float* x, const float* b, std::size_t m, std::uint32_t bin, std::uint32_t* hist,
+template <class In>
+static inline void hist_low(const In* x, const In* b, std::size_t m, std::uint32_t bin, std::uint32_t* hist,
                             std::vector<std::uint16_t>* list) {
   std::uint16_t lows[64];
   for (std::size_t g = 0; g < m; g += 64) {
@@ -235,7 +278,7 @@ static inline void hist_low(const float* x, const float* b, std::size_t m, std::
     if (count_in_bin(x + g, b + g, e - g, bin) == 0) continue;
     std::size_t hits = 0;
     for (std::size_t k = g; k < e; ++k) {  // branch-free compaction of the bin's low bits
-      const std::uint32_t key = key_of(x[k] - b[k]);
+      const std::uint32_t key = key_of(delta(x, b, k));
       lows[hits] = static_cast<std::uint16_t>(key & 0x7FFFu);
       hits += (key >> 15) == bin ? 1 : 0;
     }
@@ -245,18 +288,20 @@ static inline void hist_low(const float* x, const float* b, std::size_t m, std::
 }
 
 // Entries whose key is T.
-CONFLUX_MULTIVERSION static inline std::uint32_t count_equal(const float* x, const float* b, std::size_t m,
+template <class In>
+CONFLUX_MULTIVERSION static inline std::uint32_t count_equal(const In* x, const In* b, std::size_t m,
                                                             std::uint32_t T) {
   std::uint32_t c = 0;
-  for (std::size_t k = 0; k < m; ++k) c += key_of(x[k] - b[k]) == T ? 1u : 0u;
+  for (std::size_t k = 0; k < m; ++k) c += key_of(delta(x, b, k)) == T ? 1u : 0u;
   return c;
 }
 
 // out[k] = d[k] where lo <= key < hi, else 0.
-CONFLUX_MULTIVERSION static inline void select_range(const float* x, const float* b, std::size_t m, std::uint32_t lo,
+template <class In>
+CONFLUX_MULTIVERSION static inline void select_range(const In* x, const In* b, std::size_t m, std::uint32_t lo,
                                                      std::uint32_t hi, float* out) {
   for (std::size_t k = 0; k < m; ++k) {
-    const float d = x[k] - b[k];
+    const float d = delta(x, b, k);
     const std::uint32_t key = key_of(d);
     out[k] = ((key >= lo) & (key < hi)) ? d : 0.0f;
   }
@@ -276,10 +321,11 @@ CONFLUX_MULTIVERSION static inline void or_words(std::uint32_t* into, const std:
 // `drop` (a target selecting a subset of keep's entries: breadcrumbs' top outliers; a
 // Cursor{kNothing} for none), else 0. The cursors advance through the block (call block by
 // block, in order).
-inline void select_block(const float* x, const float* b, std::size_t m, Cursor& keep, Cursor& drop, float* out) {
+template <class In>
+inline void select_block(const In* x, const In* b, std::size_t m, Cursor& keep, Cursor& drop, float* out) {
   if (keep.quota == 0 && drop.quota == 0) return kernels::select_range(x, b, m, keep.U, drop.U, out);
   for (std::size_t k = 0; k < m; ++k) {  // the chunk where ties straddle a boundary
-    const float d = x[k] - b[k];
+    const float d = kernels::delta(x, b, k);
     const std::uint32_t key = key_of(d);
     bool in_keep = key >= keep.U, in_drop = key >= drop.U;
     if (key == keep.T && keep.quota > 0) in_keep = true, --keep.quota;
@@ -314,6 +360,8 @@ class Selector {
         else s.phase = Phase::high;
         if (s.phase != Phase::done) ts.trivial = false;
       }
+      ts.least.reset(new std::atomic<std::uint32_t>[sources_]);
+      for (std::uint32_t i = 0; i < sources_; ++i) ts.least[i].store(uses(ts, i) ? 0xFFFFFFFFu : 0u);
       if (!ts.trivial) {
         active_ = true;
         if (t.numel >= (std::uint64_t{1} << 32))
@@ -331,45 +379,11 @@ class Selector {
   // zero between reduce calls.)
   std::size_t stats_words() const { return std::size_t{sources_} * (kHiBins + kImpureWords) + kHiBins; }
 
+  // Float32 or stored BF16 inputs (the pass has CFX_PASS_BF16_INPUTS).
   void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
     TensorState& ts = tensors_[c.tensor().index];
     if (ts.trivial) return;
-    const std::size_t n = c.count();
-    const float* b = c.base().data();
-    if (!b) throw sdk::Error("internal: the selection needs the base");
-    if (ts.executions == 0) {
-      if (c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
-      for (std::uint32_t i = 0; i < sources_; ++i) {
-        if (!uses(ts, i)) continue;
-        std::uint32_t* hist = partial.data() + std::size_t{i} * kHiBins;
-        auto* impure = reinterpret_cast<std::uint8_t*>(partial.data() + std::size_t{sources_} * kHiBins +
-                                                       std::size_t{i} * kImpureWords);
-        std::uint32_t* spare = partial.data() + std::size_t{sources_} * (kHiBins + kImpureWords);
-        const float* x = c.model(i).data();
-        std::uint32_t zeros = 0, lo = 0xFFFFFFFFu, hi = 0;
-        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
-          zeros += kernels::hist_high(x + k0, b + k0, std::min(kBlock, n - k0), hist, spare, impure, lo, hi);
-        hist[0] += zeros;
-        if (lo <= hi) kernels::fold(hist, spare, lo >> 15, hi >> 15);  // spare is zero again
-      }
-      return;
-    }
-    for (std::uint32_t j = 0; j < per_tensor_; ++j) {
-      State& s = ts.targets[j];
-      const float* x = c.model(s.source).data();
-      if (s.phase == Phase::low) {
-        std::uint32_t* hist = partial.data() + std::size_t{j} * kLoBins;
-        std::vector<std::uint16_t> lows;
-        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
-          kernels::hist_low(x + k0, b + k0, std::min(kBlock, n - k0), s.bin, hist, s.listing ? &lows : nullptr);
-        if (s.listing) s.listing->add(chunk_index(ts, c), lows);
-      } else if (s.phase == Phase::ties) {
-        std::uint32_t cnt = 0;
-        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
-          cnt += kernels::count_equal(x + k0, b + k0, std::min(kBlock, n - k0), s.T);
-        s.chunk_ties[chunk_index(ts, c)] = cnt;
-      }
-    }
+    with_inputs(c, [&](auto models, auto base) { reduce_inputs(ts, c, models, base, partial); });
   }
 
   void combine(const cfx_tensor* t, sdk::Span<std::uint32_t> into, sdk::Span<const std::uint32_t> from) {
@@ -470,6 +484,13 @@ class Selector {
     return Cursor{s.T + 1, s.T, quota};
   }
 
+  // The smallest nonzero key of source i's task vector over the chunk's tensor (0xFFFFFFFF: it
+  // is all zeros), as execution 1 saw it; 0 (a bound, not the value) for a source it did not
+  // scan (nothing to select, or no reduce pass). For the map, after the tensor's reduce pass.
+  std::uint32_t least_key(const sdk::Chunk& c, std::uint32_t source) const {
+    return tensors_[c.tensor().index].least[source].load(std::memory_order_relaxed);
+  }
+
   // Called by the map after a chunk: frees the tensor's per-chunk counts after its last chunk.
   void mapped(const sdk::Chunk& c) {
     TensorState& ts = tensors_[c.tensor().index];
@@ -534,7 +555,52 @@ class Selector {
     std::uint32_t executions = 0;      // of the reduce pass so far
     std::uint64_t chunk_size = 0;      // learned in execution 1
     std::atomic<std::uint64_t> mapped{0};
+    std::unique_ptr<std::atomic<std::uint32_t>[]> least;  // per source, see least_key
   };
+
+  template <class In>
+  void reduce_inputs(TensorState& ts, const sdk::Chunk& c, const In* const* models, const In* b,
+                     sdk::Span<std::uint32_t> partial) {
+    const std::size_t n = c.count();
+    if (!b) throw sdk::Error("internal: the selection needs the base");
+    if (ts.executions == 0) {
+      if (c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
+      for (std::uint32_t i = 0; i < sources_; ++i) {
+        if (!uses(ts, i)) continue;
+        std::uint32_t* hist = partial.data() + std::size_t{i} * kHiBins;
+        auto* impure = reinterpret_cast<std::uint8_t*>(partial.data() + std::size_t{sources_} * kHiBins +
+                                                       std::size_t{i} * kImpureWords);
+        std::uint32_t* spare = partial.data() + std::size_t{sources_} * (kHiBins + kImpureWords);
+        const In* x = models[i];
+        std::uint32_t zeros = 0, lo = 0xFFFFFFFFu, hi = 0;
+        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
+          zeros += kernels::hist_high(x + k0, b + k0, std::min(kBlock, n - k0), hist, spare, impure, lo, hi);
+        hist[0] += zeros;
+        if (lo <= hi) kernels::fold(hist, spare, lo >> 15, hi >> 15);  // spare is zero again
+        std::atomic<std::uint32_t>& least = ts.least[i];  // the tensor's smallest nonzero key
+        for (std::uint32_t was = least.load(std::memory_order_relaxed);
+             lo < was && !least.compare_exchange_weak(was, lo, std::memory_order_relaxed);) {
+        }
+      }
+      return;
+    }
+    for (std::uint32_t j = 0; j < per_tensor_; ++j) {
+      State& s = ts.targets[j];
+      const In* x = models[s.source];
+      if (s.phase == Phase::low) {
+        std::uint32_t* hist = partial.data() + std::size_t{j} * kLoBins;
+        std::vector<std::uint16_t> lows;
+        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
+          kernels::hist_low(x + k0, b + k0, std::min(kBlock, n - k0), s.bin, hist, s.listing ? &lows : nullptr);
+        if (s.listing) s.listing->add(chunk_index(ts, c), lows);
+      } else if (s.phase == Phase::ties) {
+        std::uint32_t cnt = 0;
+        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
+          cnt += kernels::count_equal(x + k0, b + k0, std::min(kBlock, n - k0), s.T);
+        s.chunk_ties[chunk_index(ts, c)] = cnt;
+      }
+    }
+  }
 
   static void finish(State& s, std::uint32_t U) {
     s.U = U;
