@@ -396,13 +396,12 @@ std::uint32_t linear_guarded(unsigned n, const Group<float, In>& g, std::uint32_
 
 // Adds model j's W to one entry's election state. T = double: exactly sign_election's terms.
 // T = float (weights >= 0): the sums and the vote in float; agreement from the sign of s * d
-// (w_i * d_i's sign, also where the float product underflows); for the guard, the magnitude of
-// the vote's terms and whether any term is nonzero (see ties_sweep).
+// (w_i * d_i's sign, also where the float product underflows); for the guard, whether any term
+// is nonzero (see ties_sweep; the magnitude of the vote's terms is pos - neg).
 template <class T>
 struct ElectionTerm {
   T vote = 0;
   T pos = 0, neg = 0, pos_w = 0, neg_w = 0;
-  T mag = 0;
   bool active = false;
 
   void add(float x, bool keep, T c, T w, float s) {
@@ -417,7 +416,6 @@ struct ElectionTerm {
       const float sx = s * x;
       up = keep & (sx > 0.0f);
       down = keep & (sx < 0.0f);
-      mag += std::fabs(W);
       active = active | up | down;
     }
     pos += up ? W : T(0);
@@ -475,9 +473,11 @@ CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, std::uint32
       const T lm = lambda * elect<T, Normalize>(static_cast<double>(t.vote), t.pos, t.neg, t.pos_w, t.neg_w);
       const T r = static_cast<T>(b) + lm;
       out[k] = static_cast<float>(r);
-      if constexpr (Guard)
-        unsafe += fg::unsafe(t.vote, t.mag) | fg::unsafe(r, std::fabs(b) + std::fabs(lm)) |
-                  static_cast<std::uint32_t>(t.active & (t.mag < 0x1p-100f));
+      if constexpr (Guard) {
+        const T mag = t.pos - t.neg;  // sum |W_i|: each sum's terms share its sign
+        unsafe += fg::unsafe(t.vote, mag) | fg::unsafe(r, std::fabs(b) + std::fabs(lm)) |
+                  static_cast<std::uint32_t>(t.active & (mag < 0x1p-100f));
+      }
     } else {
       st->vote[k] = t.vote;
       st->pos[k] = t.pos;
