@@ -152,6 +152,25 @@ inline std::uint32_t keep_from(float pf) {
   return pf <= 0.0f ? 0u : static_cast<std::uint32_t>(std::ceil(static_cast<double>(pf) * 0x1p24));
 }
 
+// The keep decisions of up to 4 models for entry k of a block whose draws are
+// draw(k0[j], salt[j], lo + k): whether the draw reaches `from` (named members: a sweep's copy of
+// them becomes registers the vectorizer sees).
+template <unsigned G>
+struct Draws {
+  std::uint32_t a0, a1, a2, a3, z0, z1, z2, z3, lo, from;
+  Draws(const std::uint32_t* k0, const std::uint32_t* salt, std::uint32_t first, std::uint32_t keep)
+      : a0(k0[0]), a1(k0[G > 1 ? 1 : 0]), a2(k0[G > 2 ? 2 : 0]), a3(k0[G > 3 ? 3 : 0]),
+        z0(salt[0]), z1(salt[G > 1 ? 1 : 0]), z2(salt[G > 2 ? 2 : 0]), z3(salt[G > 3 ? 3 : 0]),
+        lo(first), from(keep) {}
+  void at(std::size_t k, bool& on0, bool& on1, bool& on2, bool& on3) const {
+    const std::uint32_t e = lo + static_cast<std::uint32_t>(k);
+    on0 = draw(a0, z0, e) >= from;
+    on1 = G > 1 && draw(a1, z1, e) >= from;
+    on2 = G > 2 && draw(a2, z2, e) >= from;
+    on3 = G > 3 && draw(a3, z3, e) >= from;
+  }
+};
+
 // Per-entry state of the election while models are added (sign_election.h's single-pass form):
 // vote = sum W_i (double in both arithmetics), and per sign the sums of W_i and w_i.
 template <class T>
@@ -328,16 +347,13 @@ CONFLUX_MULTIVERSION std::uint32_t linear_sweep_as(const Group<T, In>& g, std::u
   static_assert(!Guard || (Out && !AccIn));
   // Named locals: the vectorizer does not see through arrays of pointers.
   const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
-  const std::uint32_t a0 = g.k0[0], a1 = g.k0[G > 1 ? 1 : 0], a2 = g.k0[G > 2 ? 2 : 0], a3 = g.k0[G > 3 ? 3 : 0];
-  const std::uint32_t z0 = g.salt[0], z1 = g.salt[G > 1 ? 1 : 0], z2 = g.salt[G > 2 ? 2 : 0],
-                      z3 = g.salt[G > 3 ? 3 : 0];
+  const Draws<G> draws(g.k0, g.salt, g.lo, from);
   const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
   const T fa = std::fabs(f);
   std::uint32_t unsafe = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const std::uint32_t e = g.lo + static_cast<std::uint32_t>(k);
-    const bool on0 = draw(a0, z0, e) >= from, on1 = G > 1 && draw(a1, z1, e) >= from,
-               on2 = G > 2 && draw(a2, z2, e) >= from, on3 = G > 3 && draw(a3, z3, e) >= from;
+    bool on0, on1, on2, on3;
+    draws.at(k, on0, on1, on2, on3);
     n0 += on0;
     n1 += on1;
     n2 += on2;
@@ -441,17 +457,14 @@ CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, std::uint32
   static_assert(G >= 1 && G <= kGroup);
   static_assert(!Guard || (std::is_same_v<T, float> && !Carry));
   const In *x0 = g.x[0], *x1 = g.x[G > 1 ? 1 : 0], *x2 = g.x[G > 2 ? 2 : 0], *x3 = g.x[G > 3 ? 3 : 0];
-  const std::uint32_t a0 = g.k0[0], a1 = g.k0[G > 1 ? 1 : 0], a2 = g.k0[G > 2 ? 2 : 0], a3 = g.k0[G > 3 ? 3 : 0];
-  const std::uint32_t z0 = g.salt[0], z1 = g.salt[G > 1 ? 1 : 0], z2 = g.salt[G > 2 ? 2 : 0],
-                      z3 = g.salt[G > 3 ? 3 : 0];
+  const Draws<G> draws(g.k0, g.salt, g.lo, from);
   const T c0 = g.c[0], c1 = g.c[G > 1 ? 1 : 0], c2 = g.c[G > 2 ? 2 : 0], c3 = g.c[G > 3 ? 3 : 0];
   const T w0 = g.w[0], w1 = g.w[G > 1 ? 1 : 0], w2 = g.w[G > 2 ? 2 : 0], w3 = g.w[G > 3 ? 3 : 0];
   const float s0 = g.s[0], s1 = g.s[G > 1 ? 1 : 0], s2 = g.s[G > 2 ? 2 : 0], s3 = g.s[G > 3 ? 3 : 0];
   std::uint32_t unsafe = 0, n0 = 0, n1 = 0, n2 = 0, n3 = 0;
   for (std::size_t k = 0; k < m; ++k) {
-    const std::uint32_t e = g.lo + static_cast<std::uint32_t>(k);
-    const bool on0 = draw(a0, z0, e) >= from, on1 = G > 1 && draw(a1, z1, e) >= from,
-               on2 = G > 2 && draw(a2, z2, e) >= from, on3 = G > 3 && draw(a3, z3, e) >= from;
+    bool on0, on1, on2, on3;
+    draws.at(k, on0, on1, on2, on3);
     n0 += on0;
     n1 += on1;
     n2 += on2;
@@ -598,15 +611,6 @@ inline bool have_avx512() {
 
 // The same with AVX-512 compress (sparse task vectors: most entries are zeros, and the scalar
 // split's dependency chain through the counts costs more than the rest of the row).
-// 16 inputs as float32 lanes: loaded, or widened from stored BF16.
-__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-__attribute__((target("avx512f"))) inline __m512 load16(const std::uint16_t* p) {
-  // The zero-masking forms: GCC 12 warns on the plain ones' undefined pass-through operand.
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const auto all = static_cast<__mmask16>(0xFFFF);
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, _mm512_maskz_cvtepu16_epi32(all, bits), 16));
-}
-
 template <class In>
 __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, const In* base, const float* u,
                                                                 const float* pf, std::size_t n, RowSplit& s) {

@@ -9,10 +9,27 @@
 #include <cstddef>
 #include <cstdint>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CONFLUX_PLUGINS_AVX512_LOADS 1
+#endif
+
 namespace conflux::plugins {
 
 inline float value(const float* p, std::size_t k) { return p[k]; }
 inline float value(const std::uint16_t* p, std::size_t k) { return sdk::bf16_to_float(p[k]); }
+
+#ifdef CONFLUX_PLUGINS_AVX512_LOADS
+// 16 inputs as float32 lanes, for hand-written AVX-512 kernels: loaded, or widened from stored
+// BF16 (to 32 bits, shifted into the high half). The zero-masking forms with every lane on: GCC
+// 12 warns that the plain forms' undefined source "may be used uninitialized".
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const std::uint16_t* p) {
+  const auto all = static_cast<__mmask16>(0xFFFF);
+  const __m512i wide = _mm512_maskz_cvtepu16_epi32(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, wide, 16));
+}
+#endif
 
 // f(models, base) with the chunk's typed inputs: (const float* const*, const float*) or
 // (const std::uint16_t* const*, const std::uint16_t*); base is null without a base.

@@ -139,40 +139,16 @@ static inline std::size_t compact_nonzero_scalar(const In* x, const In* b, std::
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // The same with AVX-512 (vpcompressd): sparse task vectors are mostly zeros, and the scalar
-// compaction's dependency chain costs more than the histogram itself.
-__attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx512(const float* x, const float* b,
+// compaction's dependency chain costs more than the histogram itself. In: float32 or stored BF16
+// (common/inputs.h, load16).
+template <class In>
+__attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx512(const In* x, const In* b,
                                                                                     std::size_t m,
                                                                                     std::uint32_t* keys) {
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   std::size_t nz = 0, k = 0;
   for (; k + 16 <= m; k += 16) {
-    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(b + k));
-    const __m512i v = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
-    const __mmask16 on = _mm512_test_epi32_mask(v, v);
-    _mm512_storeu_si512(keys + nz, _mm512_maskz_compress_epi32(on, v));
-    nz += static_cast<std::size_t>(__builtin_popcount(on));
-  }
-  return nz + compact_nonzero_scalar(x + k, b + k, m - k, keys + nz);
-}
-
-// 16 stored BF16 values as float32: widened to 32 bits and shifted into the high half. (The
-// zero-masking forms with every lane on: GCC 12 warns that the plain forms' undefined source
-// "may be used uninitialized".)
-__attribute__((target("avx512f"))) static inline __m512 load_bf16_avx512(const std::uint16_t* p) {
-  const __mmask16 all = 0xFFFF;
-  const __m512i wide = _mm512_maskz_cvtepu16_epi32(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, wide, 16));
-}
-
-// The same for stored BF16 inputs.
-__attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx512(const std::uint16_t* x,
-                                                                                    const std::uint16_t* b,
-                                                                                    std::size_t m,
-                                                                                    std::uint32_t* keys) {
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-  std::size_t nz = 0, k = 0;
-  for (; k + 16 <= m; k += 16) {
-    const __m512 d = _mm512_sub_ps(load_bf16_avx512(x + k), load_bf16_avx512(b + k));
+    const __m512 d = _mm512_sub_ps(load16(x + k), load16(b + k));
     const __m512i v = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
     const __mmask16 on = _mm512_test_epi32_mask(v, v);
     _mm512_storeu_si512(keys + nz, _mm512_maskz_compress_epi32(on, v));
