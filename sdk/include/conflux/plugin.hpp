@@ -45,8 +45,10 @@
 // baseline x86-64 and picks the best at load time (function multiversioning), so plain loops get
 // the widest vectors the CPU has. Element-wise IEEE arithmetic gives the same bits on each
 // version (plugins are built with -ffp-contract=off): results do not depend on the CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__) && __GNUC__ >= 11
 #define CONFLUX_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "avx512f", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)  // no x86-64-v4 before GCC 11
+#define CONFLUX_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CONFLUX_MULTIVERSION
 #endif
