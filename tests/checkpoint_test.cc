@@ -243,6 +243,23 @@ TEST_F(CheckpointTest, TwoOtherSafetensorsFilesWithoutIndexAreNoCheckpoint) {
   }
 }
 
+// The first shard of several, without the index (writers save it last): not yet a checkpoint, so
+// the daemon waits instead of merging half a model. A shard "of 1", or a plain file, is one.
+TEST_F(CheckpointTest, LoneShardOfSeveralWithoutIndexIsIncomplete) {
+  write_single(dir / "model-00001-of-00002.safetensors");
+  auto e = expect_error(Errc::no_checkpoint, [&] { (void)Checkpoint::open(dir); });
+  if (e) {
+    EXPECT_TRUE(contains(e->what(), "model-00001-of-00002.safetensors")) << e->what();
+    EXPECT_TRUE(contains(e->what(), "incomplete")) << e->what();
+  }
+  fs::remove(dir / "model-00001-of-00002.safetensors");
+  auto ts = write_single(dir / "model-00001-of-00001.safetensors");
+  expect_contents(Checkpoint::open(dir), ts);
+  fs::remove(dir / "model-00001-of-00001.safetensors");
+  ts = write_single(dir / "weights-of-2.safetensors");  // not a shard name
+  expect_contents(Checkpoint::open(dir), ts);
+}
+
 TEST_F(CheckpointTest, ModelSafetensorsWinsOverIndex) {
   auto ts = write_single(dir / "model.safetensors");
   write_sharded();  // a valid index and shards beside it

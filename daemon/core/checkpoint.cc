@@ -72,6 +72,21 @@ std::vector<std::pair<std::string, std::string>> parse_index(std::string_view te
   return out;
 }
 
+// The shard count in a Hugging Face shard name ("model-00001-of-00003.safetensors": 3), or 0 when
+// the name is not one.
+unsigned long shard_total(const std::string& name) {
+  const std::string suffix = ".safetensors";
+  const std::size_t of = name.rfind("-of-");
+  if (of == std::string::npos || !name.ends_with(suffix)) return 0;
+  const std::string total = name.substr(of + 4, name.size() - suffix.size() - of - 4);
+  const std::size_t dash = name.rfind('-', of == 0 ? 0 : of - 1);
+  const std::string part = dash == std::string::npos || dash >= of ? "" : name.substr(dash + 1, of - dash - 1);
+  auto digits = [](const std::string& t) {
+    return !t.empty() && t.size() <= 9 && std::all_of(t.begin(), t.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  };
+  return digits(total) && digits(part) ? std::stoul(total) : 0;
+}
+
 fs::path locate_weights(const fs::path& dir) {
   std::error_code ec;
   if (!fs::exists(dir, ec)) throw Error(Errc::not_found, dir, "no such file or directory");
@@ -88,7 +103,15 @@ fs::path locate_weights(const fs::path& dir) {
     if (name.ends_with(".safetensors")) weights.push_back(e.path());
     else if (is_pickle_name(name)) pickles.push_back(e.path());
   }
-  if (weights.size() == 1) return weights.front();
+  if (weights.size() == 1) {
+    // One shard of several without the index (which writers save last): still being written.
+    const std::string name = weights.front().filename().string();
+    if (const unsigned long total = shard_total(name); total > 1)
+      throw Error(Errc::no_checkpoint, dir,
+                  "only " + name + " is here, one of " + std::to_string(total) + " shards, and no " +
+                      std::string(kIndexFileName) + ": the checkpoint is incomplete");
+    return weights.front();
+  }
   if (weights.size() > 1)
     throw Error(Errc::no_checkpoint, dir,
                 std::to_string(weights.size()) + " .safetensors files but no " +
