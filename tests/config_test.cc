@@ -534,6 +534,25 @@ TEST(ConfigAccept, LoadConfigFromFileResolvesAgainstItsDirectory) {
   EXPECT_EQ(j.output.string(), (dir.path() / "etc" / "out").lexically_normal().string());
 }
 
+// `conflux status --config`: the socket of a configuration that no longer checks (a running
+// daemon keeps the one it loaded), but not of a file that is not TOML or names it wrongly.
+TEST(ConfigAccept, ControlSocketOfAnEditedConfiguration) {
+  TempDir dir;
+  const fs::path file = dir / "confluxd.toml";
+  write_file(file, "[daemon]\ncontrol_socket = \"run/c.sock\"\n[[job]]\nname = \"j\"\nstrategy = \"linear\"\n"
+                   "models = [\"a\"]\noutput = \"out\"\n");
+  const fs::path expected = (dir.path() / "run" / "c.sock").lexically_normal();
+  EXPECT_EQ(conflux::control_socket_of(file), expected);
+  write_file(file, "[daemon]\ncontrol_socket = \"run/c.sock\"\nthreads = -3\n[[job]]\nname = \"j\"\n");  // fails its checks
+  EXPECT_EQ(conflux::control_socket_of(file), expected);
+  write_file(file, "[[job]]\nname = \"j\"\n");
+  EXPECT_EQ(conflux::control_socket_of(file), conflux::DaemonConfig{}.control_socket);
+  write_file(file, "[daemon]\ncontrol_socket = 3\nthreads = -3\n");
+  expect_mentions(config_error_of([&] { (void)conflux::control_socket_of(file); }), {file.string(), "control_socket"});
+  write_file(file, "[daemon\ncontrol_socket = \"x\"\n");
+  expect_mentions(config_error_of([&] { (void)conflux::control_socket_of(file); }), {file.string(), "TOML"});
+}
+
 // ---------------------------------------------------------------------------------------------
 // File-level and top-level errors
 // ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ namespace {
 // The socket: --socket, else the configuration's [daemon].control_socket, else the default.
 std::string socket_path(const po::variables_map& vm) {
   if (vm.count("socket")) return vm["socket"].as<std::string>();
-  if (vm.count("config")) return load_config(vm["config"].as<std::string>()).daemon.control_socket.string();
+  if (vm.count("config")) return control_socket_of(vm["config"].as<std::string>()).string();
   return DaemonConfig{}.control_socket.string();
 }
 

@@ -338,4 +338,26 @@ Config load_config(const fs::path& file) {
   return parse_config(ss.str(), file);
 }
 
+fs::path control_socket_of(const fs::path& file) {
+  try {
+    return load_config(file).daemon.control_socket;
+  } catch (const ConfigError& full) {
+    // Only [daemon].control_socket needs to be right: a daemon runs the configuration it loaded,
+    // which may since have been edited into one that does not check.
+    std::ifstream in(file, std::ios::binary);
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    toml::table root;
+    try {
+      root = toml::parse(ss.str(), file.string());
+    } catch (const toml::parse_error&) {
+      throw full;
+    }
+    const toml::node* socket = root.at_path("daemon.control_socket").node();
+    if (!socket) return DaemonConfig{}.control_socket;
+    const fs::path anchor = file.has_parent_path() ? fs::absolute(file).parent_path() : fs::current_path();
+    return get_path(*socket, "daemon.control_socket", Where(file), anchor);
+  }
+}
+
 }  // namespace conflux

@@ -87,6 +87,11 @@ struct Config {
 
 // Parses and checks a configuration file. Throws ConfigError.
 Config load_config(const std::filesystem::path& file);
+// The control socket a configuration file names ([daemon].control_socket, else the default).
+// Lenient: the rest of the file may fail its checks (a running daemon keeps the configuration it
+// loaded; `conflux status` must still reach it after an edit). Throws ConfigError when the file
+// cannot be read, is not TOML, or names the socket wrongly.
+std::filesystem::path control_socket_of(const std::filesystem::path& file);
 // The same from text (for tests); `file` labels errors and anchors relative paths.
 Config parse_config(std::string_view text, const std::filesystem::path& file);
 
