@@ -590,6 +590,48 @@ TEST_F(DaemonFaults, FullFilesystemFailsTheRunAndFreesTheSpace) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// A queued job takes its inputs as they are when it starts
+// ------------------------------------------------------------------------------------------------
+
+TEST_F(DaemonFaults, QueuedJobMergesTheCheckpointThatLandedWhileItWaited) {
+  // One slot (max_parallel_jobs = 1, the default), held for seconds by a slow run; job q queues
+  // behind it for checkpoint-1, then checkpoint-2 lands. q must run once, on checkpoint-2.
+  const fs::path runs = dir / "runs" / "q";
+  fs::create_directories(runs);
+  fs::create_directories(dir / "staging");
+  auto land = [&](const std::string& name) {
+    fs::copy(tiny(), dir / "staging" / name, fs::copy_options::recursive);
+    fs::rename(dir / "staging" / name, runs / name);
+  };
+  write_config({kSlowPluginDir}, job_toml("slow", "slow_copy", tiny(), dir / "out" / "slow",
+                                          "threads = 1\n[job.params]\nsleep_ms = 200") +
+                                     job_toml("q", "linear", runs, dir / "out" / "q"));
+  ASSERT_NO_FATAL_FAILURE(start_daemon());
+  ASSERT_FALSE(await_job("slow", [](const json::object& j) { return text_of(j, "state") == "running"; }, 15s,
+                         "the slow run to start")
+                   .empty());
+  land("checkpoint-1");
+  ASSERT_FALSE(await_job("q", [](const json::object& j) { return text_of(j, "state") == "queued"; }, 10s,
+                         "q to queue behind the slow run")
+                   .empty());
+  land("checkpoint-2");
+  std::this_thread::sleep_for(1500ms);  // past settle and a rescan, still queued
+  ASSERT_EQ(text_of(job_status("slow"), "state"), "running") << "the slow run ended too early for this test";
+  const json::object done = await_success("q", 60s);
+  ASSERT_FALSE(done.empty());
+  std::this_thread::sleep_for(1500ms);  // a stale first run would be followed by a second by now
+  const json::object q = job_status("q");
+  EXPECT_EQ(number_of(q, "runs"), 1.0) << json::serialize(q);
+  const json::array& published = q.at("published").as_array();
+  ASSERT_EQ(published.size(), 1u) << json::serialize(q);
+  const std::string manifest =
+      read_file(dir / "out" / "q" / std::string(published[0].as_string()) / "conflux-manifest.json");
+  EXPECT_TRUE(contains(manifest, (runs / "checkpoint-2").string())) << manifest;
+  EXPECT_FALSE(contains(manifest, (runs / "checkpoint-1").string())) << manifest;
+  EXPECT_EQ(daemon_.terminate(), 0);
+}
+
+// ------------------------------------------------------------------------------------------------
 // memory_limit
 // ------------------------------------------------------------------------------------------------
 

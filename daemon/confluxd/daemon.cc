@@ -300,9 +300,19 @@ void Daemon::evaluate(JobRuntime& job) {
   }
   if (next_check != Clock::time_point::max())
     schedule_evaluation(std::chrono::duration_cast<std::chrono::milliseconds>(next_check - Clock::now()) + 10ms);
-  if (job.state == JobRuntime::State::running || job.state == JobRuntime::State::queued) {
+  if (job.state == JobRuntime::State::running) {
     // A change during a run queues exactly one follow-up.
-    if (ready && signature_of(inputs) != job.run_signature && job.state == JobRuntime::State::running) job.follow_up = true;
+    if (ready && signature_of(inputs) != job.run_signature) job.follow_up = true;
+    return;
+  }
+  if (job.state == JobRuntime::State::queued) {
+    // Waiting for a slot: the run will take the inputs as they are now, not as they were queued
+    // (a checkpoint landing meanwhile is merged in this run, not in a second one).
+    if (ready) {
+      job.inputs = std::move(inputs);
+      job.signature = signature_of(job.inputs);
+      job.waiting_for = note;
+    }
     return;
   }
   if (!ready) {
