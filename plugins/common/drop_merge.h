@@ -219,9 +219,8 @@ struct Scratch {
   // DARE: state carried between groups of models (overwritten by the first group).
   Sums<float> carry_f;
   Sums<double> carry_d;
-  // DELLA: sums the rows' entries are added into, zero at rest (the finish clears them).
-  Sums<float> rest_f;
-  Sums<double> rest_d;
+  // DELLA (double): sums the rows' entries are added into, zero at rest (the finish clears them).
+  Sums<double> rest;
 
   template <class V>
   Sums<V>& carry() {
@@ -229,13 +228,6 @@ struct Scratch {
       return carry_d;
     else
       return carry_f;
-  }
-  template <class V>
-  Sums<V>& rest() {
-    if constexpr (std::is_same_v<V, double>)
-      return rest_d;
-    else
-      return rest_f;
   }
 };
 
@@ -803,31 +795,21 @@ void visit_candidates(RowSplit& s, float pf_min, std::uint32_t* cand, std::uint6
 
 // DELLA's keep thresholds and survivor factors by rank for rows of L entries:
 // q_r = min(lo + r * step, 1), pf[r] = keep_threshold(1 - q_r), cd[i * L + r] = w_i / q_r (or
-// w_i without rescale), cf = float(cd).
+// w_i without rescale).
 struct RankTables {
   std::vector<float> pf;
   std::vector<double> cd;
-  std::vector<float> cf;
 
   RankTables(std::size_t L, double lo, double step, const std::vector<double>& weights, bool rescale)
-      : pf(L), cd(weights.size() * L), cf(weights.size() * L) {
+      : pf(L), cd(weights.size() * L) {
     for (std::size_t r = 0; r < L; ++r) {
       const double q = std::min(lo + static_cast<double>(r) * step, 1.0);
       pf[r] = keep_threshold(1.0 - q);
-      for (std::size_t i = 0; i < weights.size(); ++i) {
-        cd[i * L + r] = rescale ? weights[i] / q : weights[i];
-        cf[i * L + r] = static_cast<float>(cd[i * L + r]);
-      }
+      for (std::size_t i = 0; i < weights.size(); ++i) cd[i * L + r] = rescale ? weights[i] / q : weights[i];
     }
   }
-  static std::size_t bytes(std::size_t L, std::size_t n) { return L * (sizeof(float) + n * (sizeof(double) + sizeof(float))); }
-  template <class T>
-  const T* factors(std::uint32_t i) const {
-    if constexpr (std::is_same_v<T, double>)
-      return cd.data() + i * pf.size();
-    else
-      return cf.data() + i * pf.size();
-  }
+  static std::size_t bytes(std::size_t L, std::size_t n) { return L * (sizeof(float) + n * sizeof(double)); }
+  const double* factors(std::uint32_t i) const { return cd.data() + i * pf.size(); }
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -904,7 +886,7 @@ class DropMerge {
       // Without a spread every q is density: DARE's arithmetic, which needs no ranks.
       della = drop_ && !(step == 0.0 && lo == density_);
       if (della) {
-        with_inputs(c, [&](auto models, auto base) { run_della<double>(c, models, base, len, keys, kept, out.data()); });
+        with_inputs(c, [&](auto models, auto base) { run_della(c, models, base, len, keys, kept, out.data()); });
       }
     }
     if (!della) {
@@ -1045,7 +1027,7 @@ class DropMerge {
   }
 
   // After a float32 block with `unsafe` entries failing float_guard's test: those entries (found
-  // one at a time by the same float32 sweep) again in double, with the same draws.
+  // by halving, float_guard::redo) again in double, with the same draws.
   template <class In>
   void redo(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
             std::uint32_t unsafe) const {
@@ -1064,10 +1046,10 @@ class DropMerge {
     };
     fg::redo(
         m, unsafe,
-        [&](std::size_t k, std::size_t) {
+        [&](std::size_t k, std::size_t n) {
           Group<float, In> one{};
           entry(one, k);
-          return sweep_guarded(g, one, 1, base + k, out + k, ignored);
+          return sweep_guarded(g, one, n, base + k, out + k, ignored);
         },
         [&](std::size_t k, std::size_t) {
           Group<double, In> one{};
@@ -1081,13 +1063,15 @@ class DropMerge {
         });
   }
 
-  // DELLA with a spread: groups of whole rows (one random_uniform call per group and model),
-  // each row of each model through della_row into the group's sums, then the group's finish.
-  template <class V, class In>
+  // DELLA with a spread (in double): groups of whole rows (one random_uniform call per group and
+  // model), each row of each model through della_row into the group's sums, then the group's
+  // finish.
+  template <class In>
   void run_della(const sdk::Chunk& c, const In* const* models, const In* base_in, std::size_t len,
                  const std::vector<std::uint64_t>& keys,
                  std::vector<std::uint64_t>& kept, float* out) const {
-    const Factors<V>& fac = factors<V>();
+    using V = double;
+    const Factors<V>& fac = double_;
     std::unique_ptr<RankTables> own;
     const RankTables& tab = tables_for(len, own);
     const float* pf = tab.pf.data();
@@ -1101,14 +1085,14 @@ class DropMerge {
                   at_least(s.cand, len + 16), at_least(s.a, len), at_least(s.b, len)};
     // The sums are zero at rest: the finish clears what the group added (nothing in between
     // throws), so no pass clears them.
-    Sums<V>& sums = s.rest<V>();
+    Sums<V>& sums = s.rest;
     V* acc = T::ties ? nullptr : at_least(sums.acc, cap);
     if (T::ties) sums.election.reserve(cap);
     for (std::size_t g0 = 0; g0 < count; g0 += group) {
       const std::size_t m = std::min(group, count - g0);
       for (std::uint32_t i = 0; i < n_; ++i) {
         job_.host()->random_uniform(keys[i], c.begin() + g0, m, u);
-        const V* cv = tab.factors<V>(i);
+        const V* cv = tab.factors(i);
         for (std::size_t r0 = 0; r0 < m; r0 += len) {
           const In* x = models[i] + g0 + r0;
           const In* base = base_in + g0 + r0;

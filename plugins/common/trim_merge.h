@@ -284,20 +284,6 @@ std::uint32_t fused_f32(std::uint32_t n, const In* const* d, const std::uint32_t
   }
 }
 
-// After f32(at, count) over [at, at + n) counted `unsafe` failures: f64(k) on each failing entry
-// k. A range with failures is halved until single entries (f32 flags an entry alone as it does in
-// a sweep, and rewrites the range's results before any of them is computed again), so a few
-// failures in a block cost a few short sweeps, not one call per entry.
-template <class F32, class F64>
-void redo_failures(std::size_t at, std::size_t n, std::uint32_t unsafe, F32& f32, F64& f64) {
-  if (unsafe == 0) return;
-  if (n == 1) return f64(at);
-  const std::size_t half = n / 2;
-  const std::uint32_t left = f32(at, half);
-  redo_failures(at, half, left, f32, f64);
-  redo_failures(at + half, n - half, unsafe - left, f32, f64);
-}
-
 // acc[k] += w * double(t[k])
 CONFLUX_MULTIVERSION static inline void add_scaled(const float* t, double w, std::size_t m, double* acc) {
   for (std::size_t k = 0; k < m; ++k) acc[k] += w * static_cast<double>(t[k]);
@@ -400,14 +386,14 @@ struct TrimMerge : V {
       if (!straddle && n_ <= trim_detail::kFusedModels) {
         // Small where some model may keep a nonzero key below its bound: the kept range [lo, hi),
         // the tensor's smallest nonzero key and small_ leave room for one.
-        bool tiny = false;
-        for (std::uint32_t i = 0; i < n_; ++i)
-          tiny = tiny || std::max({lo[i], least[i], 1u}) < std::min(hi[i], small_[i]);
         if (!f32) {
           trim_detail::fused<V::kElect>(n_, x.data(), lo.data(), hi.data(), w, base + k0, lambda_, normalize_, m,
                                         out.data() + k0);
           continue;
         }
+        bool tiny = false;
+        for (std::uint32_t i = 0; i < n_; ++i)
+          tiny = tiny || std::max({lo[i], least[i], 1u}) < std::min(hi[i], small_[i]);
         // [at, at + count) of the block, in float32 (returns its failures) or double.
         auto sweep = [&](auto zero, std::size_t at, std::size_t count) -> std::uint32_t {
           const In* xs[trim_detail::kFusedModels];
@@ -423,8 +409,7 @@ struct TrimMerge : V {
           }
         };
         auto f32_sweep = [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); };
-        auto f64_entry = [&](std::size_t at) { sweep(0.0, at, 1); };
-        trim_detail::redo_failures(0, m, f32_sweep(0, m), f32_sweep, f64_entry);
+        float_guard::redo(m, f32_sweep(0, m), f32_sweep, [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
         continue;
       }
       // Blockwise: many models, or the block where ties straddle a boundary.
