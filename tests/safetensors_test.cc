@@ -888,6 +888,38 @@ TEST_F(Safetensors, MovedFileStaysValid) {
   EXPECT_EQ(h.tensors().size(), 1u);
 }
 
+
+TEST_F(Safetensors, ReadCopiesTheSameBytesAsTheMapping) {
+  const std::string data = conflux_test::pattern_bytes(40, 11);
+  auto f = accept(st("{" + entry_json("a", "U8", {13}, 0, 13) + "," + entry_json("b", "U8", {27}, 13, 40) + "}",
+                     data));
+  for (const auto& t : f.tensors()) {
+    std::vector<std::byte> copy(t.nbytes());
+    f.read(t.begin, t.end, copy.data());
+    const TensorView v = f.view(t);
+    EXPECT_EQ(std::memcmp(copy.data(), v.bytes.data(), copy.size()), 0) << t.name;
+  }
+  // An inner range, and an empty one that touches nothing.
+  std::vector<std::byte> part(5, std::byte{0x55});
+  f.read(20, 25, part.data());
+  EXPECT_EQ(conflux_test::to_string(part), data.substr(20, 5));
+  f.read(7, 7, nullptr);
+  EXPECT_THROW(f.read(35, 41, part.data()), std::out_of_range);
+}
+
+TEST_F(Safetensors, ReadOfAFileTruncatedUnderTheMergeNamesIt) {
+  const std::string data = conflux_test::pattern_bytes(4096 * 3, 5);
+  auto f = accept(st(one("U8", {4096 * 3}, 0, 4096 * 3), data));
+  // Another process truncates the checkpoint while it is open: a read past the new end must be an
+  // error naming the file, never a silent short copy.
+  std::filesystem::resize_file(f.path(), f.file_size() - 4096);
+  std::vector<std::byte> buf(4096 * 3);
+  auto e = expect_error(Errc::io, [&] { f.read(0, 4096 * 3, buf.data()); });
+  if (e) {
+    EXPECT_TRUE(contains(e->what(), f.path().string())) << e->what();
+    EXPECT_TRUE(contains(e->what(), "truncated")) << e->what();
+  }
+}
 TEST_F(Safetensors, ParseHeaderDirectly) {
   const std::string json = "{" + entry_json("b", "U8", {2}, 2, 4) + "," + entry_json("a", "U8", {2}, 0, 2) +
                            ",\"__metadata__\":{\"format\":\"pt\"}}";

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
 
 #include <tbb/blocked_range.h>
@@ -58,6 +59,61 @@ AlignedPtr<T> aligned_array(std::size_t n) {
   std::memset(p, 0, bytes);
   return AlignedPtr<T>(static_cast<T*>(p));
 }
+
+// Reduce partials of one size, recycled: a partial can be a MiB (a radix histogram per model),
+// a reduce makes one per leaf task, and a fresh allocation that large is a fresh mapping whose
+// every page faults in and is zeroed by the kernel and then by us. Recycled ones are zeroed once.
+class PartialPool {
+ public:
+  explicit PartialPool(std::size_t bytes) : bytes_(bytes) {}
+
+  // A zero-filled partial that goes back to the pool when the lease ends.
+  class Lease {
+   public:
+    Lease() = default;
+    Lease(PartialPool* pool, AlignedPtr<std::byte> p) : pool_(pool), p_(std::move(p)) {}
+    Lease(Lease&& o) noexcept = default;
+    Lease& operator=(Lease&& o) noexcept {
+      reset();
+      pool_ = o.pool_;
+      p_ = std::move(o.p_);
+      return *this;
+    }
+    ~Lease() { reset(); }
+    std::byte* get() const { return p_.get(); }
+    void reset() {
+      if (p_) pool_->give(std::move(p_));
+    }
+
+   private:
+    PartialPool* pool_ = nullptr;
+    AlignedPtr<std::byte> p_;
+  };
+
+  Lease take() {
+    AlignedPtr<std::byte> p;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!free_.empty()) {
+        p = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (p) std::memset(p.get(), 0, bytes_);
+    else p = aligned_array<std::byte>(bytes_);
+    return Lease(this, std::move(p));
+  }
+
+ private:
+  void give(AlignedPtr<std::byte> p) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(p));
+  }
+
+  std::size_t bytes_;
+  std::mutex mutex_;
+  std::vector<AlignedPtr<std::byte>> free_;
+};
 
 }  // namespace
 
@@ -156,6 +212,21 @@ struct Scratch {
       models.push_back(aligned_array<float>(capacity));
       model_ptrs.push_back(models.back().get());
     }
+  }
+
+  // Copied stored bytes of input `slot` (SafetensorsFile::read).
+  std::vector<AlignedPtr<std::byte>> raw;
+  std::vector<std::size_t> raw_capacity;
+  std::byte* ensure_raw(std::size_t slot, std::size_t bytes) {
+    if (raw.size() <= slot) {
+      raw.resize(slot + 1);
+      raw_capacity.resize(slot + 1, 0);
+    }
+    if (raw_capacity[slot] < bytes) {
+      raw[slot] = aligned_array<std::byte>(bytes);
+      raw_capacity[slot] = bytes;
+    }
+    return raw[slot].get();
   }
 
   float* ensure_out(std::size_t n) {
@@ -259,6 +330,7 @@ class Runner {
         throw MergeError("strategy '" + plugin_.id() + "' declares reduce statistics of " + std::to_string(size) +
                          " bytes (must be 1 byte to 1 GiB)");
       stats_sizes_.push_back(size);
+      pools_.push_back(std::make_unique<PartialPool>(pass.kind == CFX_PASS_MAP ? 0 : static_cast<std::size_t>(size)));
     }
     for (const cfx_pass& pass : plugin_.passes)
       if ((pass.flags & (CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA)) && !plan_.base())
@@ -328,10 +400,13 @@ class Runner {
   }
 
   // A tensor-scope statistics pass is followed by another pass over the same tensor: a tensor
-  // whose inputs are small stays mapped in between (no re-faults), so memory stays bounded by
-  // kKeepResident per tensor in flight, whatever the model size. Model-scope passes release.
+  // whose inputs are small is mapped by the reduce and stays mapped until its map pass (reading
+  // mapped pages again costs only memory bandwidth), so memory stays bounded by kKeepResident
+  // per tensor in flight, whatever the model size. Larger tensors and model-scope passes are
+  // read as copies instead (SafetensorsFile::read): mapping pages in only to release them is the
+  // costlier way to read them (a fault per window, page-table updates, TLB shootdowns).
   static constexpr std::uint64_t kKeepResident = std::uint64_t{64} << 20;
-  bool release_after_reduce(const PlannedItem& item, std::size_t pass) const {
+  bool copy_for_reduce(const PlannedItem& item, std::size_t pass) const {
     if (plugin_.passes[pass].kind == CFX_PASS_MODEL_REDUCE) return true;
     const std::uint64_t inputs = plan_.models().size() + (plan_.base() ? 1 : 0);
     return inputs * item.numel * element_bytes(item.in_dtype) > kKeepResident;
@@ -350,9 +425,10 @@ class Runner {
     return true;
   }
 
-  // Converts the chunk's inputs to float32, or points at the stored BF16 values.
+  // Converts the chunk's inputs to float32, or points at the stored BF16 values: in the mapped
+  // files, or (copied) in per-thread copies read from the page cache (SafetensorsFile::read).
   void load(const PlannedItem& item, std::uint64_t begin, std::uint64_t count, const cfx_pass& pass, Scratch& s,
-            cfx_chunk& chunk, const cfx_tensor& t) {
+            cfx_chunk& chunk, const cfx_tensor& t, bool copied = false) {
     const std::size_t n_models = plan_.models().size();
     const std::uint64_t esize = element_bytes(item.in_dtype);
     const std::uint64_t b0 = begin * esize, b1 = (begin + count) * esize;
@@ -363,33 +439,33 @@ class Runner {
     chunk.count = count;
     bytes_read_ += (n_models + (plan_.base() ? 1 : 0)) * (b1 - b0);
     if (opt_.progress) opt_.progress->bytes_done += (n_models + (plan_.base() ? 1 : 0)) * (b1 - b0);
+    // The stored bytes of input `slot` (0: the base, 1 + i: model i).
+    auto bytes = [&](const Checkpoint& c, const TensorRef& ref, std::size_t slot) -> const std::byte* {
+      if (!copied) return c.view(ref).bytes.data() + b0;
+      std::byte* dst = s.ensure_raw(slot, static_cast<std::size_t>(b1 - b0));
+      c.shards()[ref.shard].read(ref.info->begin + b0, ref.info->begin + b1, dst);
+      return dst;
+    };
     if (hand_out_bf16(item, pass)) {
-      auto at = [&](const Checkpoint& c, const TensorRef& ref) {
-        return reinterpret_cast<const std::uint16_t*>(c.view(ref).bytes.data() + b0);
+      auto at = [&](const Checkpoint& c, const TensorRef& ref, std::size_t slot) {
+        return reinterpret_cast<const std::uint16_t*>(bytes(c, ref, slot));
       };
       s.bf16_ptrs.resize(n_models);
-      for (std::size_t i = 0; i < n_models; ++i) s.bf16_ptrs[i] = at(plan_.models()[i], *item.models[i]);
+      for (std::size_t i = 0; i < n_models; ++i) s.bf16_ptrs[i] = at(plan_.models()[i], *item.models[i], 1 + i);
       chunk.bf16_models = s.bf16_ptrs.data();
-      chunk.bf16_base = plan_.base() ? at(*plan_.base(), *item.base) : nullptr;
+      chunk.bf16_base = plan_.base() ? at(*plan_.base(), *item.base, 0) : nullptr;
       return;
     }
     s.ensure(static_cast<std::size_t>(count), n_models);
-    auto read = [&](const Checkpoint& c, const TensorRef& ref, float* dst) {
-      const TensorView v = c.view(ref);
-      to_f32(item.in_dtype, v.bytes.data() + b0, dst, static_cast<std::size_t>(count));
-    };
     const float* base = nullptr;
     if (plan_.base()) {
-      read(*plan_.base(), *item.base, s.base.get());
+      to_f32(item.in_dtype, bytes(*plan_.base(), *item.base, 0), s.base.get(), static_cast<std::size_t>(count));
       base = s.base.get();
     }
     for (std::size_t i = 0; i < n_models; ++i) {
-      if (pass.flags & CFX_PASS_TASK_VECTORS) {
-        const TensorView v = plan_.models()[i].view(*item.models[i]);
-        to_f32_minus(item.in_dtype, v.bytes.data() + b0, base, s.models[i].get(), static_cast<std::size_t>(count));
-      } else {
-        read(plan_.models()[i], *item.models[i], s.models[i].get());
-      }
+      const std::byte* x = bytes(plan_.models()[i], *item.models[i], 1 + i);
+      if (pass.flags & CFX_PASS_TASK_VECTORS) to_f32_minus(item.in_dtype, x, base, s.models[i].get(), static_cast<std::size_t>(count));
+      else to_f32(item.in_dtype, x, s.models[i].get(), static_cast<std::size_t>(count));
     }
     chunk.models = s.model_ptrs.data();
     chunk.base = base;
@@ -398,9 +474,8 @@ class Runner {
   // Deterministic per-tensor reduction over the tensor's chunks.
   class ReduceBody {
    public:
-    ReduceBody(Runner& r, std::size_t pass, std::size_t k) : r_(r), pass_(pass), k_(k) {
-      partial_ = aligned_array<std::byte>(r.stats_sizes_[pass]);
-    }
+    ReduceBody(Runner& r, std::size_t pass, std::size_t k)
+        : r_(r), pass_(pass), k_(k), partial_(r.pools_[pass]->take()) {}
     ReduceBody(ReduceBody& other, tbb::split) : ReduceBody(other.r_, other.pass_, other.k_) {}
     void operator()(const tbb::blocked_range<std::uint64_t>& range) {
       const cfx_pass& pass = r_.plugin_.passes[pass_];
@@ -408,27 +483,27 @@ class Runner {
       const PlannedItem& item = r_.plan_.items()[r_.merged_[k_]];
       const std::uint64_t size = r_.chunk_size(t, pass);
       Scratch& s = r_.scratch_.local();
+      // Inputs whose pages would be released right after this pass are copied instead of mapped.
+      const bool copied = r_.copy_for_reduce(item, pass_);
       for (std::uint64_t c = range.begin(); c != range.end(); ++c) {
         r_.check_cancel();
         const std::uint64_t begin = c * size, count = std::min(size, t.numel - begin);
         cfx_chunk chunk{};
-        r_.load(item, begin, count, pass, s, chunk, t);
+        r_.load(item, begin, count, pass, s, chunk, t, copied);
         if (pass.reduce(r_.instance_, &chunk, partial_.get()) != 0) throw r_.plugin_failure("reduce", &t);
       }
-      if (r_.release_after_reduce(item, pass_))
-        r_.release(item, range.begin() * size, std::min(range.end() * size, t.numel));
     }
     void join(ReduceBody& rhs) {
       const cfx_tensor* t = &r_.tensors_[k_];
       if (r_.plugin_.passes[pass_].combine(r_.instance_, t, partial_.get(), rhs.partial_.get()) != 0)
         throw r_.plugin_failure("combine", t);
     }
-    std::byte* partial() { return partial_.get(); }
+    PartialPool::Lease take_partial() { return std::move(partial_); }
 
    private:
     Runner& r_;
     std::size_t pass_, k_;
-    AlignedPtr<std::byte> partial_;
+    PartialPool::Lease partial_;
   };
 
   std::uint64_t chunk_count(const cfx_tensor& t, const cfx_pass& pass) const {
@@ -436,16 +511,14 @@ class Runner {
     return (t.numel + size - 1) / size;
   }
 
-  AlignedPtr<std::byte> reduce_tensor(std::size_t pass, std::size_t k) {
+  PartialPool::Lease reduce_tensor(std::size_t pass, std::size_t k) {
     const cfx_tensor& t = tensors_[k];
     ReduceBody body(*this, pass, k);
     const std::uint64_t chunks = chunk_count(t, plugin_.passes[pass]);
     if (chunks > 0)
       tbb::parallel_deterministic_reduce(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(chunk_size(t, plugin_.passes[pass]))), body,
                                          tbb::simple_partitioner());
-    auto out = aligned_array<std::byte>(stats_sizes_[pass]);
-    std::memcpy(out.get(), body.partial(), stats_sizes_[pass]);
-    return out;
+    return body.take_partial();
   }
 
   void model_reduce(std::size_t pass) {
@@ -454,7 +527,7 @@ class Runner {
     // Tensors are reduced a batch at a time (in parallel) and folded into the total in tensor
     // order: deterministic, and only a batch of partials is alive, whatever their size.
     constexpr std::size_t kBatch = 8;
-    std::vector<AlignedPtr<std::byte>> partials(kBatch);
+    std::vector<PartialPool::Lease> partials(kBatch);
     for (std::size_t first = 0; first < tensors_.size(); first += kBatch) {
       const std::size_t n = std::min(kBatch, tensors_.size() - first);
       tbb::parallel_for(std::size_t{0}, n, [&](std::size_t j) { partials[j] = reduce_tensor(pass, first + j); });
@@ -547,6 +620,7 @@ class Runner {
   cfx_job job_{};
   void* instance_ = nullptr;
   std::vector<std::uint64_t> stats_sizes_;
+  std::vector<std::unique_ptr<PartialPool>> pools_;  // per pass
   std::vector<bool> enabled_;  // per pass, as the plugin decided for this job
   std::unique_ptr<tbb::task_arena> arena_;
   tbb::enumerable_thread_specific<Scratch> scratch_;
@@ -590,26 +664,34 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
     if (plan.base()) drop(*plan.base(), *item.base);
     for (std::size_t m = 0; m < n_models; ++m) drop(plan.models()[m], *item.models[m]);
   };
-  auto for_chunks = [&](auto&& body) {
-    tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {
-      const PlannedItem& item = plan.items()[i];
-      const std::uint64_t chunks = (item.numel + size - 1) / size;
-      tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(size)), [&](const tbb::blocked_range<std::uint64_t>& r) {
-        for (std::uint64_t c = r.begin(); c != r.end(); ++c)
-          body(i, item, c * size, std::min(size, item.numel - c * size));
-        release(item, r.begin() * size, std::min(r.end() * size, item.numel));
-      }, tbb::simple_partitioner());
-    });
+
+
+  // Reads a range as the engine's statistics passes over a whole model do: a copy from the page
+  // cache (SafetensorsFile::read), nothing mapped.
+  auto copy = [&](Scratch& s, const Checkpoint& ck, const TensorRef& ref, std::uint64_t b0, std::uint64_t b1) {
+    std::byte* dst = s.ensure_raw(0, static_cast<std::size_t>(b1 - b0));
+    ck.shards()[ref.shard].read(ref.info->begin + b0, ref.info->begin + b1, dst);
+    std::uint64_t acc = 0;
+    for (std::uint64_t b = 0; b < b1 - b0; b += 64) acc += static_cast<std::uint64_t>(dst[b]);
+    sink.fetch_add(acc, std::memory_order_relaxed);
+    read += b1 - b0;
   };
 
   arena.execute([&] {
     // Extra read-only passes (strategies with a model-scope statistics pass).
     for (unsigned pass = 1; pass < input_reads; ++pass)
-      for_chunks([&](std::size_t, const PlannedItem& item, std::uint64_t begin, std::uint64_t count) {
+      tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {
+        const PlannedItem& item = plan.items()[i];
         if (!item.merged) return;
-        const std::uint64_t e = element_bytes(item.in_dtype), b0 = begin * e, b1 = (begin + count) * e;
-        if (plan.base()) consume(*plan.base(), *item.base, b0, b1);
-        for (std::size_t m = 0; m < n_models; ++m) consume(plan.models()[m], *item.models[m], b0, b1);
+        const std::uint64_t chunks = (item.numel + size - 1) / size, e = element_bytes(item.in_dtype);
+        tbb::parallel_for(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(size)), [&](const tbb::blocked_range<std::uint64_t>& r) {
+          Scratch& s = scratch.local();
+          for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
+            const std::uint64_t b0 = c * size * e, b1 = std::min(item.numel, (c + 1) * size) * e;
+            if (plan.base()) copy(s, *plan.base(), *item.base, b0, b1);
+            for (std::size_t m = 0; m < n_models; ++m) copy(s, plan.models()[m], *item.models[m], b0, b1);
+          }
+        }, tbb::simple_partitioner());
       });
     // The final pass: read everything, write the output (staged per task, as the engine does).
     tbb::parallel_for(std::size_t{0}, plan.items().size(), [&](std::size_t i) {

@@ -114,6 +114,23 @@ void SafetensorsFile::release(std::uint64_t begin, std::uint64_t end) const {
   ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
+void SafetensorsFile::read(std::uint64_t begin, std::uint64_t end, std::byte* dst) const {
+  if (begin >= end) return;
+  if (!map_ || end > file_size_ - layout_.data_offset())
+    throw std::out_of_range("read past the data of " + path_.string());
+  const int fd = map_->file.get_mapping_handle().handle;
+  std::uint64_t at = layout_.data_offset() + begin;
+  const std::uint64_t stop = layout_.data_offset() + end;
+  while (at < stop) {
+    const ssize_t n = ::pread(fd, dst, static_cast<std::size_t>(stop - at), static_cast<off_t>(at));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw Error(Errc::io, path_, std::string("cannot read: ") + std::strerror(errno));
+    if (n == 0) throw Error(Errc::io, path_, "cannot read: the file was truncated during the merge");
+    at += static_cast<std::uint64_t>(n);
+    dst += n;
+  }
+}
+
 double TensorView::element(std::size_t i) const {
   switch (info->dtype) {
     case DType::F32: return as<float>()[i];

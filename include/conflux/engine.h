@@ -113,10 +113,11 @@ MergeResult run_merge(const MergePlan& plan, const LoadedPlugin& plugin, const P
                       CheckpointWriter& out, const EngineOptions& options);
 
 // The I/O floor of a merge, measured through the same path: reads every input byte of the plan
-// `input_reads` times (through the same mappings, chunk by chunk, releasing pages the same way;
-// a strategy with a model-scope reduce pass reads its inputs twice) and writes the output once
-// (the first model's values, converted to the output dtype). What a merge costs beyond this is
-// the merge itself.
+// `input_reads` times (a strategy with a model-scope reduce pass reads its inputs twice; the
+// extra reads copy from the page cache, as the engine's statistics passes over a whole model do)
+// and writes the output once (the last read goes through the same mappings, chunk by chunk,
+// releasing pages the same way; the first model's values, converted to the output dtype). What a
+// merge costs beyond this is the merge itself.
 MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const EngineOptions& options,
                       unsigned input_reads = 1);
 

@@ -131,6 +131,13 @@ class SafetensorsFile {
   void advise_sequential() const;
   void release(std::uint64_t begin, std::uint64_t end) const;
 
+  // Copies data bytes [begin, end) (relative to the data buffer) to dst with pread, from the page
+  // cache, without mapping them into this process: for a pass whose pages would be released right
+  // after (a statistics pass over a large tensor or the whole model), a copy is cheaper than
+  // mapping pages in and out again, and leaves the resident set alone. Throws Error naming the
+  // file on a failed or short read (a file truncated under the merge).
+  void read(std::uint64_t begin, std::uint64_t end, std::byte* dst) const;
+
  private:
   struct Mapping;
   SafetensorsFile() = default;
