@@ -209,6 +209,25 @@ struct Sums {
   ElectionStore<V> election;
 };
 
+// DELLA's per-entry state for a group of rows (double). Sparse task vectors leave most entries
+// without a kept term, so the state is one record per entry (a term touches one cache line, not
+// five arrays), a bit per entry marks those that got a term, and the finish computes only the
+// marked ones from the state; every other entry's output is the base plus the empty merge.
+struct DellaCell {
+  double vote, pos, neg, pos_w, neg_w;
+};
+struct DellaSums {
+  std::vector<DellaCell> cell;        // ties
+  std::vector<double> acc;            // linear
+  std::vector<std::uint64_t> touched;  // bit k: entry k got a kept term
+  void reserve(std::size_t m, bool ties) {
+    if (ties && cell.size() < m) cell.resize(m, DellaCell{0, 0, 0, 0, 0});
+    if (!ties && acc.size() < m) acc.resize(m, 0.0);
+    if (touched.size() < (m + 63) / 64) touched.resize((m + 63) / 64, 0);
+  }
+  void mark(std::size_t k) { touched[k >> 6] |= std::uint64_t{1} << (k & 63); }
+};
+
 // Working memory of one map call, reused by later calls (allocating it per chunk made the
 // allocator hand memory back to the system and fault it in again: page faults and TLB
 // shootdowns cost more than some kernels).
@@ -219,8 +238,9 @@ struct Scratch {
   // DARE: state carried between groups of models (overwritten by the first group).
   Sums<float> carry_f;
   Sums<double> carry_d;
-  // DELLA (double): sums the rows' entries are added into, zero at rest (the finish clears them).
-  Sums<double> rest;
+  // DELLA (double): sums the rows' kept entries are added into, zero at rest (the finish clears
+  // what it finds marked in `touched`).
+  DellaSums rest;
 
   template <class V>
   Sums<V>& carry() {
@@ -305,6 +325,47 @@ CONFLUX_MULTIVERSION void finish_election_arrays(const In* __restrict base, doub
 template <class T, bool Normalize, class In>
 void finish_election(const In* base, Election<T> e, std::size_t m, T lambda, float* out) {
   finish_election_arrays<T, Normalize>(base, e.vote, e.pos, e.neg, e.pos_w, e.neg_w, m, lambda, out);
+}
+
+// out[k] = base[k] + z for every k: the entries without a term (z = the output factor times the
+// empty merge, whose bits the full expression would give them too).
+template <class In>
+CONFLUX_MULTIVERSION void fill_base_plus(const In* __restrict base, std::size_t m, double z, float* __restrict out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<double>(value(base, k)) + z);
+}
+
+// Calls f(k) for each marked entry k < m, in index order, and clears the marks.
+template <class F>
+inline void for_marked(std::uint64_t* touched, std::size_t m, F&& f) {
+  for (std::size_t w = 0; w < (m + 63) / 64; ++w) {
+    for (std::uint64_t bits = touched[w]; bits != 0; bits &= bits - 1)
+      f(w * 64 + static_cast<std::size_t>(__builtin_ctzll(bits)));
+    touched[w] = 0;
+  }
+}
+
+// DELLA's finish of a group of m entries (double), the bits of finish_election / finish_sum over
+// the dense state: the unmarked entries from the base alone, then the marked ones from their
+// state, which is zero again after.
+template <bool Normalize, class In>
+void finish_della_election(const In* base, DellaSums& s, std::size_t m, double lambda, float* out) {
+  fill_base_plus(base, m, lambda * elect<double, Normalize>(0.0, 0.0, 0.0, 0.0, 0.0), out);
+  DellaCell* cell = s.cell.data();
+  for_marked(s.touched.data(), m, [&](std::size_t k) {
+    DellaCell& c = cell[k];
+    out[k] = static_cast<float>(static_cast<double>(value(base, k)) +
+                                lambda * elect<double, Normalize>(c.vote, c.pos, c.neg, c.pos_w, c.neg_w));
+    c = DellaCell{0, 0, 0, 0, 0};
+  });
+}
+template <class In>
+void finish_della_sum(const In* base, DellaSums& s, std::size_t m, double f, float* out) {
+  fill_base_plus(base, m, f * 0.0, out);
+  double* acc = s.acc.data();
+  for_marked(s.touched.data(), m, [&](std::size_t k) {
+    out[k] = static_cast<float>(static_cast<double>(value(base, k)) + f * acc[k]);
+    acc[k] = 0.0;
+  });
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1084,10 +1145,10 @@ class DropMerge {
     RowBuffers rb{at_least(s.key, len + 16), at_least(s.idx, len + 16), at_least(s.unz, len + 16),
                   at_least(s.cand, len + 16), at_least(s.a, len), at_least(s.b, len)};
     // The sums are zero at rest: the finish clears what the group added (nothing in between
-    // throws), so no pass clears them.
-    Sums<V>& sums = s.rest;
-    V* acc = T::ties ? nullptr : at_least(sums.acc, cap);
-    if (T::ties) sums.election.reserve(cap);
+    // throws), so no pass clears them. A dropped entry adds nothing (its W is +0, which leaves
+    // every sum's bits as they are: they start at +0 and never become -0), so only kept ones do.
+    DellaSums& sums = s.rest;
+    sums.reserve(cap, T::ties);
     for (std::size_t g0 = 0; g0 < count; g0 += group) {
       const std::size_t m = std::min(group, count - g0);
       for (std::uint32_t i = 0; i < n_; ++i) {
@@ -1097,22 +1158,21 @@ class DropMerge {
           const In* x = models[i] + g0 + r0;
           const In* base = base_in + g0 + r0;
           if constexpr (T::ties) {
-            const Election<V> e = sums.election.at(r0);
+            DellaCell* cell = sums.cell.data() + r0;
             const V wi = fac.w[i];
             const float si = fac.s[i];
-            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
-              ElectionTerm<V> t{e.vote[k], e.pos[k], e.neg[k], e.pos_w[k], e.neg_w[k]};
-              t.add(value(x, k) - value(base, k), keep, cv[r], wi, si);
-              e.vote[k] = t.vote;
-              e.pos[k] = t.pos;
-              e.neg[k] = t.neg;
-              e.pos_w[k] = t.pos_w;
-              e.neg_w[k] = t.neg_w;
+            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r) {
+              DellaCell& e = cell[k];
+              ElectionTerm<V> t{e.vote, e.pos, e.neg, e.pos_w, e.neg_w};
+              t.add(value(x, k) - value(base, k), true, cv[r], wi, si);
+              e = DellaCell{t.vote, t.pos, t.neg, t.pos_w, t.neg_w};
+              sums.mark(r0 + k);
             });
           } else {
-            V* row_acc = acc + r0;
-            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
-              row_acc[k] += keep ? cv[r] * static_cast<V>(value(x, k) - value(base, k)) : V(0);
+            double* row_acc = sums.acc.data() + r0;
+            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r) {
+              row_acc[k] += cv[r] * static_cast<V>(value(x, k) - value(base, k));
+              sums.mark(r0 + k);
             });
           }
         }
@@ -1120,11 +1180,11 @@ class DropMerge {
       const In* base = base_in + g0;
       if constexpr (T::ties) {
         if (normalize_)
-          finish_election<V, true>(base, sums.election.at(0), m, fac.out_factor, out + g0);
+          finish_della_election<true>(base, sums, m, fac.out_factor, out + g0);
         else
-          finish_election<V, false>(base, sums.election.at(0), m, fac.out_factor, out + g0);
+          finish_della_election<false>(base, sums, m, fac.out_factor, out + g0);
       } else {
-        finish_sum<V>(base, acc, m, fac.out_factor, out + g0);
+        finish_della_sum(base, sums, m, fac.out_factor, out + g0);
       }
     }
   }
@@ -1138,8 +1198,8 @@ class DropMerge {
   };
 
   // One row of one model (task vector x - base, uniforms u): returns how many of its entries
-  // are kept, and calls add(k, r, keep) for every nonzero entry k that may be kept (rank r in
-  // the row; keep: whether it is) to add its W into the sums.
+  // are kept, and calls add(k, r) for every kept nonzero entry k (rank r in the row) to add its
+  // W into the sums.
   template <class In, class Add>
   static std::uint64_t della_row(const In* x, const In* base, const float* u, const float* pf, std::size_t len,
                                  const RowBuffers& rb, Add&& add) {
@@ -1153,9 +1213,10 @@ class DropMerge {
     const std::uint32_t* idx = rb.idx;
     visit_candidates(split, pf[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
       const std::size_t r = zeros + rank;
-      const bool keep = unz[j] >= pf[r];
-      kept += keep ? 1 : 0;
-      add(idx[j], r, keep);
+      if (unz[j] >= pf[r]) {
+        ++kept;
+        add(idx[j], r);
+      }
     });
     return kept;
   }
