@@ -213,8 +213,29 @@ struct Sums {
 // without a kept term, so the state is one record per entry (a term touches one cache line, not
 // five arrays), a bit per entry marks those that got a term, and the finish computes only the
 // marked ones from the state; every other entry's output is the base plus the empty merge.
+// v where on, else +0: a select on the bits (keep decisions and signs are coin flips, and a
+// branch on them costs more than the arithmetic; a multiply by 0 or 1 would turn an infinite W
+// into NaN).
+inline double masked(double v, bool on) {
+  std::uint64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  b &= 0 - static_cast<std::uint64_t>(on);
+  std::memcpy(&v, &b, sizeof b);
+  return v;
+}
+
+// ElectionTerm<double>::add without branches: adding a +0 term leaves every sum's bits as they
+// are (the sums start at +0 and never become -0), so a dropped entry (W = +0) changes nothing.
 struct DellaCell {
   double vote, pos, neg, pos_w, neg_w;
+  void add(double W, double w) {
+    const bool up = W > 0.0, down = W < 0.0;
+    vote += W;
+    pos += masked(W, up);
+    neg += masked(W, down);
+    pos_w += masked(w, up);
+    neg_w += masked(w, down);
+  }
 };
 struct DellaSums {
   std::vector<DellaCell> cell;        // ties
@@ -225,7 +246,7 @@ struct DellaSums {
     if (!ties && acc.size() < m) acc.resize(m, 0.0);
     if (touched.size() < (m + 63) / 64) touched.resize((m + 63) / 64, 0);
   }
-  void mark(std::size_t k) { touched[k >> 6] |= std::uint64_t{1} << (k & 63); }
+  void mark(std::size_t k, bool on) { touched[k >> 6] |= static_cast<std::uint64_t>(on) << (k & 63); }
 };
 
 // Working memory of one map call, reused by later calls (allocating it per chunk made the
@@ -662,6 +683,8 @@ inline bool have_avx512() {
   return yes;
 }
 
+inline constexpr std::size_t kPrefetchBytes = 1024;
+
 // The same with AVX-512 compress (sparse task vectors: most entries are zeros, and the scalar
 // split's dependency chain through the counts costs more than the rest of the row).
 template <class In>
@@ -673,6 +696,10 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   std::size_t nz = 0, z = 0, k = 0;
   std::uint64_t kept = 0;
   for (; k + 16 <= n; k += 16) {
+    // The compress chain keeps few loads in flight; fetch ahead (a prefetch past the row, or
+    // into a page not mapped yet, is harmless).
+    _mm_prefetch(reinterpret_cast<const char*>(x + k) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(base + k) + kPrefetchBytes, _MM_HINT_T0);
     const __m512 d = _mm512_sub_ps(load16(x + k), load16(base + k));
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
     const __mmask16 on = _mm512_test_epi32_mask(bits, bits);
@@ -1161,18 +1188,16 @@ class DropMerge {
             DellaCell* cell = sums.cell.data() + r0;
             const V wi = fac.w[i];
             const float si = fac.s[i];
-            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r) {
-              DellaCell& e = cell[k];
-              ElectionTerm<V> t{e.vote, e.pos, e.neg, e.pos_w, e.neg_w};
-              t.add(value(x, k) - value(base, k), true, cv[r], wi, si);
-              e = DellaCell{t.vote, t.pos, t.neg, t.pos_w, t.neg_w};
-              sums.mark(r0 + k);
+            (void)si;  // double: the sign of W itself decides
+            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+              cell[k].add(masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep), wi);
+              sums.mark(r0 + k, keep);
             });
           } else {
             double* row_acc = sums.acc.data() + r0;
-            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r) {
-              row_acc[k] += cv[r] * static_cast<V>(value(x, k) - value(base, k));
-              sums.mark(r0 + k);
+            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+              row_acc[k] += masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep);
+              sums.mark(r0 + k, keep);
             });
           }
         }
@@ -1198,8 +1223,8 @@ class DropMerge {
   };
 
   // One row of one model (task vector x - base, uniforms u): returns how many of its entries
-  // are kept, and calls add(k, r) for every kept nonzero entry k (rank r in the row) to add its
-  // W into the sums.
+  // are kept, and calls add(k, r, keep) for every nonzero entry k that may be kept (rank r in
+  // the row; keep: whether it is) to add its W (+0 unless kept) into the sums.
   template <class In, class Add>
   static std::uint64_t della_row(const In* x, const In* base, const float* u, const float* pf, std::size_t len,
                                  const RowBuffers& rb, Add&& add) {
@@ -1213,10 +1238,9 @@ class DropMerge {
     const std::uint32_t* idx = rb.idx;
     visit_candidates(split, pf[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
       const std::size_t r = zeros + rank;
-      if (unz[j] >= pf[r]) {
-        ++kept;
-        add(idx[j], r);
-      }
+      const bool keep = unz[j] >= pf[r];  // a coin flip: no branch on it
+      kept += keep ? 1 : 0;
+      add(idx[j], r, keep);
     });
     return kept;
   }
