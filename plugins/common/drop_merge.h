@@ -683,8 +683,6 @@ inline bool have_avx512() {
   return yes;
 }
 
-inline constexpr std::size_t kPrefetchBytes = 1024;
-
 // The same with AVX-512 compress (sparse task vectors: most entries are zeros, and the scalar
 // split's dependency chain through the counts costs more than the rest of the row).
 template <class In>
@@ -696,10 +694,6 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   std::size_t nz = 0, z = 0, k = 0;
   std::uint64_t kept = 0;
   for (; k + 16 <= n; k += 16) {
-    // The compress chain keeps few loads in flight; fetch ahead (a prefetch past the row, or
-    // into a page not mapped yet, is harmless).
-    _mm_prefetch(reinterpret_cast<const char*>(x + k) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(base + k) + kPrefetchBytes, _MM_HINT_T0);
     const __m512 d = _mm512_sub_ps(load16(x + k), load16(base + k));
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
     const __mmask16 on = _mm512_test_epi32_mask(bits, bits);
