@@ -486,7 +486,7 @@ std::uint32_t magnitude_bits(float x) {
 // A row of `len` entries, a fraction `nonzero` of them changed. kind 0: random magnitudes;
 // 1: three magnitudes (ties everywhere); 2: also infinities, NaNs and signed zeros.
 struct Row {
-  std::vector<float> x, base, u;
+  std::vector<float> x, base;
 };
 Row make_row(std::size_t len, double nonzero, int kind, std::uint64_t seed) {
   Row r;
@@ -504,25 +504,23 @@ Row make_row(std::size_t len, double nonzero, int kind, std::uint64_t seed) {
     if (kind == 2 && rnd(seed, k, 7) < 0.05) x = -b;  // exact cancellations of sign
     r.x.push_back(x);
     r.base.push_back(b);
-    // Multiples of 2^-24 in [0, 1), as the host's.
-    r.u.push_back(static_cast<float>(std::floor(rnd(seed, k, 8) * 0x1p24) * 0x1p-24));
   }
   return r;
 }
 
 // The split of stored BF16 inputs (CFX_PASS_BF16_INPUTS), given float32 values that are
 // BF16 values: their bits are the stored form.
-template <void (*Split)(const std::uint16_t*, const std::uint16_t*, const float*, const float*, std::size_t,
-                        dm::RowSplit&)>
-void split_stored_bf16(const float* x, const float* base, const float* u, const float* pf, std::size_t n,
-                       dm::RowSplit& s) {
+template <void (*Split)(const std::uint16_t*, const std::uint16_t*, const dm::RowDraws&, const std::uint32_t*,
+                        std::size_t, dm::RowSplit&)>
+void split_stored_bf16(const float* x, const float* base, const dm::RowDraws& draws, const std::uint32_t* from,
+                       std::size_t n, dm::RowSplit& s) {
   std::vector<std::uint16_t> xb(n), bb(n);
   for (std::size_t k = 0; k < n; ++k) {
     xb[k] = f32_to_bf16_bits(x[k]);
     bb[k] = f32_to_bf16_bits(base[k]);
     EXPECT_EQ(magnitude_bits(bf16_bits_to_f32(xb[k])), magnitude_bits(x[k])) << "not a BF16 value";
   }
-  Split(xb.data(), bb.data(), u, pf, n, s);
+  Split(xb.data(), bb.data(), draws, from, n, s);
 }
 
 // DARE's in-register draws are the host's uniforms (plugin.h's definition), also past 2^32 in
@@ -546,7 +544,8 @@ TEST(DareDraws, AreTheHostsUniforms) {
 }
 
 TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
-  using Split = void (*)(const float*, const float*, const float*, const float*, std::size_t, dm::RowSplit&);
+  using Split = void (*)(const float*, const float*, const dm::RowDraws&, const std::uint32_t*, std::size_t,
+                         dm::RowSplit&);
   std::vector<std::pair<const char*, Split>> float_splits{{"scalar", dm::split_row_scalar<float>}};
   std::vector<std::pair<const char*, Split>> bf16_splits{
       {"scalar, stored bf16", split_stored_bf16<dm::split_row_scalar<std::uint16_t>>}};
@@ -573,6 +572,19 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
         // density 0.2, epsilon 0.15: thresholds 1 - q from 0.95 down to 0.65.
         const dm::RankTables tables(len, 0.05, 0.3 / static_cast<double>(len - 1), {1.0}, true);
         const float* pf = tables.pf.data();
+        // The model's stream for this row: the host's uniforms (also rows that cross a multiple
+        // of 2^32 in element index, where the salt changes), u = m * 2^-24.
+        const std::uint64_t stream = 0x9E3779B97F4A7C15ull * seed;
+        const std::uint64_t starts[] = {0, 4096 * seed, 0xFFFFFFFFull - len / 2, 0x100000000ull + 3};
+        const std::uint64_t e0 = starts[seed % 4];
+        const dm::RowDraws draws(stream, e0);
+        std::vector<std::uint32_t> m(len);
+        for (std::size_t k = 0; k < len; ++k) {
+          const float u = conflux::random_uniform_at(stream, e0 + k);
+          m[k] = static_cast<std::uint32_t>(static_cast<double>(u) * 0x1p24);
+          ASSERT_EQ(static_cast<double>(m[k]) * 0x1p-24, static_cast<double>(u));
+          ASSERT_EQ(draws.at(k), m[k]) << "entry " << k;
+        }
         // The reference: ranks by a stable sort of the float32 task vector's magnitudes.
         std::vector<std::uint32_t> mag(len);
         for (std::size_t k = 0; k < len; ++k) mag[k] = magnitude_bits(row.x[k] - row.base[k]);
@@ -580,9 +592,12 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
         std::iota(order.begin(), order.end(), std::size_t{0});
         std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return mag[a] < mag[b]; });
         for (std::size_t r = 0; r < len; ++r) rank[order[r]] = r;
-        // Some uniforms exactly on their threshold (kept) or just below it (dropped).
-        for (std::size_t k = 0; k < len; k += 3)
-          row.u[k] = k % 2 ? pf[rank[k]] : std::nextafter(pf[rank[k]], 0.0f);
+        // The integer test on the draw is the definition's u >= pf; then some thresholds moved
+        // exactly onto their entry's draw (kept) or just above it (dropped).
+        std::vector<std::uint32_t> from = tables.from;
+        for (std::size_t k = 0; k < len; ++k)
+          ASSERT_EQ(m[k] >= from[rank[k]], conflux::random_uniform_at(stream, e0 + k) >= pf[rank[k]]) << "entry " << k;
+        for (std::size_t k = 0; k < len; k += 3) from[rank[k]] = m[k] + (k % 2 ? 0u : 1u);
         std::size_t zeros = 0;
         std::uint64_t kept_zeros = 0;
         std::vector<std::uint32_t> nonzero_idx;
@@ -592,22 +607,22 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
             continue;
           }
           ++zeros;
-          kept_zeros += row.u[k] >= pf[rank[k]];
+          kept_zeros += m[k] >= from[rank[k]];
         }
         for (const auto& [name, split] : splits) {
           SCOPED_TRACE(name);
           std::vector<std::uint32_t> key(len + 16), idx(len + 16), cand(len + 16);
-          std::vector<float> unz(len + 16);
+          std::vector<std::uint32_t> mnz(len + 16);
           std::vector<std::uint64_t> a(len), b(len);
-          dm::RowSplit s{key.data(), idx.data(), unz.data()};
-          split(row.x.data(), row.base.data(), row.u.data(), pf, len, s);
+          dm::RowSplit s{key.data(), idx.data(), mnz.data()};
+          split(row.x.data(), row.base.data(), draws, from.data(), len, s);
           ASSERT_EQ(s.nonzero, nonzero_idx.size());
           EXPECT_EQ(s.kept_zeros, kept_zeros);
           std::uint32_t any = 0, all = ~0u;
           for (std::size_t j = 0; j < s.nonzero; ++j) {
             ASSERT_EQ(idx[j], nonzero_idx[j]);
             EXPECT_EQ(key[j], mag[idx[j]]);
-            EXPECT_EQ(unz[j], row.u[idx[j]]);
+            EXPECT_EQ(mnz[j], m[idx[j]]);
             any |= key[j];
             all &= key[j];
           }
@@ -634,13 +649,13 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
           }
           // The plugins' choice: at least every entry that may be kept, each once.
           std::fill(seen.begin(), seen.end(), 0);
-          dm::visit_candidates(s, pf[len - 1], cand.data(), a.data(), b.data(), [&](std::size_t r, std::uint32_t j) {
+          dm::visit_candidates(s, from[len - 1], cand.data(), a.data(), b.data(), [&](std::size_t r, std::uint32_t j) {
             expect_rank(r, j);
             ++seen[j];
           });
           for (std::size_t j = 0; j < s.nonzero; ++j) {
             EXPECT_LE(seen[j], 1);
-            if (unz[j] >= pf[len - 1]) {
+            if (mnz[j] >= from[len - 1]) {
               EXPECT_EQ(seen[j], 1) << "entry " << idx[j] << " may be kept";
             }
           }

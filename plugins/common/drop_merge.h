@@ -60,10 +60,11 @@
 // IMPLEMENTATION. DARE: blocks of kBlock entries, one sweep over up to kGroup models at once
 // (operands in registers, vectorized; more models carry the per-entry sums between groups, in
 // the same order) that draws each entry's uniforms itself, by the host's definition (draw), and
-// counts the kept entries as it goes. DELLA: groups of whole rows, one random_uniform call per group and model; per row and
-// model the entries are split (AVX-512 compress where available) into zeros, which take ranks
-// 0 .. Z-1 in index order and whose W is 0 (only their kept count matters, counted during the
-// split), and nonzero entries, ranks Z .. L-1. Only a nonzero entry whose u reaches the row's
+// counts the kept entries as it goes. DELLA: groups of whole rows; per row and model the
+// entries are split (AVX-512 compress where available; the draws computed in the same sweep,
+// by the same definition: RowDraws) into zeros, which take ranks 0 .. Z-1 in index order and
+// whose W is 0 (only their kept count matters, counted during the split), and nonzero entries,
+// ranks Z .. L-1. Only a nonzero entry whose draw reaches the row's
 // lowest threshold can be kept; when few do (low keep probabilities, sparse task vectors) their
 // ranks are counted directly with vector compares, else the nonzero entries are radix-sorted
 // on the key bits that vary within the row. Kept entries' W are added, model by model, into
@@ -111,12 +112,11 @@ namespace fg = conflux::plugins::float_guard;
 
 enum class Drop { dare, della };
 
-// DARE: entries per block (one random_uniform call per model; the uniforms of a group of models
-// stay in L1). Long enough that the host call's fixed cost does not show.
+// DARE: entries per block (one pass of a group of models' sweep; its sums stay in L1).
 inline constexpr std::size_t kBlock = 1024;
 // Models per sweep: their operands fit in registers.
 inline constexpr std::uint32_t kGroup = 4;
-// DELLA: entries per group of whole rows (at least one row) sharing one random_uniform call.
+// DELLA: entries per group of whole rows (at least one row) whose sums one finish computes.
 inline constexpr std::size_t kRowGroup = 4096;
 // DELLA: bytes of rank tables kept for the job (row lengths beyond it get theirs per chunk).
 inline constexpr std::size_t kTableBudget = std::size_t{16} << 20;
@@ -151,6 +151,37 @@ inline std::uint32_t draw(std::uint32_t k0, std::uint32_t salt, std::uint32_t lo
 inline std::uint32_t keep_from(float pf) {
   return pf <= 0.0f ? 0u : static_cast<std::uint32_t>(std::ceil(static_cast<double>(pf) * 0x1p24));
 }
+
+// The draws of one model's stream over a DELLA row that starts at element e: entry k of the row
+// draws at(k). A row of fewer than 2^31 entries crosses at most one multiple of 2^32 in element
+// index, at entry `cut` (2^31 when it crosses none): the salt changes there.
+struct RowDraws {
+  std::uint32_t k0 = 0, lo = 0, salt_lo = 0, salt_hi = 0, cut = 0;
+  RowDraws() = default;
+  RowDraws(std::uint64_t key, std::uint64_t e)
+      : k0(static_cast<std::uint32_t>(key)),
+        lo(static_cast<std::uint32_t>(e)),
+        salt_lo(static_cast<std::uint32_t>(key >> 32) ^ (static_cast<std::uint32_t>(e >> 32) * 0x9E3779B9u)),
+        salt_hi(static_cast<std::uint32_t>(key >> 32) ^ (static_cast<std::uint32_t>((e >> 32) + 1) * 0x9E3779B9u)),
+        cut(static_cast<std::uint32_t>(std::min<std::uint64_t>((std::uint64_t{1} << 32) - lo, std::uint64_t{1} << 31))) {}
+  std::uint32_t at(std::size_t k) const {
+    const auto kk = static_cast<std::uint32_t>(k);
+    return draw(k0, kk < cut ? salt_lo : salt_hi, lo + kk);
+  }
+  // The same draws seen from entry k on: from(k).at(j) == at(k + j).
+  RowDraws from(std::size_t k) const {
+    RowDraws r = *this;
+    const auto kk = static_cast<std::uint32_t>(k);
+    r.lo = lo + kk;
+    if (kk >= cut) {
+      r.salt_lo = salt_hi;
+      r.cut = std::uint32_t{1} << 31;
+    } else {
+      r.cut = cut - kk;
+    }
+    return r;
+  }
+};
 
 // The keep decisions of up to 4 models for entry k of a block whose draws are
 // draw(k0[j], salt[j], lo + k): whether the draw reaches `from` (named members: a sweep's copy of
@@ -253,8 +284,7 @@ struct DellaSums {
 // allocator hand memory back to the system and fault it in again: page faults and TLB
 // shootdowns cost more than some kernels).
 struct Scratch {
-  std::vector<float> u, unz;
-  std::vector<std::uint32_t> key, idx, cand;
+  std::vector<std::uint32_t> key, idx, mnz, cand;
   std::vector<std::uint64_t> a, b;
   // DARE: state carried between groups of models (overwritten by the first group).
   Sums<float> carry_f;
@@ -638,12 +668,13 @@ inline std::uint32_t key_of(float x) {
 }
 
 // One row split into its zero and nonzero entries (by magnitude key), each in index order:
-// the j-th nonzero entry has key[j], index idx[j] and uniform unz[j] (arrays of the row's
-// length + 16 entries: vector stores run past the end). The z-th zero entry has rank z, so
-// only whether it is kept matters (its W is 0): kept_zeros counts u >= pf[z].
+// the j-th nonzero entry has key[j], index idx[j] and draw mnz[j] (arrays of the row's length +
+// 16 entries: vector stores run past the end). The z-th zero entry has rank z, so only whether
+// it is kept matters (its W is 0): kept_zeros counts its draw >= from[z]. The draws are
+// computed here (RowDraws), not read from a buffer: the keep test u >= pf of the definition is
+// the integer test m >= keep_from(pf) on the draw m = u * 2^24.
 struct RowSplit {
-  std::uint32_t *key, *idx;
-  float* unz;
+  std::uint32_t *key, *idx, *mnz;
   std::size_t nonzero = 0;
   std::uint32_t varying = 0;  // key bits that differ between the nonzero entries
   std::uint64_t kept_zeros = 0;
@@ -652,18 +683,19 @@ struct RowSplit {
 // Splits the row of task vector x - base (float32, as the host would form it). Branch-free:
 // zeros and nonzeros interleave at random.
 template <class In>
-inline void split_row_scalar(const In* x, const In* base, const float* u, const float* pf, std::size_t n,
-                             RowSplit& s) {
+inline void split_row_scalar(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from,
+                             std::size_t n, RowSplit& s) {
   std::uint32_t any = 0, all = ~0u;
   std::size_t nz = 0, z = 0;
   std::uint64_t kept = 0;
   for (std::size_t k = 0; k < n; ++k) {
     const std::uint32_t bits = key_of(value(x, k) - value(base, k));
+    const std::uint32_t m = draws.at(k);
     const bool on = bits != 0;
     s.key[nz] = bits;
     s.idx[nz] = static_cast<std::uint32_t>(k);
-    s.unz[nz] = u[k];
-    kept += !on && u[k] >= pf[z] ? 1 : 0;  // z <= k < n
+    s.mnz[nz] = m;
+    kept += !on && m >= from[z] ? 1 : 0;  // z <= k < n
     nz += on ? 1 : 0;
     z += on ? 0 : 1;
     any |= on ? bits : 0u;
@@ -684,12 +716,32 @@ inline bool have_avx512() {
 }
 
 // The same with AVX-512 compress (sparse task vectors: most entries are zeros, and the scalar
-// split's dependency chain through the counts costs more than the rest of the row).
+// split's dependency chain through the counts costs more than the rest of the row), the draws
+// in registers.
+// Logical right shift of every lane (the zero-masked form: GCC 12's unmasked one trips
+// -Wmaybe-uninitialized; an all-ones mask is the same instruction).
+__attribute__((target("avx512f"))) inline __m512i shift_right(__m512i h, unsigned n) {
+  return _mm512_maskz_srli_epi32(static_cast<__mmask16>(0xFFFF), h, n);
+}
+__attribute__((target("avx512f"))) inline __m512i fmix32_avx512(__m512i h) {
+  h = _mm512_xor_si512(h, shift_right(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm512_xor_si512(h, shift_right(h, 13));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm512_xor_si512(h, shift_right(h, 16));
+}
+
 template <class In>
-__attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, const In* base, const float* u,
-                                                                const float* pf, std::size_t n, RowSplit& s) {
+__attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, const In* base, const RowDraws& draws,
+                                                                const std::uint32_t* from, std::size_t n,
+                                                                RowSplit& s) {
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i k0 = _mm512_set1_epi32(static_cast<int>(draws.k0));
+  const __m512i lo = _mm512_set1_epi32(static_cast<int>(draws.lo));
+  const __m512i salt_lo = _mm512_set1_epi32(static_cast<int>(draws.salt_lo));
+  const __m512i salt_hi = _mm512_set1_epi32(static_cast<int>(draws.salt_hi));
+  const __m512i cut = _mm512_set1_epi32(static_cast<int>(draws.cut));
   __m512i any = _mm512_setzero_si512(), all = _mm512_set1_epi32(-1);
   std::size_t nz = 0, z = 0, k = 0;
   std::uint64_t kept = 0;
@@ -700,17 +752,20 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
     any = _mm512_mask_or_epi32(any, on, any, bits);
     all = _mm512_mask_and_epi32(all, on, all, bits);
     const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(k)));
-    const __m512 uk = _mm512_loadu_ps(u + k);
+    // draw(k0, salt, lo + index), the salt of the lanes at or past the cut being salt_hi.
+    const __m512i salt = _mm512_mask_blend_epi32(_mm512_cmpge_epu32_mask(index, cut), salt_lo, salt_hi);
+    const __m512i h = fmix32_avx512(_mm512_xor_si512(_mm512_add_epi32(lo, index), k0));
+    const __m512i m = shift_right(fmix32_avx512(_mm512_xor_si512(h, salt)), 8);
     // Compress in registers, store whole vectors (memory-destination compress is slow on some
     // CPUs; the arrays have 16 entries of slack).
     _mm512_storeu_si512(s.key + nz, _mm512_maskz_compress_epi32(on, bits));
     _mm512_storeu_si512(s.idx + nz, _mm512_maskz_compress_epi32(on, index));
-    _mm512_storeu_ps(s.unz + nz, _mm512_maskz_compress_ps(on, uk));
-    // The zeros' uniforms against the thresholds of their ranks z, z + 1, ...
+    _mm512_storeu_si512(s.mnz + nz, _mm512_maskz_compress_epi32(on, m));
+    // The zeros' draws against the thresholds of their ranks z, z + 1, ...
     const auto c = static_cast<unsigned>(__builtin_popcount(on));
     const auto zeros = static_cast<__mmask16>((1u << (16 - c)) - 1);
-    const __m512 uz = _mm512_maskz_compress_ps(static_cast<__mmask16>(~on), uk);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(zeros, uz, _mm512_maskz_loadu_ps(zeros, pf + z), _CMP_GE_OQ);
+    const __m512i mz = _mm512_maskz_compress_epi32(static_cast<__mmask16>(~on), m);
+    const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(zeros, mz, _mm512_maskz_loadu_epi32(zeros, from + z));
     kept += static_cast<unsigned>(__builtin_popcount(keep));
     nz += c;
     z += 16 - c;
@@ -724,8 +779,8 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
     any_s |= any_lanes[j];
     all_s &= all_lanes[j];
   }
-  RowSplit tail{s.key + nz, s.idx + nz, s.unz + nz};
-  split_row_scalar(x + k, base + k, u + k, pf + z, n - k, tail);
+  RowSplit tail{s.key + nz, s.idx + nz, s.mnz + nz};
+  split_row_scalar(x + k, base + k, draws.from(k), from + z, n - k, tail);
   for (std::size_t j = nz; j < nz + tail.nonzero; ++j) {
     s.idx[j] += static_cast<std::uint32_t>(k);
     any_s |= s.key[j];
@@ -736,16 +791,16 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   s.kept_zeros = kept + tail.kept_zeros;
 }
 
-// The candidates of a row: positions j (ascending) of the nonzero entries with unz[j] >= pf,
+// The candidates of a row: positions j (ascending) of the nonzero entries with mnz[j] >= from,
 // into cand (nonzero + 16 entries); returns how many.
-__attribute__((target("avx512f"))) inline std::size_t candidates_avx512(const float* unz, std::size_t n, float pf,
-                                                                       std::uint32_t* cand) {
+__attribute__((target("avx512f"))) inline std::size_t candidates_avx512(const std::uint32_t* mnz, std::size_t n,
+                                                                       std::uint32_t from, std::uint32_t* cand) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 threshold = _mm512_set1_ps(pf);
+  const __m512i threshold = _mm512_set1_epi32(static_cast<int>(from));
   std::size_t c = 0;
   for (std::size_t j = 0; j < n; j += 16) {
     const __mmask16 valid = n - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __mmask16 on = _mm512_mask_cmp_ps_mask(valid, _mm512_loadu_ps(unz + j), threshold, _CMP_GE_OQ);
+    const __mmask16 on = _mm512_mask_cmpge_epu32_mask(valid, _mm512_loadu_si512(mnz + j), threshold);
     const __m512i pos = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j)));
     _mm512_storeu_si512(cand + c, _mm512_maskz_compress_epi32(on, pos));
     c += static_cast<std::size_t>(__builtin_popcount(on));
@@ -776,11 +831,12 @@ __attribute__((target("avx512f"))) inline std::size_t rank_avx512(const std::uin
 #endif
 
 template <class In>
-inline void split_row(const In* x, const In* base, const float* u, const float* pf, std::size_t n, RowSplit& s) {
+inline void split_row(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from, std::size_t n,
+                      RowSplit& s) {
 #if CONFLUX_DROP_MERGE_AVX512
-  if (have_avx512()) return split_row_avx512(x, base, u, pf, n, s);
+  if (have_avx512()) return split_row_avx512(x, base, draws, from, n, s);
 #endif
-  split_row_scalar(x, base, u, pf, n, s);
+  split_row_scalar(x, base, draws, from, n, s);
 }
 
 // Calls visit(rank, j) for every nonzero entry j of a split row (in index order), rank being
@@ -844,14 +900,14 @@ void radix_ranks(const RowSplit& s, std::uint64_t* a, std::uint64_t* b, Visit&& 
 }
 
 // Calls visit(rank, j) (rank among the nonzero entries, as radix_ranks) for every nonzero entry
-// j of a split row that may be kept: at least those with unz[j] >= pf_min, the lowest keep
+// j of a split row that may be kept: at least those with mnz[j] >= from_min, the lowest keep
 // threshold of the row (the others are dropped whatever their rank). With one magnitude the
 // rank is the position. With AVX-512 and few candidates (keep probabilities are low: most
 // entries can be ruled out by their uniform alone), the candidates' ranks are counted directly
 // (a vector compare per 16 entries and candidate) instead of sorting the row. cand holds
 // nonzero + 16 entries, a and b nonzero.
 template <class Visit>
-void visit_candidates(RowSplit& s, float pf_min, std::uint32_t* cand, std::uint64_t* a, std::uint64_t* b,
+void visit_candidates(RowSplit& s, std::uint32_t from_min, std::uint32_t* cand, std::uint64_t* a, std::uint64_t* b,
                       Visit&& visit) {
   const std::size_t n = s.nonzero;
   if (n == 0) return;
@@ -861,7 +917,7 @@ void visit_candidates(RowSplit& s, float pf_min, std::uint32_t* cand, std::uint6
   }
 #if CONFLUX_DROP_MERGE_AVX512
   if (have_avx512()) {
-    const std::size_t c = candidates_avx512(s.unz, n, pf_min, cand);
+    const std::size_t c = candidates_avx512(s.mnz, n, from_min, cand);
     // Counting costs c * n / 16 vector steps; the radix sort some 10 scalar steps per entry.
     if (c * ((n + 15) / 16) <= 8 * n) {
       std::fill_n(s.key + n, 16, 0xFFFFFFFFu);  // padding: above every key
@@ -870,27 +926,31 @@ void visit_candidates(RowSplit& s, float pf_min, std::uint32_t* cand, std::uint6
     }
   }
 #endif
-  (void)pf_min;
+  (void)from_min;
   (void)cand;
   radix_ranks(s, a, b, visit);
 }
 
 // DELLA's keep thresholds and survivor factors by rank for rows of L entries:
-// q_r = min(lo + r * step, 1), pf[r] = keep_threshold(1 - q_r), cd[i * L + r] = w_i / q_r (or
-// w_i without rescale).
+// q_r = min(lo + r * step, 1), pf[r] = keep_threshold(1 - q_r), from[r] = keep_from(pf[r]) (the
+// same test on the draw), cd[i * L + r] = w_i / q_r (or w_i without rescale).
 struct RankTables {
   std::vector<float> pf;
+  std::vector<std::uint32_t> from;
   std::vector<double> cd;
 
   RankTables(std::size_t L, double lo, double step, const std::vector<double>& weights, bool rescale)
-      : pf(L), cd(weights.size() * L) {
+      : pf(L), from(L), cd(weights.size() * L) {
     for (std::size_t r = 0; r < L; ++r) {
       const double q = std::min(lo + static_cast<double>(r) * step, 1.0);
       pf[r] = keep_threshold(1.0 - q);
+      from[r] = keep_from(pf[r]);
       for (std::size_t i = 0; i < weights.size(); ++i) cd[i * L + r] = rescale ? weights[i] / q : weights[i];
     }
   }
-  static std::size_t bytes(std::size_t L, std::size_t n) { return L * (sizeof(float) + n * sizeof(double)); }
+  static std::size_t bytes(std::size_t L, std::size_t n) {
+    return L * (sizeof(float) + sizeof(std::uint32_t) + n * sizeof(double));
+  }
   const double* factors(std::uint32_t i) const { return cd.data() + i * pf.size(); }
 };
 
@@ -1145,9 +1205,8 @@ class DropMerge {
         });
   }
 
-  // DELLA with a spread (in double): groups of whole rows (one random_uniform call per group and
-  // model), each row of each model through della_row into the group's sums, then the group's
-  // finish.
+  // DELLA with a spread (in double): groups of whole rows, each row of each model through
+  // della_row into the group's sums, then the group's finish.
   template <class In>
   void run_della(const sdk::Chunk& c, const In* const* models, const In* base_in, std::size_t len,
                  const std::vector<std::uint64_t>& keys,
@@ -1156,14 +1215,13 @@ class DropMerge {
     const Factors<V>& fac = double_;
     std::unique_ptr<RankTables> own;
     const RankTables& tab = tables_for(len, own);
-    const float* pf = tab.pf.data();
+    const std::uint32_t* from = tab.from.data();
     const std::size_t count = c.count();
     const std::size_t group = std::max<std::size_t>(1, kRowGroup / len) * len;
     const std::size_t cap = std::min(group, count);
     const ScratchPool::Lease lease = pool_.get();
     Scratch& s = *lease;
-    float* u = at_least(s.u, cap);
-    RowBuffers rb{at_least(s.key, len + 16), at_least(s.idx, len + 16), at_least(s.unz, len + 16),
+    RowBuffers rb{at_least(s.key, len + 16), at_least(s.idx, len + 16), at_least(s.mnz, len + 16),
                   at_least(s.cand, len + 16), at_least(s.a, len), at_least(s.b, len)};
     // The sums are zero at rest: the finish clears what the group added (nothing in between
     // throws), so no pass clears them. A dropped entry adds nothing (its W is +0, which leaves
@@ -1173,23 +1231,23 @@ class DropMerge {
     for (std::size_t g0 = 0; g0 < count; g0 += group) {
       const std::size_t m = std::min(group, count - g0);
       for (std::uint32_t i = 0; i < n_; ++i) {
-        job_.host()->random_uniform(keys[i], c.begin() + g0, m, u);
         const V* cv = tab.factors(i);
         for (std::size_t r0 = 0; r0 < m; r0 += len) {
           const In* x = models[i] + g0 + r0;
           const In* base = base_in + g0 + r0;
+          const RowDraws draws(keys[i], c.begin() + g0 + r0);
           if constexpr (T::ties) {
             DellaCell* cell = sums.cell.data() + r0;
             const V wi = fac.w[i];
             const float si = fac.s[i];
             (void)si;  // double: the sign of W itself decides
-            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+            kept[i] += della_row(x, base, draws, from, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
               cell[k].add(masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep), wi);
               sums.mark(r0 + k, keep);
             });
           } else {
             double* row_acc = sums.acc.data() + r0;
-            kept[i] += della_row(x, base, u + r0, pf, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+            kept[i] += della_row(x, base, draws, from, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
               row_acc[k] += masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep);
               sums.mark(r0 + k, keep);
             });
@@ -1210,29 +1268,29 @@ class DropMerge {
 
   // Scratch arrays of one row (see RowSplit, visit_candidates).
   struct RowBuffers {
-    std::uint32_t *key, *idx;
-    float* unz;
+    std::uint32_t *key, *idx, *mnz;
     std::uint32_t* cand;
     std::uint64_t *a, *b;
   };
 
-  // One row of one model (task vector x - base, uniforms u): returns how many of its entries
-  // are kept, and calls add(k, r, keep) for every nonzero entry k that may be kept (rank r in
-  // the row; keep: whether it is) to add its W (+0 unless kept) into the sums.
+  // One row of one model (task vector x - base, the model's draws for the row, keep thresholds
+  // by rank): returns how many of its entries are kept, and calls add(k, r, keep) for every
+  // nonzero entry k that may be kept (rank r in the row; keep: whether it is) to add its W (+0
+  // unless kept) into the sums.
   template <class In, class Add>
-  static std::uint64_t della_row(const In* x, const In* base, const float* u, const float* pf, std::size_t len,
-                                 const RowBuffers& rb, Add&& add) {
-    RowSplit split{rb.key, rb.idx, rb.unz};
-    split_row(x, base, u, pf, len, split);
+  static std::uint64_t della_row(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from,
+                                 std::size_t len, const RowBuffers& rb, Add&& add) {
+    RowSplit split{rb.key, rb.idx, rb.mnz};
+    split_row(x, base, draws, from, len, split);
     // Zeros take ranks 0 .. zeros-1 in index order (their W is 0: only their count matters),
     // the nonzero entries ranks zeros .. len-1 in magnitude order.
     const std::size_t zeros = len - split.nonzero;
     std::uint64_t kept = split.kept_zeros;
-    const float* unz = rb.unz;
+    const std::uint32_t* mnz = rb.mnz;
     const std::uint32_t* idx = rb.idx;
-    visit_candidates(split, pf[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
+    visit_candidates(split, from[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
       const std::size_t r = zeros + rank;
-      const bool keep = unz[j] >= pf[r];  // a coin flip: no branch on it
+      const bool keep = mnz[j] >= from[r];  // a coin flip: no branch on it
       kept += keep ? 1 : 0;
       add(idx[j], r, keep);
     });
