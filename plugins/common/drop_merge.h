@@ -168,8 +168,8 @@ struct RowDraws {
     const auto kk = static_cast<std::uint32_t>(k);
     return draw(k0, kk < cut ? salt_lo : salt_hi, lo + kk);
   }
-  // The same draws seen from entry k on: from(k).at(j) == at(k + j).
-  RowDraws from(std::size_t k) const {
+  // The same draws seen from entry k on: skip(k).at(j) == at(k + j).
+  RowDraws skip(std::size_t k) const {
     RowDraws r = *this;
     const auto kk = static_cast<std::uint32_t>(k);
     r.lo = lo + kk;
@@ -780,7 +780,7 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
     all_s &= all_lanes[j];
   }
   RowSplit tail{s.key + nz, s.idx + nz, s.mnz + nz};
-  split_row_scalar(x + k, base + k, draws.from(k), from + z, n - k, tail);
+  split_row_scalar(x + k, base + k, draws.skip(k), from + z, n - k, tail);
   for (std::size_t j = nz; j < nz + tail.nonzero; ++j) {
     s.idx[j] += static_cast<std::uint32_t>(k);
     any_s |= s.key[j];
