@@ -64,10 +64,10 @@
 // entries are split (AVX-512 compress where available; the draws computed in the same sweep,
 // by the same definition: RowDraws) into zeros, which take ranks 0 .. Z-1 in index order and
 // whose W is 0 (only their kept count matters, counted during the split), and nonzero entries,
-// ranks Z .. L-1. Only a nonzero entry whose draw reaches the row's
-// lowest threshold can be kept; when few do (low keep probabilities, sparse task vectors) their
-// ranks are counted directly with vector compares, else the nonzero entries are radix-sorted
-// on the key bits that vary within the row. Kept entries' W are added, model by model, into
+// ranks Z .. L-1. Only a nonzero entry whose draw reaches the row's lowest threshold can be
+// kept; when few do (low keep probabilities, sparse task vectors) their ranks are counted
+// directly with vector compares, else the nonzero entries are radix-sorted on the key bits that
+// vary within the row. Kept entries' W are added, model by model, into
 // per-entry sums that are zero at rest (skipping a zero W leaves a sum's bits unchanged: the
 // sums start at +0 and never become -0). Thresholds and factors by rank come from tables per
 // row length, built once per job.
@@ -284,7 +284,7 @@ struct DellaSums {
 // allocator hand memory back to the system and fault it in again: page faults and TLB
 // shootdowns cost more than some kernels).
 struct Scratch {
-  std::vector<std::uint32_t> key, idx, mnz, cand;
+  std::vector<std::uint32_t> key, idx, mnz, cand, draw;
   std::vector<std::uint64_t> a, b;
   // DARE: state carried between groups of models (overwritten by the first group).
   Sums<float> carry_f;
@@ -670,9 +670,10 @@ inline std::uint32_t key_of(float x) {
 // One row split into its zero and nonzero entries (by magnitude key), each in index order:
 // the j-th nonzero entry has key[j], index idx[j] and draw mnz[j] (arrays of the row's length +
 // 16 entries: vector stores run past the end). The z-th zero entry has rank z, so only whether
-// it is kept matters (its W is 0): kept_zeros counts its draw >= from[z]. The draws are
-// computed here (RowDraws), not read from a buffer: the keep test u >= pf of the definition is
-// the integer test m >= keep_from(pf) on the draw m = u * 2^24.
+// it is kept matters (its W is 0): kept_zeros counts its draw >= from[z]. The draws are the
+// host's uniforms as integers, m = u * 2^24 (RowDraws: computed in registers by the AVX-512
+// split, into a buffer for the portable one), so the keep test u >= pf of the definition is the
+// integer test m >= keep_from(pf).
 struct RowSplit {
   std::uint32_t *key, *idx, *mnz;
   std::size_t nonzero = 0;
@@ -680,17 +681,27 @@ struct RowSplit {
   std::uint64_t kept_zeros = 0;
 };
 
-// Splits the row of task vector x - base (float32, as the host would form it). Branch-free:
-// zeros and nonzeros interleave at random.
+// draw[k] = draws.at(k) for k < n (vectorized where the CPU allows: the host's generator is
+// vectorized too, and the scalar split below cannot be).
+CONFLUX_MULTIVERSION inline void fill_draws(const RowDraws& draws, std::size_t n, std::uint32_t* draw) {
+  const std::uint32_t k0 = draws.k0, lo = draws.lo, salt_lo = draws.salt_lo, salt_hi = draws.salt_hi, cut = draws.cut;
+  for (std::size_t k = 0; k < n; ++k) {
+    const auto kk = static_cast<std::uint32_t>(k);
+    draw[k] = fmix32(fmix32((lo + kk) ^ k0) ^ (kk < cut ? salt_lo : salt_hi)) >> 8;
+  }
+}
+
+// Splits the row of task vector x - base (float32, as the host would form it), given the row's
+// draws. Branch-free: zeros and nonzeros interleave at random.
 template <class In>
-inline void split_row_scalar(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from,
+inline void split_row_scalar(const In* x, const In* base, const std::uint32_t* draw, const std::uint32_t* from,
                              std::size_t n, RowSplit& s) {
   std::uint32_t any = 0, all = ~0u;
   std::size_t nz = 0, z = 0;
   std::uint64_t kept = 0;
   for (std::size_t k = 0; k < n; ++k) {
     const std::uint32_t bits = key_of(value(x, k) - value(base, k));
-    const std::uint32_t m = draws.at(k);
+    const std::uint32_t m = draw[k];
     const bool on = bits != 0;
     s.key[nz] = bits;
     s.idx[nz] = static_cast<std::uint32_t>(k);
@@ -715,9 +726,6 @@ inline bool have_avx512() {
   return yes;
 }
 
-// The same with AVX-512 compress (sparse task vectors: most entries are zeros, and the scalar
-// split's dependency chain through the counts costs more than the rest of the row), the draws
-// in registers.
 // Logical right shift of every lane (the zero-masked form: GCC 12's unmasked one trips
 // -Wmaybe-uninitialized; an all-ones mask is the same instruction).
 __attribute__((target("avx512f"))) inline __m512i shift_right(__m512i h, unsigned n) {
@@ -731,6 +739,9 @@ __attribute__((target("avx512f"))) inline __m512i fmix32_avx512(__m512i h) {
   return _mm512_xor_si512(h, shift_right(h, 16));
 }
 
+// split_row_scalar with AVX-512 compress (sparse task vectors: most entries are zeros, and the
+// scalar split's dependency chain through the counts costs more than the rest of the row), the
+// draws in registers (fmix32 on 16 lanes).
 template <class In>
 __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, const In* base, const RowDraws& draws,
                                                                 const std::uint32_t* from, std::size_t n,
@@ -746,6 +757,10 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   std::size_t nz = 0, z = 0, k = 0;
   std::uint64_t kept = 0;
   for (; k + 16 <= n; k += 16) {
+    // The model's input one 4 KiB page (bf16) ahead: rows are read model by model, a few KiB of
+    // each in turn, and the hardware prefetchers stop at page boundaries (measured: 6-9% less
+    // CPU time for della on the benchmark; a hint that never faults past the end).
+    _mm_prefetch(reinterpret_cast<const char*>(x + k + 2048), _MM_HINT_T0);
     const __m512 d = _mm512_sub_ps(load16(x + k), load16(base + k));
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
     const __mmask16 on = _mm512_test_epi32_mask(bits, bits);
@@ -780,7 +795,10 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
     all_s &= all_lanes[j];
   }
   RowSplit tail{s.key + nz, s.idx + nz, s.mnz + nz};
-  split_row_scalar(x + k, base + k, draws.skip(k), from + z, n - k, tail);
+  std::uint32_t tail_draws[16];
+  const RowDraws rest = draws.skip(k);
+  for (std::size_t j = 0; j < n - k; ++j) tail_draws[j] = rest.at(j);
+  split_row_scalar(x + k, base + k, tail_draws, from + z, n - k, tail);
   for (std::size_t j = nz; j < nz + tail.nonzero; ++j) {
     s.idx[j] += static_cast<std::uint32_t>(k);
     any_s |= s.key[j];
@@ -830,13 +848,15 @@ __attribute__((target("avx512f"))) inline std::size_t rank_avx512(const std::uin
 }
 #endif
 
+// The row split of this CPU; `draw` holds n entries for the portable one.
 template <class In>
 inline void split_row(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from, std::size_t n,
-                      RowSplit& s) {
+                      std::uint32_t* draw, RowSplit& s) {
 #if CONFLUX_DROP_MERGE_AVX512
   if (have_avx512()) return split_row_avx512(x, base, draws, from, n, s);
 #endif
-  split_row_scalar(x, base, draws, from, n, s);
+  fill_draws(draws, n, draw);
+  split_row_scalar(x, base, draw, from, n, s);
 }
 
 // Calls visit(rank, j) for every nonzero entry j of a split row (in index order), rank being
@@ -1222,7 +1242,7 @@ class DropMerge {
     const ScratchPool::Lease lease = pool_.get();
     Scratch& s = *lease;
     RowBuffers rb{at_least(s.key, len + 16), at_least(s.idx, len + 16), at_least(s.mnz, len + 16),
-                  at_least(s.cand, len + 16), at_least(s.a, len), at_least(s.b, len)};
+                  at_least(s.cand, len + 16), at_least(s.draw, len), at_least(s.a, len), at_least(s.b, len)};
     // The sums are zero at rest: the finish clears what the group added (nothing in between
     // throws), so no pass clears them. A dropped entry adds nothing (its W is +0, which leaves
     // every sum's bits as they are: they start at +0 and never become -0), so only kept ones do.
@@ -1269,7 +1289,7 @@ class DropMerge {
   // Scratch arrays of one row (see RowSplit, visit_candidates).
   struct RowBuffers {
     std::uint32_t *key, *idx, *mnz;
-    std::uint32_t* cand;
+    std::uint32_t *cand, *draw;
     std::uint64_t *a, *b;
   };
 
@@ -1281,7 +1301,7 @@ class DropMerge {
   static std::uint64_t della_row(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from,
                                  std::size_t len, const RowBuffers& rb, Add&& add) {
     RowSplit split{rb.key, rb.idx, rb.mnz};
-    split_row(x, base, draws, from, len, split);
+    split_row(x, base, draws, from, len, rb.draw, split);
     // Zeros take ranks 0 .. zeros-1 in index order (their W is 0: only their count matters),
     // the nonzero entries ranks zeros .. len-1 in magnitude order.
     const std::size_t zeros = len - split.nonzero;
