@@ -683,7 +683,7 @@ struct RowSplit {
 
 // draw[k] = draws.at(k) for k < n (vectorized where the CPU allows: the host's generator is
 // vectorized too, and the scalar split below cannot be).
-CONFLUX_MULTIVERSION inline void fill_draws(const RowDraws& draws, std::size_t n, std::uint32_t* draw) {
+CONFLUX_MULTIVERSION static inline void fill_draws(const RowDraws& draws, std::size_t n, std::uint32_t* draw) {
   const std::uint32_t k0 = draws.k0, lo = draws.lo, salt_lo = draws.salt_lo, salt_hi = draws.salt_hi, cut = draws.cut;
   for (std::size_t k = 0; k < n; ++k) {
     const auto kk = static_cast<std::uint32_t>(k);
