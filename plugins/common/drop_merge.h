@@ -157,7 +157,6 @@ inline std::uint32_t keep_from(float pf) {
 // index, at entry `cut` (2^31 when it crosses none): the salt changes there.
 struct RowDraws {
   std::uint32_t k0 = 0, lo = 0, salt_lo = 0, salt_hi = 0, cut = 0;
-  RowDraws() = default;
   RowDraws(std::uint64_t key, std::uint64_t e)
       : k0(static_cast<std::uint32_t>(key)),
         lo(static_cast<std::uint32_t>(e)),
@@ -167,19 +166,6 @@ struct RowDraws {
   std::uint32_t at(std::size_t k) const {
     const auto kk = static_cast<std::uint32_t>(k);
     return draw(k0, kk < cut ? salt_lo : salt_hi, lo + kk);
-  }
-  // The same draws seen from entry k on: skip(k).at(j) == at(k + j).
-  RowDraws skip(std::size_t k) const {
-    RowDraws r = *this;
-    const auto kk = static_cast<std::uint32_t>(k);
-    r.lo = lo + kk;
-    if (kk >= cut) {
-      r.salt_lo = salt_hi;
-      r.cut = std::uint32_t{1} << 31;
-    } else {
-      r.cut = cut - kk;
-    }
-    return r;
   }
 };
 
@@ -684,11 +670,8 @@ struct RowSplit {
 // draw[k] = draws.at(k) for k < n (vectorized where the CPU allows: the host's generator is
 // vectorized too, and the scalar split below cannot be).
 CONFLUX_MULTIVERSION static inline void fill_draws(const RowDraws& draws, std::size_t n, std::uint32_t* draw) {
-  const std::uint32_t k0 = draws.k0, lo = draws.lo, salt_lo = draws.salt_lo, salt_hi = draws.salt_hi, cut = draws.cut;
-  for (std::size_t k = 0; k < n; ++k) {
-    const auto kk = static_cast<std::uint32_t>(k);
-    draw[k] = fmix32(fmix32((lo + kk) ^ k0) ^ (kk < cut ? salt_lo : salt_hi)) >> 8;
-  }
+  const RowDraws d = draws;  // a local copy: its members become registers the vectorizer sees
+  for (std::size_t k = 0; k < n; ++k) draw[k] = d.at(k);
 }
 
 // Splits the row of task vector x - base (float32, as the host would form it), given the row's
@@ -796,8 +779,7 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   }
   RowSplit tail{s.key + nz, s.idx + nz, s.mnz + nz};
   std::uint32_t tail_draws[16];
-  const RowDraws rest = draws.skip(k);
-  for (std::size_t j = 0; j < n - k; ++j) tail_draws[j] = rest.at(j);
+  for (std::size_t j = 0; j < n - k; ++j) tail_draws[j] = draws.at(k + j);
   split_row_scalar(x + k, base + k, tail_draws, from + z, n - k, tail);
   for (std::size_t j = nz; j < nz + tail.nonzero; ++j) {
     s.idx[j] += static_cast<std::uint32_t>(k);
