@@ -527,6 +527,103 @@ TEST_F(TiesTest, StaysExactWhereTermsCancel) {
   }
 }
 
+// Sparse task vectors with fewer nonzero entries than k: the selection pass merges them itself
+// (topk.h, SPECULATION), the same bits as the two passes, within 1 ulp of the reference; tensors
+// sparse only in places fall back to the histogram.
+TEST_F(TiesTest, SparseTensorsAreMergedInTheSelectionPass) {
+  // Chunks of 1000. Each tensor's nonzero fraction per chunk (density 0.3 below: k = 0.3 n).
+  struct Sparse {
+    Spec spec;
+    std::vector<double> fill;  // per chunk of 1000
+    bool merged;               // expected to finish in the selection pass
+  };
+  const std::vector<Sparse> tensors = {
+      {{"all.sparse", {3, 1001}}, {0.1, 0.1, 0.1, 0.1}, true},        // every chunk sparse
+      {{"mixed.over", {3000}}, {0.1, 0.1, 0.9}, false},                // one dense chunk, nnz > k
+      {{"mixed.fits", {3000}}, {0.5, 0.1, 0.1}, false},                // one dense chunk, nnz <= k
+      {{"exact.k", {1000}}, {0.3}, true},                               // nnz == k exactly
+      {{"neg.zero", {1500}}, {0.2, 0.2}, true},                         // -0 deltas too
+      {{"f32.sparse", {2100}, DType::F32}, {0.05, 0.05, 0.05}, true},  // float32 inputs
+  };
+  std::vector<Spec> specs;
+  for (const auto& t : tensors) specs.push_back(t.spec);
+  // Entry j of model i is nonzero for exactly round(fill * length) entries of each chunk, in a
+  // per-model shuffled order (exact counts: exact.k has k nonzero entries).
+  auto nonzero = [&](std::size_t ti, std::uint64_t j, std::size_t i) {
+    const std::uint64_t c = j / 1000, in_chunk = j % 1000;
+    const std::uint64_t length = std::min<std::uint64_t>(1000, numel(tensors[ti].spec.shape) - c * 1000);
+    const auto count = static_cast<std::uint64_t>(std::llround(tensors[ti].fill[c] * static_cast<double>(length)));
+    const std::uint64_t slot = (in_chunk * 389 + 97 * i + 13 * ti) % 1000;  // 389 is prime to 1000
+    return slot < count;
+  };
+  auto base = [&](std::size_t ti, std::uint64_t j) -> float {
+    if (tensors[ti].spec.name == "neg.zero") return 0.0f;
+    const double sign = rnd(ti, j, 1) < 0.5 ? -1.0 : 1.0;
+    return bf16(static_cast<float>(sign * (0.5 + 0.5 * rnd(ti, j, 2))));
+  };
+  const fs::path root = dir_ / "spec";
+  write_checkpoint(root / "base", specs, base);
+  std::vector<fs::path> models;
+  for (std::size_t i = 0; i < 3; ++i) {
+    models.push_back(root / ("m" + std::to_string(i)));
+    write_checkpoint(models.back(), specs, [&](std::size_t ti, std::uint64_t j) -> float {
+      const float b = base(ti, j);
+      if (!nonzero(ti, j, i)) return tensors[ti].spec.name == "neg.zero" && j % 2 ? -0.0f : b;
+      const double sign = rnd(ti, j, 20 + i) < 0.5 ? -1.0 : 1.0;
+      return bf16(static_cast<float>(b + sign * (1 + std::floor(3 * rnd(ti, j, 50 + i))) * 0x1p-8));
+    });
+  }
+  Params p;
+  p.density = {0.3, 0.3, 0.3};
+  p.weights = {1.0, 0.5, 2.0};
+  const Reference ref = reference(read_inputs(root / "base", models), p);
+  std::size_t expect_merged = 0;
+  for (const auto& t : tensors) expect_merged += t.merged ? 1 : 0;
+
+  auto merge = [&](const std::string& strategy, std::vector<RawParam> params, const std::string& out, DType dtype,
+                   unsigned threads, bool speculative) {
+    JobConfig j = job(strategy, models, std::move(params), "spec/" + out, dtype);
+    j.base = root / "base";
+    MergeRequest r;
+    r.config = &config_;
+    r.job = &j;
+    r.threads = threads;
+    r.chunk_elements = 1000;
+    r.speculative_output = speculative;
+    return run_job(r, plugins_);
+  };
+  auto merged_in_selection = [&](const std::string& out) {
+    return report("spec/" + out).at("selection").as_object().at("tensors_merged_in_selection_pass").to_number<std::uint64_t>();
+  };
+  for (const auto dtype : {DType::BF16, DType::F32}) {
+    const std::string d(dtype_name(dtype));
+    SCOPED_TRACE(d);
+    const auto outcome = merge("ties", params_of(p), "on_" + d, dtype, 2, true);
+    EXPECT_EQ(outcome.result.speculated_tensors, expect_merged);
+    EXPECT_EQ(merged_in_selection("on_" + d), expect_merged);
+    EXPECT_LE(max_ulps(root / ("on_" + d), ref.out), 1.0);
+    const json::array& kept = report("spec/on_" + d).at("kept").as_array();
+    for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ(kept[i].to_number<std::uint64_t>(), ref.kept[i]);
+    // The same bits without speculation, and at one thread.
+    EXPECT_EQ(merge("ties", params_of(p), "off_" + d, dtype, 2, false).result.speculated_tensors, 0u);
+    EXPECT_EQ(merged_in_selection("off_" + d), 0u);
+    merge("ties", params_of(p), "one_" + d, dtype, 1, true);
+    EXPECT_EQ(bytes("spec/on_" + d), bytes("spec/off_" + d));
+    EXPECT_EQ(bytes("spec/on_" + d), bytes("spec/one_" + d));
+  }
+  // breadcrumbs_ties without gamma keeps a top k alone: it speculates too; with gamma it removes
+  // a top set, which a sparse task vector does not settle: it never does.
+  Params b = p;
+  b.gamma = {0.0, 0.0, 0.0};
+  merge("breadcrumbs_ties", params_of(b), "bt0", DType::F32, 2, true);
+  EXPECT_EQ(merged_in_selection("bt0"), expect_merged);
+  EXPECT_LE(max_ulps(root / "bt0", ref.out), 1.0);
+  b.gamma = {0.01, 0.01, 0.01};
+  merge("breadcrumbs_ties", params_of(b), "bt1", DType::F32, 2, true);
+  EXPECT_EQ(merged_in_selection("bt1"), 0u);
+  EXPECT_LE(max_ulps(root / "bt1", reference(read_inputs(root / "base", models), b).out), 1.0);
+}
+
 TEST_F(TiesTest, BitIdenticalAcrossThreadsAndChunks) {
   for (const char* strategy : {"ties", "breadcrumbs", "breadcrumbs_ties"}) {
     SCOPED_TRACE(strategy);

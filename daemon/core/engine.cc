@@ -301,6 +301,7 @@ class Runner {
     result_.copied_tensors = plan_.items().size() - merged_.size();
     result_.bytes_read = bytes_read_.load();
     result_.bytes_written = bytes_written_.load();
+    result_.speculated_tensors = speculated_.load();
     result_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return result_;
   }
@@ -474,36 +475,68 @@ class Runner {
   // Deterministic per-tensor reduction over the tensor's chunks.
   class ReduceBody {
    public:
-    ReduceBody(Runner& r, std::size_t pass, std::size_t k)
-        : r_(r), pass_(pass), k_(k), partial_(r.pools_[pass]->take()) {}
-    ReduceBody(ReduceBody& other, tbb::split) : ReduceBody(other.r_, other.pass_, other.k_) {}
+    // speculate: hand each chunk room for its output (CFX_PASS_SPECULATIVE_OUTPUT) and write
+    // what the plugin fills.
+    ReduceBody(Runner& r, std::size_t pass, std::size_t k, bool speculate)
+        : r_(r), pass_(pass), k_(k), speculate_(speculate), partial_(r.pools_[pass]->take()) {}
+    ReduceBody(ReduceBody& other, tbb::split) : ReduceBody(other.r_, other.pass_, other.k_, other.speculate_) {}
     void operator()(const tbb::blocked_range<std::uint64_t>& range) {
       const cfx_pass& pass = r_.plugin_.passes[pass_];
       const cfx_tensor& t = r_.tensors_[k_];
-      const PlannedItem& item = r_.plan_.items()[r_.merged_[k_]];
+      const std::size_t item_index = r_.merged_[k_];
+      const PlannedItem& item = r_.plan_.items()[item_index];
       const std::uint64_t size = r_.chunk_size(t, pass);
       Scratch& s = r_.scratch_.local();
       // Inputs whose pages would be released right after this pass are copied instead of mapped.
       const bool copied = r_.copy_for_reduce(item, pass_);
+      const std::uint64_t out_esize = element_bytes(item.out_dtype);
+      const std::uint64_t first = range.begin() * size;
+      std::byte* staged =
+          speculate_ ? s.ensure_staging(static_cast<std::size_t>((std::min(range.end() * size, t.numel) - first) * out_esize))
+                     : nullptr;
+      std::uint64_t run = first, run_end = first;  // filled outputs staged but not written yet
+      auto flush = [&] {
+        if (run_end == run) return;
+        r_.out_.write_at(item_index, run * out_esize, {staged + (run - first) * out_esize, (run_end - run) * out_esize});
+        r_.bytes_written_ += (run_end - run) * out_esize;
+      };
       for (std::uint64_t c = range.begin(); c != range.end(); ++c) {
         r_.check_cancel();
         const std::uint64_t begin = c * size, count = std::min(size, t.numel - begin);
         cfx_chunk chunk{};
         r_.load(item, begin, count, pass, s, chunk, t, copied);
+        std::uint32_t written = 0;
+        if (speculate_) {
+          chunk.out = s.ensure_out(static_cast<std::size_t>(count));
+          chunk.out_written = &written;
+        }
         if (pass.reduce(r_.instance_, &chunk, partial_.get()) != 0) throw r_.plugin_failure("reduce", &t);
+        if (!written) continue;
+        ++filled_;
+        from_f32(item.out_dtype, chunk.out, staged + (begin - first) * out_esize, static_cast<std::size_t>(count));
+        if (begin != run_end) {
+          flush();
+          run = begin;
+        }
+        run_end = begin + count;
       }
+      flush();
     }
     void join(ReduceBody& rhs) {
       const cfx_tensor* t = &r_.tensors_[k_];
       if (r_.plugin_.passes[pass_].combine(r_.instance_, t, partial_.get(), rhs.partial_.get()) != 0)
         throw r_.plugin_failure("combine", t);
+      filled_ += rhs.filled_;
     }
     PartialPool::Lease take_partial() { return std::move(partial_); }
+    std::uint64_t filled() const { return filled_; }  // chunks whose output the plugin wrote
 
    private:
     Runner& r_;
     std::size_t pass_, k_;
+    bool speculate_;
     PartialPool::Lease partial_;
+    std::uint64_t filled_ = 0;
   };
 
   std::uint64_t chunk_count(const cfx_tensor& t, const cfx_pass& pass) const {
@@ -511,13 +544,16 @@ class Runner {
     return (t.numel + size - 1) / size;
   }
 
-  PartialPool::Lease reduce_tensor(std::size_t pass, std::size_t k) {
+  // filled (speculate): how many chunks wrote their output.
+  PartialPool::Lease reduce_tensor(std::size_t pass, std::size_t k, bool speculate = false,
+                                   std::uint64_t* filled = nullptr) {
     const cfx_tensor& t = tensors_[k];
-    ReduceBody body(*this, pass, k);
+    ReduceBody body(*this, pass, k, speculate);
     const std::uint64_t chunks = chunk_count(t, plugin_.passes[pass]);
     if (chunks > 0)
       tbb::parallel_deterministic_reduce(tbb::blocked_range<std::uint64_t>(0, chunks, chunks_per_task(chunk_size(t, plugin_.passes[pass]))), body,
                                          tbb::simple_partitioner());
+    if (filled) *filled = body.filled();
     return body.take_partial();
   }
 
@@ -549,12 +585,26 @@ class Runner {
       const cfx_tensor& t = tensors_[k];
       for (std::size_t p = first; p < map_pass; ++p) {
         if (!enabled_[p]) continue;
+        const bool speculative = opt_.speculative_output && (plugin_.passes[p].flags & CFX_PASS_SPECULATIVE_OUTPUT) != 0;
         for (int round = 0;; ++round) {
           if (round > 64) throw MergeError("strategy '" + plugin_.id() + "' repeated a pass more than 64 times on tensor '" + item.name + "'");
-          auto stats = reduce_tensor(p, k);
+          std::uint64_t filled = 0;
+          auto stats = reduce_tensor(p, k, speculative && round == 0, &filled);
           std::int32_t repeat = 0;
           if (plugin_.passes[p].reduce_done(instance_, &t, stats.get(), &repeat) != 0)
             throw plugin_failure("reduce_done", &t);
+          if (repeat == CFX_REDUCE_OUTPUT_FINAL) {
+            const std::uint64_t chunks = chunk_count(t, plugin_.passes[p]);
+            if (!speculative || round != 0 || filled != chunks)
+              throw MergeError("strategy '" + plugin_.id() + "' declared its output of tensor '" + item.name +
+                               "' final, but " +
+                               (speculative && round == 0 ? "only " + std::to_string(filled) + " of its " +
+                                                                std::to_string(chunks) + " chunks wrote output"
+                                                          : std::string("the pass cannot write output here")));
+            release(item, 0, t.numel);
+            ++speculated_;
+            return;  // the remaining passes of this tensor are skipped
+          }
           if (!repeat) break;
         }
       }
@@ -625,6 +675,7 @@ class Runner {
   std::unique_ptr<tbb::task_arena> arena_;
   tbb::enumerable_thread_specific<Scratch> scratch_;
   std::atomic<std::uint64_t> bytes_read_{0}, bytes_written_{0};
+  std::atomic<std::uint64_t> speculated_{0};  // tensors finished by a speculative reduce
   MergeResult result_;
 };
 

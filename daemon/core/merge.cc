@@ -135,6 +135,7 @@ MergeOutcome run_job(const MergeRequest& req, const PluginRegistry& plugins) {
   EngineOptions eopt;
   eopt.threads = resolve_threads(req);
   if (req.chunk_elements) eopt.chunk_elements = req.chunk_elements;
+  eopt.speculative_output = req.speculative_output;
   eopt.seed = job.seed;
   eopt.job_name = job.name;
   eopt.cancel = req.cancel;

@@ -137,8 +137,12 @@ void validate_pass(const cfx_pass& p, std::size_t index, const cfx_plugin& d, co
     throw PluginError(at + ": task vectors and delta output need a base, but the plugin declares it unused");
   if ((p.flags & CFX_PASS_BF16_INPUTS) && (p.flags & (CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA)))
     throw PluginError(at + ": stored BF16 inputs cannot be combined with task vectors or delta output");
-  if (p.flags &
-      ~std::uint32_t{CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA | CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS})
+  if ((p.flags & CFX_PASS_SPECULATIVE_OUTPUT) && p.kind != CFX_PASS_TENSOR_REDUCE)
+    throw PluginError(at + ": only a tensor-scope reduce pass can write speculative output");
+  if ((p.flags & CFX_PASS_SPECULATIVE_OUTPUT) && (p.flags & CFX_PASS_TASK_VECTORS))
+    throw PluginError(at + ": speculative output cannot be combined with task vectors");
+  if (p.flags & ~std::uint32_t{CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA | CFX_PASS_WHOLE_ROWS |
+                               CFX_PASS_BF16_INPUTS | CFX_PASS_SPECULATIVE_OUTPUT})
     throw PluginError(at + ": unknown flags " + std::to_string(p.flags));
 }
 

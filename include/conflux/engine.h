@@ -86,6 +86,10 @@ struct EngineOptions {
   unsigned threads = 0;                    // 0: all cores
   std::uint64_t chunk_elements = 1 << 15;  // elements per chunk (rounded for whole-row passes)
   std::uint64_t seed = 0;
+  // Let strategies finish a tensor in its statistics pass where their guess of the statistics
+  // holds (CFX_PASS_SPECULATIVE_OUTPUT; the output is the same either way). false: the passes
+  // as declared, for tests and comparisons.
+  bool speculative_output = true;
   std::string job_name = "merge";
   const std::atomic<bool>* cancel = nullptr;
   Progress* progress = nullptr;
@@ -101,7 +105,8 @@ struct PassTiming {
 struct MergeResult {
   std::uint64_t tensors = 0, merged_tensors = 0, copied_tensors = 0;
   std::uint64_t bytes_read = 0;     // tensor bytes read from the inputs, all passes
-  std::uint64_t bytes_written = 0;  // tensor bytes written
+  std::uint64_t bytes_written = 0;  // tensor bytes written (speculative output included)
+  std::uint64_t speculated_tensors = 0;  // finished by their statistics pass (one read)
   std::vector<PassTiming> passes;
   double seconds = 0;
   std::string report;               // the strategy's JSON report, or empty

@@ -21,6 +21,7 @@ struct MergeRequest {
   std::optional<unsigned> threads;              // overrides job->threads / [daemon].threads
   bool force = false;                           // replace an existing output
   std::uint64_t chunk_elements = 0;             // 0: the engine's default
+  bool speculative_output = true;               // see EngineOptions
   Progress* progress = nullptr;
   const std::atomic<bool>* cancel = nullptr;
 };

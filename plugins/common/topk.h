@@ -60,6 +60,20 @@
 //   tensor's map pass has seen all its elements; during a low round, at most
 //   min(kListBudget, n / 8) uint16 (2 MiB) per target, freed when it ends.
 //   Counts are uint32: a tensor must have fewer than 2^32 elements (checked at construction).
+//
+// SPECULATION (a host with CFX_PASS_SPECULATIVE_OUTPUT hands the first execution room for the
+// output)
+//   Sparse task vectors often have fewer nonzero entries than a kept target's m: the selection
+//   then keeps every nonzero entry (the zeros it keeps or not change no merge), which the merge
+//   can compute without the threshold. So in execution 1 of a tensor whose every open target is
+//   a kept one, a chunk whose every source has at most m * count / numel nonzero entries (each
+//   target's share of the chunk, exact integer test) only counts them, and the caller merges
+//   it with every nonzero entry kept (reduce returns true); other chunks build the histogram.
+//   reduce_done: every chunk counted, so every source has at most m nonzero entries (the shares
+//   sum to m) -> the selection is "keep all" and the speculative output is final; no chunk did
+//   -> the histogram is complete, go on as above; some did -> execution 2 builds the whole
+//   histogram (one more read, for a tensor dense in places). The decisions depend only on each
+//   chunk's data, so outputs and reports do not depend on threads.
 #pragma once
 
 #include <conflux/plugin.hpp>
@@ -98,10 +112,13 @@ inline std::uint32_t key_of(float x) {
   return u & 0x7FFFFFFFu;
 }
 
-// One selection: the top m entries of source `source` (rank < m).
+// One selection: the top m entries of source `source` (rank < m). kept: the selection is what
+// the merge keeps, so when the task vector has at most m nonzero entries, selecting all of them
+// gives the same merge (see SPECULATION); false for a set the merge removes.
 struct Target {
   std::uint32_t source = 0;
   std::uint64_t m = 0;
+  bool kept = true;
 };
 
 // Where one target stands in one chunk, for the map: selected are the keys >= U, and also the
@@ -263,6 +280,14 @@ static inline void hist_low(const In* x, const In* b, std::size_t m, std::uint32
   }
 }
 
+// Nonzero task-vector entries.
+template <class In>
+CONFLUX_MULTIVERSION static inline std::uint32_t count_nonzero(const In* x, const In* b, std::size_t m) {
+  std::uint32_t c = 0;
+  for (std::size_t k = 0; k < m; ++k) c += key_of(delta(x, b, k)) != 0 ? 1u : 0u;
+  return c;
+}
+
 // Entries whose key is T.
 template <class In>
 CONFLUX_MULTIVERSION static inline std::uint32_t count_equal(const In* x, const In* b, std::size_t m,
@@ -335,7 +360,10 @@ class Selector {
         else if (g.m == t.numel) s.U = 0;
         else s.phase = Phase::high;
         if (s.phase != Phase::done) ts.trivial = false;
+        s.kept = g.kept;
       }
+      ts.speculate = !ts.trivial;
+      for (const State& s : ts.targets) ts.speculate = ts.speculate && (s.phase == Phase::done || s.kept);
       ts.least.reset(new std::atomic<std::uint32_t>[sources_]);
       for (std::uint32_t i = 0; i < sources_; ++i) ts.least[i].store(uses(ts, i) ? 0xFFFFFFFFu : 0u);
       if (!ts.trivial) {
@@ -353,19 +381,33 @@ class Selector {
   // uint32 words of one partial of the reduce pass.
   // (Execution 1: a histogram and impure flags per source, then one spare histogram that is
   // zero between reduce calls.)
-  std::size_t stats_words() const { return std::size_t{sources_} * (kHiBins + kImpureWords) + kHiBins; }
+  // Then, for speculation, per source its nonzero count (two words, low first), the count of
+  // chunks that speculated, and 1 once a chunk built histograms (a partial of speculated chunks
+  // only has none to combine).
+  std::size_t stats_words() const { return spec_offset() + 2 * std::size_t{sources_} + 2; }
 
-  // Float32 or stored BF16 inputs (the pass has CFX_PASS_BF16_INPUTS).
-  void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
+  // Float32 or stored BF16 inputs (the pass has CFX_PASS_BF16_INPUTS). True: the chunk
+  // speculated (see SPECULATION): the caller writes its merge with every nonzero entry kept.
+  bool reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
     TensorState& ts = tensors_[c.tensor().index];
-    if (ts.trivial) return;
-    with_inputs(c, [&](auto models, auto base) { reduce_inputs(ts, c, models, base, partial); });
+    if (ts.trivial) return false;
+    bool speculated = false;
+    with_inputs(c, [&](auto models, auto base) { speculated = reduce_inputs(ts, c, models, base, partial); });
+    return speculated;
   }
 
   void combine(const cfx_tensor* t, sdk::Span<std::uint32_t> into, sdk::Span<const std::uint32_t> from) {
     const TensorState& ts = tensors_[t->index];
     if (ts.trivial) return;
-    if (ts.executions == 0) {
+    if (ts.executions == 0 && ts.speculate) {
+      const std::size_t o = spec_offset();
+      for (std::uint32_t i = 0; i < sources_; ++i) add_u64(into.data() + o + 2 * i, read_u64(from.data() + o + 2 * i));
+      into[o + 2 * sources_] += from[o + 2 * sources_];
+    }
+    if (ts.executions == ts.hist_at) {
+      const std::size_t used = spec_offset() + 2 * std::size_t{sources_} + 1;
+      if (from[used] == 0) return;
+      into[used] = 1;
       for (std::uint32_t i = 0; i < sources_; ++i) {
         if (!uses(ts, i)) continue;
         const std::size_t h = std::size_t{i} * kHiBins;
@@ -380,12 +422,35 @@ class Selector {
         kernels::add_words(into.data() + std::size_t{j} * kLoBins, from.data() + std::size_t{j} * kLoBins, kLoBins);
   }
 
-  // The tensor's statistics of one execution; true: run the pass again on this tensor.
-  bool done(const cfx_tensor* t, sdk::Span<const std::uint32_t> stats) {
+  // The tensor's statistics of one execution: what next (output_final: the speculative output
+  // stands, see SPECULATION).
+  sdk::Next done(const cfx_tensor* t, sdk::Span<const std::uint32_t> stats) {
     TensorState& ts = tensors_[t->index];
     if (ts.trivial) {
       ++executions_hist_[0];
-      return false;
+      return sdk::Next::proceed;
+    }
+    if (ts.executions == 0 && ts.speculate) {
+      const std::size_t o = spec_offset();
+      const std::uint64_t speculated = stats[o + 2 * sources_];
+      ts.speculate = false;
+      if (speculated == chunk_count(ts, *t)) {
+        bool all = true;
+        for (const State& s : ts.targets)
+          all = all && (s.phase == Phase::done || read_u64(stats.data() + o + 2 * s.source) <= s.m);
+        if (all) {
+          for (State& s : ts.targets)
+            if (s.phase != Phase::done) finish(s, 0);
+          ts.executions = 1;
+          ++executions_hist_[1];
+          ++speculated_;
+          return sdk::Next::output_final;
+        }
+      }
+      if (speculated != 0) {  // a histogram of part of the tensor: build it again, whole
+        ts.executions = ts.hist_at = 1;
+        return sdk::Next::again;
+      }
     }
     const std::uint32_t executions = ++ts.executions;
     for (std::uint32_t j = 0; j < per_tensor_; ++j) {
@@ -443,7 +508,7 @@ class Selector {
     bool again = false;
     for (const State& s : ts.targets) again = again || s.phase == Phase::low || s.phase == Phase::ties;
     if (!again) ++executions_hist_[std::min<std::uint32_t>(executions, 3)];
-    return again;
+    return again ? sdk::Next::again : sdk::Next::proceed;
   }
 
   // Target j's cursor at the start of chunk c (map pass).
@@ -483,6 +548,8 @@ class Selector {
   std::uint64_t tie_breaks() const { return tie_breaks_.load(); }
   // Of these, the ones counted from the low round's lists (no pass of their own).
   std::uint64_t listed_tie_breaks() const { return listed_tie_breaks_.load(); }
+  // Tensors merged by the first execution itself (SPECULATION).
+  std::uint64_t speculated() const { return speculated_.load(); }
 
  private:
   enum class Phase : std::uint8_t { done, high, low, ties, ready };
@@ -514,6 +581,7 @@ class Selector {
   struct State {
     std::uint32_t source = 0;
     std::uint64_t m = 0;
+    bool kept = true;             // see Target
     Phase phase = Phase::done;
     std::uint32_t bin = 0;        // low: the high bin
     std::uint32_t U = 0;          // done: keys >= U are selected
@@ -527,20 +595,42 @@ class Selector {
   struct TensorState {
     std::vector<State> targets;
     bool trivial = true;               // every target resolved without data
+    bool speculate = false;            // execution 1 may speculate (every open target kept)
     bool has_chunk_counts = false;
     std::uint32_t executions = 0;      // of the reduce pass so far
+    std::uint32_t hist_at = 0;         // the execution that builds the histogram
     std::uint64_t chunk_size = 0;      // learned in execution 1
     std::atomic<std::uint64_t> mapped{0};
     std::unique_ptr<std::atomic<std::uint32_t>[]> least;  // per source, see least_key
   };
 
   template <class In>
-  void reduce_inputs(TensorState& ts, const sdk::Chunk& c, const In* const* models, const In* b,
+  bool reduce_inputs(TensorState& ts, const sdk::Chunk& c, const In* const* models, const In* b,
                      sdk::Span<std::uint32_t> partial) {
     const std::size_t n = c.count();
     if (!b) throw sdk::Error("internal: the selection needs the base");
-    if (ts.executions == 0) {
-      if (c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
+    if (ts.executions == 0 && c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
+    if (ts.executions == 0 && ts.speculate && !c.speculative_output().empty()) {
+      // Every open target's share of this chunk, m * count / numel, holds its source's nonzeros?
+      std::uint32_t nonzero[kMaxSpeculativeSources] = {};
+      bool sparse = sources_ <= kMaxSpeculativeSources;
+      for (std::uint32_t i = 0; sparse && i < sources_; ++i) {
+        if (!uses(ts, i)) continue;
+        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
+          nonzero[i] += kernels::count_nonzero(models[i] + k0, b + k0, std::min(kBlock, n - k0));
+        for (const State& s : ts.targets)  // products < 2^64: every count is below 2^32
+          if (s.phase != Phase::done && s.source == i)
+            sparse = sparse && std::uint64_t{nonzero[i]} * c.tensor().numel <= s.m * n;
+      }
+      if (sparse) {
+        const std::size_t o = spec_offset();
+        for (std::uint32_t i = 0; i < sources_; ++i) add_u64(partial.data() + o + 2 * i, nonzero[i]);
+        partial[o + 2 * sources_] += 1;
+        return true;
+      }
+    }
+    if (ts.executions == ts.hist_at) {
+      partial[spec_offset() + 2 * std::size_t{sources_} + 1] = 1;
       for (std::uint32_t i = 0; i < sources_; ++i) {
         if (!uses(ts, i)) continue;
         std::uint32_t* hist = partial.data() + std::size_t{i} * kHiBins;
@@ -558,7 +648,7 @@ class Selector {
              lo < was && !least.compare_exchange_weak(was, lo, std::memory_order_relaxed);) {
         }
       }
-      return;
+      return false;
     }
     for (std::uint32_t j = 0; j < per_tensor_; ++j) {
       State& s = ts.targets[j];
@@ -576,6 +666,18 @@ class Selector {
         s.chunk_ties[chunk_index(ts, c)] = cnt;
       }
     }
+    return false;
+  }
+
+  // Speculation keeps per-source counts on the stack: up to this many sources.
+  static constexpr std::uint32_t kMaxSpeculativeSources = 32;
+
+  std::size_t spec_offset() const { return std::size_t{sources_} * (kHiBins + kImpureWords) + kHiBins; }
+  static std::uint64_t read_u64(const std::uint32_t* w) { return w[0] | (std::uint64_t{w[1]} << 32); }
+  static void add_u64(std::uint32_t* w, std::uint64_t v) {
+    const std::uint64_t sum = read_u64(w) + v;
+    w[0] = static_cast<std::uint32_t>(sum);
+    w[1] = static_cast<std::uint32_t>(sum >> 32);
   }
 
   static void finish(State& s, std::uint32_t U) {
@@ -630,7 +732,7 @@ class Selector {
   std::unique_ptr<TensorState[]> tensors_;
   bool active_ = false;
   std::atomic<std::uint64_t> executions_hist_[4] = {};
-  std::atomic<std::uint64_t> tie_breaks_{0}, listed_tie_breaks_{0};
+  std::atomic<std::uint64_t> tie_breaks_{0}, listed_tie_breaks_{0}, speculated_{0};
 };
 
 }  // namespace conflux::plugins::topk

@@ -344,11 +344,17 @@ struct TrimMerge : V {
   // The selection pass runs only when some tensor has something to trim.
   bool selecting() const { return selector_.active(); }
   std::size_t stats_count(std::uint32_t) const { return selector_.stats_words(); }
-  void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) { selector_.reduce(c, partial); }
+  // A chunk the selection speculates on (topk.h, SPECULATION) is merged here, every nonzero
+  // entry kept: what the map computes when the selection turns out to keep them all.
+  void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
+    if (!selector_.reduce(c, partial)) return;
+    with_inputs(c, [&](auto models, auto base) { map_inputs(c, models, base, c.speculative_output(), true); });
+    c.output_written();
+  }
   void combine(const cfx_tensor* t, sdk::Span<std::uint32_t> into, sdk::Span<const std::uint32_t> from) {
     selector_.combine(t, into, from);
   }
-  bool done(const cfx_tensor* t, sdk::Span<const std::uint32_t> stats) { return selector_.done(t, stats); }
+  sdk::Next done(const cfx_tensor* t, sdk::Span<const std::uint32_t> stats) { return selector_.done(t, stats); }
 
   // Float32 or stored BF16 inputs (the pass has CFX_PASS_BF16_INPUTS).
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
@@ -356,13 +362,16 @@ struct TrimMerge : V {
     selector_.mapped(c);
   }
 
+  // keep_all: every entry kept, none removed (a speculated chunk; the Small bound then 0, which
+  // changes only the cost), instead of the selection's cursors.
   template <class In>
-  void map_inputs(const sdk::Chunk& c, const In* const* models, const In* base, sdk::Span<float> out) {
+  void map_inputs(const sdk::Chunk& c, const In* const* models, const In* base, sdk::Span<float> out,
+                  bool keep_all = false) {
     namespace se = sign_election;
     using trim_detail::kBlock;
     std::vector<topk::Cursor> keep(n_), drop(n_, topk::Cursor{topk::kNothing, 0, 0});
     std::vector<std::uint32_t> least(n_);
-    for (std::uint32_t i = 0; i < n_; ++i) {
+    for (std::uint32_t i = 0; i < n_ && !keep_all; ++i) {
       least[i] = selector_.least_key(c, i);
       keep[i] = selector_.cursor(c, V::kGamma ? 2 * i : i);
       if (V::kGamma) drop[i] = selector_.cursor(c, 2 * i + 1);
@@ -466,13 +475,14 @@ struct TrimMerge : V {
     }
     std::snprintf(buf, sizeof buf,
                   "],\"selection\":{\"tensors_by_passes\":[%llu,%llu,%llu,%llu],\"tie_breaks\":%llu,"
-                  "\"tie_breaks_from_lists\":%llu}}",
+                  "\"tie_breaks_from_lists\":%llu,\"tensors_merged_in_selection_pass\":%llu}}",
                   static_cast<unsigned long long>(selector_.tensors_by_executions(0)),
                   static_cast<unsigned long long>(selector_.tensors_by_executions(1)),
                   static_cast<unsigned long long>(selector_.tensors_by_executions(2)),
                   static_cast<unsigned long long>(selector_.tensors_by_executions(3)),
                   static_cast<unsigned long long>(selector_.tie_breaks()),
-                  static_cast<unsigned long long>(selector_.listed_tie_breaks()));
+                  static_cast<unsigned long long>(selector_.listed_tie_breaks()),
+                  static_cast<unsigned long long>(selector_.speculated()));
     json += buf;
     job_.report(json);
     for (std::uint32_t i = 0; i < n_; ++i) {
@@ -483,11 +493,13 @@ struct TrimMerge : V {
     if (selector_.active()) {
       std::snprintf(buf, sizeof buf,
                     "selection: tensors whose threshold took 1/2/3 statistics passes: %llu/%llu/%llu, "
-                    "%llu boundaries resolved by tie counts",
+                    "%llu boundaries resolved by tie counts, %llu tensors merged in the selection pass "
+                    "(every nonzero entry kept)",
                     static_cast<unsigned long long>(selector_.tensors_by_executions(1)),
                     static_cast<unsigned long long>(selector_.tensors_by_executions(2)),
                     static_cast<unsigned long long>(selector_.tensors_by_executions(3)),
-                    static_cast<unsigned long long>(selector_.tie_breaks()));
+                    static_cast<unsigned long long>(selector_.tie_breaks()),
+                    static_cast<unsigned long long>(selector_.speculated()));
       job_.log(CFX_LOG_INFO, buf);
     }
   }
@@ -511,8 +523,8 @@ struct TrimMerge : V {
   topk::Target target(const cfx_tensor& t, std::uint32_t j) const {
     const std::uint32_t i = V::kGamma ? j / 2 : j;
     const auto [a, k] = range(t.numel, i);
-    if (!V::kGamma) return {i, k};
-    return {i, j % 2 == 0 ? a + k : a};
+    if (!V::kGamma) return {i, k, true};
+    return {i, j % 2 == 0 ? a + k : a, j % 2 == 0};
   }
 
   const sdk::Job& job_;
@@ -536,5 +548,5 @@ struct TrimMerge : V {
   CONFLUX_PLUGIN(S,                                                                                     \
                  ::conflux::sdk::only_if<S, &S::selecting>(                                             \
                      ::conflux::sdk::reduce_pass<S, std::uint32_t, 0, &S::reduce, &S::combine, &S::done>( \
-                         CFX_PASS_TENSOR_REDUCE, CFX_PASS_BF16_INPUTS)),                                \
+                         CFX_PASS_TENSOR_REDUCE, CFX_PASS_BF16_INPUTS | CFX_PASS_SPECULATIVE_OUTPUT)),  \
                  ::conflux::sdk::map_pass<S, &S::map>(CFX_PASS_BF16_INPUTS))

@@ -755,11 +755,41 @@ TEST(ValidatePlugin, Bf16InputsAloneAreAccepted) {
     EXPECT_EQ(out.passes[0].flags, std::uint32_t{CFX_PASS_BF16_INPUTS});
     EXPECT_EQ(out.passes[1].flags, std::uint32_t{CFX_PASS_BF16_INPUTS | CFX_PASS_WHOLE_ROWS});
   }
-  // The flag after it is still unknown.
+  // The flag after the last one (ABI 1.3's speculative output) is unknown.
   Desc desc;
-  desc.passes = {reduce_pass(), map_pass(CFX_PASS_BF16_INPUTS << 1)};
+  desc.passes = {reduce_pass(), map_pass(CFX_PASS_SPECULATIVE_OUTPUT << 1)};
   const std::string e = rejection(desc);
-  EXPECT_TRUE(contains(e, "unknown flags " + std::to_string(CFX_PASS_BF16_INPUTS << 1))) << e;
+  EXPECT_TRUE(contains(e, "unknown flags " + std::to_string(CFX_PASS_SPECULATIVE_OUTPUT << 1))) << e;
+}
+
+TEST(ValidatePlugin, SpeculativeOutputOnlyFromATensorReduce) {
+  {
+    Desc desc;
+    desc.passes = {reduce_pass(CFX_PASS_SPECULATIVE_OUTPUT | CFX_PASS_BF16_INPUTS), map_pass()};
+    LoadedPlugin out;
+    ASSERT_NO_THROW(conflux::validate_plugin(desc.get(), kFile, out));
+    EXPECT_EQ(out.passes[0].flags, std::uint32_t{CFX_PASS_SPECULATIVE_OUTPUT | CFX_PASS_BF16_INPUTS});
+  }
+  {
+    Desc desc;
+    desc.passes = {reduce_pass(), map_pass(CFX_PASS_SPECULATIVE_OUTPUT)};
+    const std::string e = rejection(desc);
+    EXPECT_TRUE(contains(e, "pass 1:") && contains(e, "only a tensor-scope reduce pass")) << e;
+  }
+  {
+    Desc desc;
+    desc.passes = {reduce_pass(CFX_PASS_SPECULATIVE_OUTPUT), map_pass()};
+    desc.passes[0].kind = CFX_PASS_MODEL_REDUCE;
+    const std::string e = rejection(desc);
+    EXPECT_TRUE(contains(e, "pass 0:") && contains(e, "only a tensor-scope reduce pass")) << e;
+  }
+  {
+    Desc desc;
+    desc.d.base = CFX_BASE_REQUIRED;
+    desc.passes = {reduce_pass(CFX_PASS_SPECULATIVE_OUTPUT | CFX_PASS_TASK_VECTORS), map_pass()};
+    const std::string e = rejection(desc);
+    EXPECT_TRUE(contains(e, "pass 0:") && contains(e, "task vectors")) << e;
+  }
 }
 
 TEST(ValidatePlugin, DeltaOutputOnlyFromAMap) {

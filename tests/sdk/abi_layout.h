@@ -26,7 +26,7 @@ CFX_TEST_ASSERT(offsetof(cfx_plugin, abi_major) == 4 && offsetof(cfx_plugin, abi
 CFX_TEST_ASSERT(offsetof(cfx_host, abi_major) == 4 && offsetof(cfx_host, abi_minor) == 6);
 CFX_TEST_ASSERT(CFX_ABI_MAJOR == 1);
 
-/* LP64 (x86-64 and AArch64 Linux): the whole ABI 1.2 layout. */
+/* LP64 (x86-64 and AArch64 Linux): the whole ABI 1.3 layout. */
 #if defined(__LP64__)
 CFX_TEST_ASSERT(sizeof(cfx_param_spec) == 72);
 CFX_TEST_ASSERT(offsetof(cfx_param_spec, name) == 16);
@@ -42,7 +42,8 @@ CFX_TEST_ASSERT(offsetof(cfx_tensor, in_precision) == 48 && offsetof(cfx_tensor,
 CFX_TEST_ASSERT(offsetof(cfx_tensor, index) == 8);
 CFX_TEST_ASSERT(offsetof(cfx_tensor, shape) == 24);
 CFX_TEST_ASSERT(offsetof(cfx_tensor, row_length) == 40);
-CFX_TEST_ASSERT(sizeof(cfx_chunk) == 64); /* 48 in ABI 1.0 and 1.1 */
+CFX_TEST_ASSERT(sizeof(cfx_chunk) == 80); /* 48 in ABI 1.0 and 1.1, 64 in 1.2 */
+CFX_TEST_ASSERT(offsetof(cfx_chunk, out) == 64 && offsetof(cfx_chunk, out_written) == 72);
 CFX_TEST_ASSERT(offsetof(cfx_chunk, bf16_models) == 48 && offsetof(cfx_chunk, bf16_base) == 56);
 CFX_TEST_ASSERT(offsetof(cfx_chunk, tensor) == 8);
 CFX_TEST_ASSERT(offsetof(cfx_chunk, begin) == 16);

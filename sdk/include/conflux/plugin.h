@@ -76,7 +76,7 @@ extern "C" {
 #endif
 
 #define CFX_ABI_MAJOR 1
-#define CFX_ABI_MINOR 2
+#define CFX_ABI_MINOR 3
 
 /* The one symbol a plugin exports. */
 #define CFX_PLUGIN_ENTRY_SYMBOL "conflux_plugin_entry"
@@ -181,6 +181,13 @@ typedef struct cfx_chunk {
      and the values come as float32 as usual, so a plugin handles both forms. */
   const uint16_t* const* bf16_models;
   const uint16_t* bf16_base;
+  /* ABI 1.3, the first execution on a tensor of a pass with CFX_PASS_SPECULATIVE_OUTPUT (NULL
+     otherwise): room for the chunk's `count` output values (float32, 16-byte aligned, as a map
+     pass's `out`). A reduce that writes all of them sets *out_written = 1; the host then writes
+     them to the output, where a later map pass of the tensor overwrites them unless
+     reduce_done declares them final (CFX_REDUCE_OUTPUT_FINAL). */
+  float* out;
+  uint32_t* out_written;
 } cfx_chunk;
 
 typedef struct cfx_host cfx_host;
@@ -216,8 +223,22 @@ enum cfx_pass_flags {
   /* ABI 1.2: BF16 tensors may arrive as stored (cfx_chunk.bf16_models), without the host's
      conversion to float32: the plugin reads the input once, straight from the mapped file.
      Not combinable with TASK_VECTORS or OUTPUT_DELTA. Hosts before 1.2 refuse the flag. */
-  CFX_PASS_BF16_INPUTS = 1u << 3
+  CFX_PASS_BF16_INPUTS = 1u << 3,
+  /* ABI 1.3, TENSOR_REDUCE only: in its first execution on a tensor the reduce may also compute
+     the tensor's output, chunk by chunk (cfx_chunk.out), when its guess of the statistics can be
+     checked once they are known (e.g. a top-k that keeps every nonzero entry of a sparse task
+     vector); reduce_done then sets *repeat = CFX_REDUCE_OUTPUT_FINAL when the guess held and
+     every chunk wrote its output, and the tensor is finished in one read of its inputs. The
+     output must equal, bit for bit, what the later passes would have written. Not combinable
+     with TASK_VECTORS or OUTPUT_DELTA. Hosts before 1.3 refuse the flag. */
+  CFX_PASS_SPECULATIVE_OUTPUT = 1u << 4
 };
+
+/* reduce_done's *repeat: 0 = the statistics are complete, run the next pass; 1 = run this pass
+   again on the tensor; CFX_REDUCE_OUTPUT_FINAL (ABI 1.3, passes with
+   CFX_PASS_SPECULATIVE_OUTPUT, first execution only) = the output every chunk wrote in this
+   execution is the tensor's output: its remaining passes are skipped. */
+#define CFX_REDUCE_OUTPUT_FINAL 2
 
 typedef struct cfx_pass {
   uint32_t struct_size;
@@ -232,7 +253,8 @@ typedef struct cfx_pass {
      when folding across tensors in a model-scope pass. */
   int (*combine)(void* instance, const cfx_tensor* tensor, void* into, const void* from);
   /* REDUCE: the statistics of a whole tensor (tensor scope) or of the whole model (model scope,
-     tensor == NULL). Set *repeat = 1 to run this pass again on the tensor (tensor scope only). */
+     tensor == NULL). Set *repeat = 1 to run this pass again on the tensor (tensor scope only),
+     or CFX_REDUCE_OUTPUT_FINAL (see CFX_PASS_SPECULATIVE_OUTPUT). */
   int (*reduce_done)(void* instance, const cfx_tensor* tensor, const void* stats, int32_t* repeat);
   /* MAP: write chunk->count output values to `out` (float32, 16-byte aligned). */
   int (*map)(void* instance, const cfx_chunk* chunk, float* out);

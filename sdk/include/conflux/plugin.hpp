@@ -25,6 +25,8 @@
 //   void reduce(const sdk::Chunk&, Span<T> partial);
 //   void combine(const cfx_tensor* tensor, Span<T> into, Span<const T> from);
 //   bool done(const cfx_tensor* tensor, Span<const T> stats);   // true: repeat the pass
+// or, for a pass that may finish tensors by itself (CFX_PASS_SPECULATIVE_OUTPUT),
+//   sdk::Next done(const cfx_tensor* tensor, Span<const T> stats);
 #pragma once
 
 #include <cstddef>
@@ -244,6 +246,16 @@ class Chunk {
   const cfx_chunk* raw() const { return c_; }
   // See sdk::float32_suffices.
   bool float32_suffices() const { return sdk::float32_suffices(*c_->tensor); }
+  // CFX_PASS_SPECULATIVE_OUTPUT, the pass's first execution on the tensor: room for the chunk's
+  // output (empty otherwise). After filling all of it, call output_written().
+  Span<float> speculative_output() const {
+    const bool has = c_->struct_size >= offsetof(cfx_chunk, out_written) + sizeof c_->out_written && c_->out &&
+                     c_->out_written;
+    return {has ? c_->out : nullptr, has ? count() : 0};
+  }
+  void output_written() const {
+    if (!speculative_output().empty()) *c_->out_written = 1;
+  }
 
  private:
   const cfx_chunk* c_;
@@ -339,10 +351,17 @@ constexpr cfx_pass map_pass(std::uint32_t flags = 0) {
   return p;
 }
 
-// `Pass` is this pass's position in the plugin's pass list (passed to S::stats_count).
+// What a tensor-scope reduce asks for after a tensor's statistics (see cfx_pass.reduce_done).
+enum class Next : std::int32_t {
+  proceed = 0,                              // the next pass
+  again = 1,                                // this pass once more
+  output_final = CFX_REDUCE_OUTPUT_FINAL    // the speculative output is the tensor's output
+};
+
+// `Pass` is this pass's position in the plugin's pass list (passed to S::stats_count). Done is
+// `bool (S::*)(const cfx_tensor*, Span<const T>)` (true: again) or returns sdk::Next.
 template <class S, class T, std::uint32_t Pass, void (S::*Reduce)(const Chunk&, Span<T>),
-          void (S::*Combine)(const cfx_tensor*, Span<T>, Span<const T>),
-          bool (S::*Done)(const cfx_tensor*, Span<const T>)>
+          void (S::*Combine)(const cfx_tensor*, Span<T>, Span<const T>), auto Done>
 constexpr cfx_pass reduce_pass(cfx_pass_kind kind, std::uint32_t flags = 0) {
   static_assert(std::is_trivially_copyable_v<T> && alignof(T) <= 16);
   cfx_pass p{};
@@ -372,7 +391,9 @@ constexpr cfx_pass reduce_pass(cfx_pass_kind kind, std::uint32_t flags = 0) {
     auto* i = detail::self<S>(inst);
     const std::size_t n = detail::stats_count<S, T>(i->strategy, Pass);
     return detail::guarded<S>(i->job.host(), i->job.context(), [&] {
-      *repeat = (i->strategy.*Done)(t, {std::launder(static_cast<const T*>(stats)), n}) ? 1 : 0;
+      const auto next = (i->strategy.*Done)(t, {std::launder(static_cast<const T*>(stats)), n});
+      if constexpr (std::is_same_v<decltype(next), const Next>) *repeat = static_cast<std::int32_t>(next);
+      else *repeat = next ? 1 : 0;
     });
   };
   return p;
