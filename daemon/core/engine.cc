@@ -487,8 +487,11 @@ class Runner {
       const PlannedItem& item = r_.plan_.items()[item_index];
       const std::uint64_t size = r_.chunk_size(t, pass);
       Scratch& s = r_.scratch_.local();
-      // Inputs whose pages would be released right after this pass are copied instead of mapped.
-      const bool copied = r_.copy_for_reduce(item, pass_);
+      // Inputs whose pages would be released right after this pass are copied instead of mapped;
+      // a speculative execution maps and releases them as a map pass does (when the guess holds,
+      // as it usually does where a strategy makes one, this is the tensor's only read).
+      const bool release = r_.copy_for_reduce(item, pass_) && speculate_;
+      const bool copied = r_.copy_for_reduce(item, pass_) && !speculate_;
       const std::uint64_t out_esize = element_bytes(item.out_dtype);
       const std::uint64_t first = range.begin() * size;
       std::byte* staged =
@@ -521,6 +524,7 @@ class Runner {
         run_end = begin + count;
       }
       flush();
+      if (release) r_.release(item, first, std::min(range.end() * size, t.numel));
     }
     void join(ReduceBody& rhs) {
       const cfx_tensor* t = &r_.tensors_[k_];

@@ -280,11 +280,19 @@ static inline void hist_low(const In* x, const In* b, std::size_t m, std::uint32
   }
 }
 
-// Nonzero task-vector entries.
+// Nonzero task-vector entries, and the smallest nonzero key folded into `least`.
 template <class In>
-CONFLUX_MULTIVERSION static inline std::uint32_t count_nonzero(const In* x, const In* b, std::size_t m) {
-  std::uint32_t c = 0;
-  for (std::size_t k = 0; k < m; ++k) c += key_of(delta(x, b, k)) != 0 ? 1u : 0u;
+CONFLUX_MULTIVERSION static inline std::uint32_t count_nonzero(const In* x, const In* b, std::size_t m,
+                                                              std::uint32_t& least) {
+  // Zeros as kNothing (above every key) for the minimum; plain arithmetic, which vectorizes.
+  std::uint32_t c = 0, low = kNothing;
+  for (std::size_t k = 0; k < m; ++k) {
+    const std::uint32_t key = key_of(delta(x, b, k));
+    const std::uint32_t zero = static_cast<std::uint32_t>(key == 0);
+    c += 1u - zero;
+    low = std::min(low, key | (zero << 31));
+  }
+  if (low != kNothing) least = std::min(least, low);
   return c;
 }
 
@@ -387,12 +395,14 @@ class Selector {
   std::size_t stats_words() const { return spec_offset() + 2 * std::size_t{sources_} + 2; }
 
   // Float32 or stored BF16 inputs (the pass has CFX_PASS_BF16_INPUTS). True: the chunk
-  // speculated (see SPECULATION): the caller writes its merge with every nonzero entry kept.
-  bool reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
+  // speculated (see SPECULATION): the caller writes its merge with every nonzero entry kept;
+  // least[i] (sources entries) is then the chunk's smallest nonzero key of source i (0xFFFFFFFF:
+  // none), or 0 (a bound) for a source without an open target.
+  bool reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial, std::uint32_t* least) {
     TensorState& ts = tensors_[c.tensor().index];
     if (ts.trivial) return false;
     bool speculated = false;
-    with_inputs(c, [&](auto models, auto base) { speculated = reduce_inputs(ts, c, models, base, partial); });
+    with_inputs(c, [&](auto models, auto base) { speculated = reduce_inputs(ts, c, models, base, partial, least); });
     return speculated;
   }
 
@@ -606,7 +616,7 @@ class Selector {
 
   template <class In>
   bool reduce_inputs(TensorState& ts, const sdk::Chunk& c, const In* const* models, const In* b,
-                     sdk::Span<std::uint32_t> partial) {
+                     sdk::Span<std::uint32_t> partial, std::uint32_t* least) {
     const std::size_t n = c.count();
     if (!b) throw sdk::Error("internal: the selection needs the base");
     if (ts.executions == 0 && c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
@@ -615,9 +625,11 @@ class Selector {
       std::uint32_t nonzero[kMaxSpeculativeSources] = {};
       bool sparse = sources_ <= kMaxSpeculativeSources;
       for (std::uint32_t i = 0; sparse && i < sources_; ++i) {
+        least[i] = 0;
         if (!uses(ts, i)) continue;
+        least[i] = 0xFFFFFFFFu;
         for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
-          nonzero[i] += kernels::count_nonzero(models[i] + k0, b + k0, std::min(kBlock, n - k0));
+          nonzero[i] += kernels::count_nonzero(models[i] + k0, b + k0, std::min(kBlock, n - k0), least[i]);
         for (const State& s : ts.targets)  // products < 2^64: every count is below 2^32
           if (s.phase != Phase::done && s.source == i)
             sparse = sparse && std::uint64_t{nonzero[i]} * c.tensor().numel <= s.m * n;

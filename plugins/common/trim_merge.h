@@ -347,8 +347,11 @@ struct TrimMerge : V {
   // A chunk the selection speculates on (topk.h, SPECULATION) is merged here, every nonzero
   // entry kept: what the map computes when the selection turns out to keep them all.
   void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
-    if (!selector_.reduce(c, partial)) return;
-    with_inputs(c, [&](auto models, auto base) { map_inputs(c, models, base, c.speculative_output(), true); });
+    std::vector<std::uint32_t> least(n_);
+    if (!selector_.reduce(c, partial, least.data())) return;
+    with_inputs(c, [&](auto models, auto base) {
+      map_inputs(c, models, base, c.speculative_output(), least.data());
+    });
     c.output_written();
   }
   void combine(const cfx_tensor* t, sdk::Span<std::uint32_t> into, sdk::Span<const std::uint32_t> from) {
@@ -362,15 +365,17 @@ struct TrimMerge : V {
     selector_.mapped(c);
   }
 
-  // keep_all: every entry kept, none removed (a speculated chunk; the Small bound then 0, which
-  // changes only the cost), instead of the selection's cursors.
+  // keep_all (a speculated chunk): every entry kept, none removed, instead of the selection's
+  // cursors, with keep_all[i] the chunk's smallest nonzero key of model i (a lower bound, for the
+  // Small test) instead of the tensor's.
   template <class In>
   void map_inputs(const sdk::Chunk& c, const In* const* models, const In* base, sdk::Span<float> out,
-                  bool keep_all = false) {
+                  const std::uint32_t* keep_all = nullptr) {
     namespace se = sign_election;
     using trim_detail::kBlock;
     std::vector<topk::Cursor> keep(n_), drop(n_, topk::Cursor{topk::kNothing, 0, 0});
     std::vector<std::uint32_t> least(n_);
+    if (keep_all) least.assign(keep_all, keep_all + n_);
     for (std::uint32_t i = 0; i < n_ && !keep_all; ++i) {
       least[i] = selector_.least_key(c, i);
       keep[i] = selector_.cursor(c, V::kGamma ? 2 * i : i);
