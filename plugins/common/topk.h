@@ -616,7 +616,7 @@ class Selector {
 
   template <class In>
   bool reduce_inputs(TensorState& ts, const sdk::Chunk& c, const In* const* models, const In* b,
-                     sdk::Span<std::uint32_t> partial, std::uint32_t* least) {
+                     sdk::Span<std::uint32_t> partial, std::uint32_t* chunk_least) {
     const std::size_t n = c.count();
     if (!b) throw sdk::Error("internal: the selection needs the base");
     if (ts.executions == 0 && c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
@@ -625,11 +625,11 @@ class Selector {
       std::uint32_t nonzero[kMaxSpeculativeSources] = {};
       bool sparse = sources_ <= kMaxSpeculativeSources;
       for (std::uint32_t i = 0; sparse && i < sources_; ++i) {
-        least[i] = 0;
+        chunk_least[i] = 0;
         if (!uses(ts, i)) continue;
-        least[i] = 0xFFFFFFFFu;
+        chunk_least[i] = 0xFFFFFFFFu;
         for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
-          nonzero[i] += kernels::count_nonzero(models[i] + k0, b + k0, std::min(kBlock, n - k0), least[i]);
+          nonzero[i] += kernels::count_nonzero(models[i] + k0, b + k0, std::min(kBlock, n - k0), chunk_least[i]);
         for (const State& s : ts.targets)  // products < 2^64: every count is below 2^32
           if (s.phase != Phase::done && s.source == i)
             sparse = sparse && std::uint64_t{nonzero[i]} * c.tensor().numel <= s.m * n;
