@@ -156,7 +156,9 @@ static_assert(kFusedModels == 4);
 //     blocks skip that test; without Small no kept key can be in that range, so Small changes
 //     only the cost, never a result;
 //   - magnitudes beyond 2^100 (overflow, inf, NaN: double gives the exact answer there).
-template <bool Elect, bool Normalize, bool Small, std::uint32_t N, class In>
+// All: every model keeps every entry (lo 0, hi above every key, no Small test: the caller checks),
+// so t_i = d_i without the key test, the same values.
+template <bool Elect, bool Normalize, bool Small, std::uint32_t N, bool All = false, class In>
 CONFLUX_MULTIVERSION static std::uint32_t fused_block_f32(const In* const* d, const std::uint32_t* lo,
                                                           const std::uint32_t* hi, const float* w,
                                                           const std::uint32_t* small, const In* base, float lambda,
@@ -186,6 +188,10 @@ CONFLUX_MULTIVERSION static std::uint32_t fused_block_f32(const In* const* d, co
     auto trimmed = [k, b](const In* x, std::uint32_t li, std::uint32_t ni, std::uint32_t ai, std::uint32_t zi,
                           std::uint32_t& bits, std::uint32_t& tiny) {
       const float v = value(x, k) - b;
+      if constexpr (All) {
+        (void)li, (void)ni, (void)ai, (void)zi, (void)bits, (void)tiny;
+        return v;
+      }
       std::memcpy(&bits, &v, sizeof bits);
       const std::uint32_t key = bits & 0x7FFFFFFFu;
       bits &= 0u - static_cast<std::uint32_t>(key - li < ni);
@@ -253,15 +259,15 @@ inline std::uint32_t small_key(float w_f) {
   return std::max<std::uint32_t>(topk::key_of(0x1p-99f / w_f), 1u);
 }
 
-template <bool Elect, bool Normalize, bool Small, class In>
+template <bool Elect, bool Normalize, bool Small, bool All = false, class In>
 std::uint32_t fused_f32_n(std::uint32_t n, const In* const* d, const std::uint32_t* lo, const std::uint32_t* hi,
                           const float* w, const std::uint32_t* small, const In* base, float lambda, std::size_t m,
                           float* out) {
   switch (n) {
-    case 1: return fused_block_f32<Elect, Normalize, Small, 1>(d, lo, hi, w, small, base, lambda, m, out);
-    case 2: return fused_block_f32<Elect, Normalize, Small, 2>(d, lo, hi, w, small, base, lambda, m, out);
-    case 3: return fused_block_f32<Elect, Normalize, Small, 3>(d, lo, hi, w, small, base, lambda, m, out);
-    default: return fused_block_f32<Elect, Normalize, Small, 4>(d, lo, hi, w, small, base, lambda, m, out);
+    case 1: return fused_block_f32<Elect, Normalize, Small, 1, All>(d, lo, hi, w, small, base, lambda, m, out);
+    case 2: return fused_block_f32<Elect, Normalize, Small, 2, All>(d, lo, hi, w, small, base, lambda, m, out);
+    case 3: return fused_block_f32<Elect, Normalize, Small, 3, All>(d, lo, hi, w, small, base, lambda, m, out);
+    default: return fused_block_f32<Elect, Normalize, Small, 4, All>(d, lo, hi, w, small, base, lambda, m, out);
   }
 }
 
@@ -273,6 +279,11 @@ std::uint32_t fused_f32(std::uint32_t n, const In* const* d, const std::uint32_t
                         const float* w, const std::uint32_t* small, const In* base, float lambda, bool normalize,
                         bool tiny, std::size_t m, float* out) {
   if constexpr (Elect) {
+    // Every entry kept (sparse task vectors whose nonzeros all fit, density 1): no key tests.
+    bool all = !tiny;
+    for (std::uint32_t i = 0; i < n; ++i) all = all && lo[i] == 0 && hi[i] >= topk::kNothing;
+    if (all && normalize) return fused_f32_n<true, true, false, true>(n, d, lo, hi, w, small, base, lambda, m, out);
+    if (all) return fused_f32_n<true, false, false, true>(n, d, lo, hi, w, small, base, lambda, m, out);
     if (normalize) {
       if (tiny) return fused_f32_n<true, true, true>(n, d, lo, hi, w, small, base, lambda, m, out);
       return fused_f32_n<true, true, false>(n, d, lo, hi, w, small, base, lambda, m, out);
