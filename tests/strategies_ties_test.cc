@@ -611,6 +611,15 @@ TEST_F(TiesTest, SparseTensorsAreMergedInTheSelectionPass) {
     EXPECT_EQ(bytes("spec/on_" + d), bytes("spec/off_" + d));
     EXPECT_EQ(bytes("spec/on_" + d), bytes("spec/one_" + d));
   }
+  // A model whose k is 0 in every tensor keeps nothing while the others speculate.
+  {
+    Params z = p;
+    z.density = {0.3, 0.3, 0.0001};
+    merge("ties", params_of(z), "k0", DType::F32, 2, true);
+    EXPECT_EQ(merged_in_selection("k0"), expect_merged);
+    EXPECT_LE(max_ulps(root / "k0", reference(read_inputs(root / "base", models), z).out), 1.0);
+    EXPECT_EQ(report("spec/k0").at("kept").as_array()[2].to_number<std::uint64_t>(), 0u);
+  }
   // breadcrumbs_ties without gamma keeps a top k alone: it speculates too; with gamma it removes
   // a top set, which a sparse task vector does not settle: it never does.
   Params b = p;

@@ -521,7 +521,8 @@ class Selector {
     return again ? sdk::Next::again : sdk::Next::proceed;
   }
 
-  // Target j's cursor at the start of chunk c (map pass).
+  // Target j's cursor at the start of chunk c (map pass; while execution 1 speculates, an open
+  // target's selects every entry: U is 0 until the target is settled).
   Cursor cursor(const sdk::Chunk& c, std::uint32_t j) const {
     const TensorState& ts = tensors_[c.tensor().index];
     const State& s = ts.targets[j];

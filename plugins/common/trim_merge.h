@@ -376,19 +376,19 @@ struct TrimMerge : V {
     selector_.mapped(c);
   }
 
-  // keep_all (a speculated chunk): every entry kept, none removed, instead of the selection's
-  // cursors, with keep_all[i] the chunk's smallest nonzero key of model i (a lower bound, for the
-  // Small test) instead of the tensor's.
+  // chunk_least (a speculated chunk): the chunk's smallest nonzero key of each model (a lower
+  // bound, for the Small test) instead of the tensor's. The cursors are the selection's either
+  // way: while it speculates, an open target's keeps every entry (topk.h, SPECULATION), and a
+  // settled one (k = 0 or k = n) keeps what it will.
   template <class In>
   void map_inputs(const sdk::Chunk& c, const In* const* models, const In* base, sdk::Span<float> out,
-                  const std::uint32_t* keep_all = nullptr) {
+                  const std::uint32_t* chunk_least = nullptr) {
     namespace se = sign_election;
     using trim_detail::kBlock;
     std::vector<topk::Cursor> keep(n_), drop(n_, topk::Cursor{topk::kNothing, 0, 0});
     std::vector<std::uint32_t> least(n_);
-    if (keep_all) least.assign(keep_all, keep_all + n_);
-    for (std::uint32_t i = 0; i < n_ && !keep_all; ++i) {
-      least[i] = selector_.least_key(c, i);
+    for (std::uint32_t i = 0; i < n_; ++i) {
+      least[i] = chunk_least ? chunk_least[i] : selector_.least_key(c, i);
       keep[i] = selector_.cursor(c, V::kGamma ? 2 * i : i);
       if (V::kGamma) drop[i] = selector_.cursor(c, 2 * i + 1);
     }
