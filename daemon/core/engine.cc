@@ -490,8 +490,8 @@ class Runner {
       // Inputs whose pages would be released right after this pass are copied instead of mapped;
       // a speculative execution maps and releases them as a map pass does (when the guess holds,
       // as it usually does where a strategy makes one, this is the tensor's only read).
-      const bool release = r_.copy_for_reduce(item, pass_) && speculate_;
-      const bool copied = r_.copy_for_reduce(item, pass_) && !speculate_;
+      const bool large = r_.copy_for_reduce(item, pass_);
+      const bool release = large && speculate_, copied = large && !speculate_;
       const std::uint64_t out_esize = element_bytes(item.out_dtype);
       const std::uint64_t first = range.begin() * size;
       std::byte* staged =
@@ -598,14 +598,15 @@ class Runner {
           if (plugin_.passes[p].reduce_done(instance_, &t, stats.get(), &repeat) != 0)
             throw plugin_failure("reduce_done", &t);
           if (repeat == CFX_REDUCE_OUTPUT_FINAL) {
+            const std::string declared =
+                "strategy '" + plugin_.id() + "' declared its output of tensor '" + item.name + "' final, but ";
+            if (!speculative || round != 0) throw MergeError(declared + "the pass cannot write output here");
             const std::uint64_t chunks = chunk_count(t, plugin_.passes[p]);
-            if (!speculative || round != 0 || filled != chunks)
-              throw MergeError("strategy '" + plugin_.id() + "' declared its output of tensor '" + item.name +
-                               "' final, but " +
-                               (speculative && round == 0 ? "only " + std::to_string(filled) + " of its " +
-                                                                std::to_string(chunks) + " chunks wrote output"
-                                                          : std::string("the pass cannot write output here")));
-            release(item, 0, t.numel);
+            if (filled != chunks)
+              throw MergeError(declared + "only " + std::to_string(filled) + " of its " + std::to_string(chunks) +
+                               " chunks wrote output");
+            // Large tensors' pages went task by task (ReduceBody); the resident ones go now.
+            if (!copy_for_reduce(item, p)) release(item, 0, t.numel);
             ++speculated_;
             return;  // the remaining passes of this tensor are skipped
           }

@@ -358,6 +358,7 @@ class Selector {
     for (const cfx_tensor& t : tensors) {
       TensorState& ts = tensors_[t.index];
       ts.targets.resize(per_tensor_);
+      bool open_removed = false;  // an unsettled target selects a set the merge removes
       for (std::uint32_t j = 0; j < per_tensor_; ++j) {
         const Target g = targets(t, j);
         State& s = ts.targets[j];
@@ -368,10 +369,9 @@ class Selector {
         else if (g.m == t.numel) s.U = 0;
         else s.phase = Phase::high;
         if (s.phase != Phase::done) ts.trivial = false;
-        s.kept = g.kept;
+        if (s.phase != Phase::done && !g.kept) open_removed = true;
       }
-      ts.speculate = !ts.trivial;
-      for (const State& s : ts.targets) ts.speculate = ts.speculate && (s.phase == Phase::done || s.kept);
+      ts.speculate = !ts.trivial && !open_removed;
       ts.least.reset(new std::atomic<std::uint32_t>[sources_]);
       for (std::uint32_t i = 0; i < sources_; ++i) ts.least[i].store(uses(ts, i) ? 0xFFFFFFFFu : 0u);
       if (!ts.trivial) {
@@ -592,7 +592,6 @@ class Selector {
   struct State {
     std::uint32_t source = 0;
     std::uint64_t m = 0;
-    bool kept = true;             // see Target
     Phase phase = Phase::done;
     std::uint32_t bin = 0;        // low: the high bin
     std::uint32_t U = 0;          // done: keys >= U are selected
