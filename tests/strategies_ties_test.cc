@@ -55,11 +55,18 @@ float bf16(float x) { return bf16_bits_to_f32(f32_to_bf16_bits(x)); }
 enum class Kind {
   steps,     // bf16: base in +-[0.5, 1), deltas of a few bf16 steps (many equal magnitudes)
   sparse,    // bf16: as steps, but 90% of the deltas are 0
+  mixed,     // bf16: as steps, but 5% of the base values are tiny, so their deltas have low
+             // bits: impure bins whose boundary is often the pure step value itself
   f32_cont,  // f32: continuous base and deltas (no ties; the low-bits round)
   f32_ties,  // f32: base 0, deltas from a few full-mantissa values, half of them in one
              // high-bits bin (low-bits round, then a pass of tie counts)
   f32_many,  // f32: base 0, deltas from 16 full-mantissa values in distinct bins (low-bits
              // round, ties counted from its lists)
+  // As f32_ties and f32_many, each chunk of 1000 scaled by 1, 16 or 256 in turn: every chunk's
+  // own cut lies far from the tensor's, so the chunks' windows miss it (topk.h, WINDOWS) and the
+  // later executions run.
+  f32_ties_far,
+  f32_many_far,
 };
 
 struct TensorPlan {
@@ -81,9 +88,14 @@ struct Scenario {
     switch (tensors[ti].kind) {
       case Kind::steps:
       case Kind::sparse: return bf16(static_cast<float>(sign * (0.5 + 0.5 * rnd(t, j, 2))));
+      case Kind::mixed:
+        if (rnd(t, j, 3) < 0.05) return bf16(static_cast<float>(sign * 1e-5 * (1 + rnd(t, j, 2))));
+        return bf16(static_cast<float>(sign * (0.5 + 0.5 * rnd(t, j, 2))));
       case Kind::f32_cont: return static_cast<float>(sign * (0.1 + rnd(t, j, 2)));
       case Kind::f32_ties:
-      case Kind::f32_many: return 0.0f;
+      case Kind::f32_many:
+      case Kind::f32_ties_far:
+      case Kind::f32_many_far: return 0.0f;
     }
     return 0;
   }
@@ -92,9 +104,11 @@ struct Scenario {
     const float b = base(ti, j);
     const double sign = rnd(t, j, 20 + i) < 0.5 ? -1.0 : 1.0;
     const double u = rnd(t, j, 30 + i);
+    const double far = std::ldexp(1.0, 4 * static_cast<int>((j / 1000) % 3));
     switch (tensors[ti].kind) {
       case Kind::steps:
-      case Kind::sparse: {
+      case Kind::sparse:
+      case Kind::mixed: {
         if (u < (tensors[ti].kind == Kind::sparse ? 0.9 : 0.15)) return b;
         // 1..3 steps of 2^-8 (the bf16 spacing in [0.5, 1)), sometimes an outlier of 8..40.
         const double steps = rnd(t, j, 40 + i) < 0.05 ? 8 + std::floor(33 * rnd(t, j, 50 + i))
@@ -103,19 +117,22 @@ struct Scenario {
       }
       case Kind::f32_cont:
         return static_cast<float>(b + sign * 0.05 * rnd(t, j, 40 + i));
-      case Kind::f32_ties: {
+      case Kind::f32_ties:
+      case Kind::f32_ties_far: {
         if (u < 0.1) return 0.0f;
         // Full-mantissa values; 0.3f and its neighbours share their high 16 bits.
         static const float kValues[] = {0.3f, std::nextafter(0.3f, 1.0f),
                                         std::nextafter(std::nextafter(0.3f, 1.0f), 1.0f),
                                         0.1f, std::nextafter(0.1f, 0.0f), 0.7f};
         const auto v = kValues[static_cast<std::size_t>(rnd(t, j, 40 + i) * 6)];
-        return static_cast<float>(sign * v);
+        return static_cast<float>(sign * v * (tensors[ti].kind == Kind::f32_ties_far ? far : 1.0));
       }
-      case Kind::f32_many: {
+      case Kind::f32_many:
+      case Kind::f32_many_far: {
         if (u < 0.1) return 0.0f;
         const double step = std::floor(16 * rnd(t, j, 40 + i));
-        return static_cast<float>(sign * static_cast<double>(0.3f * static_cast<float>(1 + step / 16)));
+        return static_cast<float>(sign * static_cast<double>(0.3f * static_cast<float>(1 + step / 16)) *
+                                  (tensors[ti].kind == Kind::f32_many_far ? far : 1.0));
       }
     }
     return 0;
@@ -138,6 +155,9 @@ Scenario main_scenario() {
       {{"f32.ties", {2503}, DType::F32}, Kind::f32_ties},
       {{"f32.many", {41, 43}, DType::F32}, Kind::f32_many},
       {{"big.w", {97, 101}}, Kind::steps},
+      {{"f32.ties.far", {3001}, DType::F32}, Kind::f32_ties_far},
+      {{"f32.many.far", {3109}, DType::F32}, Kind::f32_many_far},
+      {{"mixed.steps", {2999}}, Kind::mixed},
   };
   return sc;
 }
@@ -363,14 +383,18 @@ TEST_F(TiesTest, TiesMatchesFloat64Reference) {
   p.density = {0.3, 0.55, 0.02};  // 0.02: k = 0 on the 47-entry bias, 2 of 105, ...
   p.weights = {1.0, 0.5, 2.0};
   check("ties", p, "ties");
-  // Every selection path ran: the coarse histogram alone, tie counts after it (bf16), the
-  // low-bits round then tie counts (float32 with equal full-mantissa values).
+  // Every selection path ran: the coarse histogram alone, boundaries settled from the chunks'
+  // windows in the same execution, tie counts after it (bf16), the low-bits round then tie
+  // counts (float32 with equal full-mantissa values, chunks far apart).
   const json::object rep = report("ties_F32");
+  const json::object& sel = rep.at("selection").as_object();
+  EXPECT_GE(at(rep, 1), 1u);
   EXPECT_GE(at(rep, 2), 1u);
   EXPECT_GE(at(rep, 3), 1u);
-  EXPECT_GE(rep.at("selection").as_object().at("tie_breaks").to_number<std::uint64_t>(), 1u);
-  EXPECT_GE(rep.at("selection").as_object().at("tie_breaks_from_lists").to_number<std::uint64_t>(), 1u);
-  EXPECT_EQ(at(rep, 0) + at(rep, 1) + at(rep, 2) + at(rep, 3), 11u);  // the floating tensors
+  EXPECT_GE(sel.at("tie_breaks").to_number<std::uint64_t>(), 1u);
+  EXPECT_GE(sel.at("tie_breaks_from_lists").to_number<std::uint64_t>(), 1u);
+  EXPECT_GE(sel.at("boundaries_from_windows").to_number<std::uint64_t>(), 1u);
+  EXPECT_EQ(at(rep, 0) + at(rep, 1) + at(rep, 2) + at(rep, 3), 14u);  // the floating tensors
 
   p.density = {0.3, 0.5, 0.4};
   p.normalize = false;

@@ -45,16 +45,31 @@
 //   task-vector entry adds nothing), so all of them are; the set differs from the exact-k one
 //   only in zero entries, the merge not at all. That is the usual case for sparse task vectors
 //   with a density above their fill.
+//   WINDOWS (what usually spares the low round and the tie counts their execution): in the
+//   histogram's execution each chunk also builds its own histogram, finds where its share of
+//   each target, max(1, m * count / numel) entries, would cut, and keeps the counts of the
+//   kWindowBins high bins centred there, with the keys of those bins whose low bits are not 0
+//   (up to kWindowList of them; more: the window serves pure bins only). reduce_done: when
+//   every chunk's window covers the boundary bin B (and lists its impure keys, if B has any),
+//   the windows give B's low-bits histogram (its pure keys are all B << 15) and every chunk's
+//   count of the threshold key, so the target is settled, or ready with its tie counts, in that
+//   execution; else the rounds below run as described. Chunks of one tensor that look alike
+//   (the usual case: a layer's weights, bf16 task vectors whose keys are mostly pure) cut close
+//   to each other, so their windows meet; the outcome is the same either way, only the number
+//   of executions differs, and it depends on the data alone.
 //   So a tensor's reduce pass runs 1 time (boundary resolved by the coarse histogram: k == 0,
-//   k == n, a boundary bin taken whole, or threshold 0), 2 times (bf16-like data: pure bin, tie
-//   counts; float32-like data: low round, with listed ties) or at most 3 times (a boundary bin
-//   too large to list, with ties), for all targets at once; a target that needs fewer
-//   executions does nothing in the later ones.
+//   k == n, a boundary bin taken whole, threshold 0, or the windows), 2 times (bf16-like data:
+//   pure bin, tie counts; float32-like data: low round, with listed ties) or at most 3 times (a
+//   boundary bin too large to list, with ties), for all targets at once; a target that needs
+//   fewer executions does nothing in the later ones.
 //
 // MEMORY
-//   One partial (execution 1): per source a 65536-bin uint32 histogram and 64 KiB of flags,
-//   then one spare histogram (about 320 KiB per source + 256 KiB); later executions use the
-//   first targets x 32768 words of the same partial (targets <= 2 x sources). Per tensor: a few
+//   One partial (execution 1): per source a 65536-bin uint32 histogram and 64 KiB of flags
+//   (about 320 KiB per source; combine folds only the bins the chunks touched); later
+//   executions use the first targets x 32768 words of the same partial (targets <= 2 x
+//   sources). Per thread: a chunk's keys and its own histogram (2 x 256 KiB, zero at rest).
+//   During the histogram's execution, per chunk and target a window (kWindowBins words and at
+//   most kWindowList listed keys: under 1.3 KiB), freed by its reduce_done. Per tensor: a few
 //   words per target, a word per source (its smallest nonzero key, for the map: least_key),
 //   and for targets that need tie counts one uint32 per chunk (numel / chunk), freed when the
 //   tensor's map pass has seen all its elements; during a low round, at most
@@ -84,6 +99,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -104,6 +120,8 @@ inline constexpr std::uint32_t kImpureWords = kHiBins / 4 + 16;  // a byte per h
 inline constexpr std::uint32_t kNothing = 0x80000000u;        // a key bound above every key
 inline constexpr std::size_t kBlock = 1024;                   // entries per kernel call
 inline constexpr std::uint64_t kListBudget = 1u << 20;        // low round: entries listed per target
+inline constexpr std::uint32_t kWindowBins = 64;              // WINDOWS: high bins per target and chunk
+inline constexpr std::size_t kWindowList = 256;               // WINDOWS: impure keys listed, at most
 
 // The magnitude key of x: its float32 bits without the sign.
 inline std::uint32_t key_of(float x) {
@@ -210,26 +228,21 @@ CONFLUX_MULTIVERSION static inline void key_range(const std::uint32_t* keys, std
   hi = z;
 }
 
-// Execution 1 for one source's block: hist[key >> 15] += 1 (zeros counted in the return value
-// instead), and the impure flag of a bin whose key has nonzero low bits. Every other entry goes
-// to `spare` instead of `hist` (folded back by the caller over [lo >> 15, hi >> 15], the bins
-// touched): equal magnitudes are common, and increments of one bin in a row wait for each
-// other through memory; two histograms halve that chain.
-template <class In>
-static inline std::uint32_t hist_high(const In* x, const In* b, std::size_t m, std::uint32_t* hist,
-                                      std::uint32_t* spare, std::uint8_t* impure, std::uint32_t& lo,
-                                      std::uint32_t& hi) {
-  std::uint32_t keys[kBlock + 16];
-  const std::size_t nz = compact_nonzero(x, b, m, keys);
-  key_range(keys, nz, lo, hi);
+// Execution 1 for one source's chunk, after compact_nonzero: the chunk's own histogram of the
+// high 16 key bits of keys[0, nz), in two arrays that are zero at rest (every other key goes to
+// `b`: equal magnitudes are common, and increments of one bin in a row wait for each other
+// through memory; two arrays halve that chain), and the impure flag of a bin holding a key whose
+// low bits are not 0.
+static inline void hist_high(const std::uint32_t* keys, std::size_t nz, std::uint32_t* a, std::uint32_t* b,
+                             std::uint8_t* impure) {
   std::size_t j = 0;
   for (; j + 2 <= nz; j += 2) {
     const std::uint32_t k0 = keys[j], k1 = keys[j + 1];
-    ++hist[k0 >> 15];
-    ++spare[k1 >> 15];
+    ++a[k0 >> 15];
+    ++b[k1 >> 15];
   }
-  if (j < nz) ++hist[keys[j] >> 15];
-  // Impure bins: none in most blocks of bf16-like data (a vectorized test); elsewhere a store
+  if (j < nz) ++a[keys[j] >> 15];
+  // Impure bins: none in most chunks of bf16-like data (a vectorized test); elsewhere a store
   // of 1 to the bin's flag, or to the dummy slot for a pure key (stores only: no chain, no
   // branch to mispredict).
   if (any_low_bits(keys, nz))
@@ -238,15 +251,32 @@ static inline std::uint32_t hist_high(const In* x, const In* b, std::size_t m, s
       const std::uint32_t on = 0u - static_cast<std::uint32_t>((key & 0x7FFFu) != 0);  // all ones or 0
       impure[((key >> 15) & on) | (kHiBins & ~on)] = 1;
     }
-  return static_cast<std::uint32_t>(m - nz);
 }
 
-// hist[k] += spare[k], spare[k] = 0 over [first, last].
-CONFLUX_MULTIVERSION static inline void fold(std::uint32_t* hist, std::uint32_t* spare, std::size_t first,
-                                             std::size_t last) {
+// Keys of keys[0, n) in [first, first + span) whose low 15 bits are not 0: how many, and (the
+// second, branch-free: `out` has room for their count + 1) the keys themselves, in order.
+CONFLUX_MULTIVERSION static inline std::size_t count_impure(const std::uint32_t* keys, std::size_t n,
+                                                            std::uint32_t first, std::uint32_t span) {
+  std::uint32_t c = 0;
+  for (std::size_t k = 0; k < n; ++k) c += (keys[k] - first < span) & ((keys[k] & 0x7FFFu) != 0) ? 1u : 0u;
+  return c;
+}
+static inline void list_impure(const std::uint32_t* keys, std::size_t n, std::uint32_t first, std::uint32_t span,
+                               std::uint32_t* out) {
+  std::size_t c = 0;
+  for (std::size_t k = 0; k < n; ++k) {
+    out[c] = keys[k];
+    c += (keys[k] - first < span) & ((keys[k] & 0x7FFFu) != 0) ? 1 : 0;
+  }
+}
+
+// hist[k] += a[k] + b[k], a[k] = b[k] = 0 over [first, last].
+CONFLUX_MULTIVERSION static inline void fold(std::uint32_t* hist, std::uint32_t* a, std::uint32_t* b,
+                                             std::size_t first, std::size_t last) {
   for (std::size_t k = first; k <= last; ++k) {
-    hist[k] += spare[k];
-    spare[k] = 0;
+    hist[k] += a[k] + b[k];
+    a[k] = 0;
+    b[k] = 0;
   }
 }
 
@@ -320,7 +350,7 @@ CONFLUX_MULTIVERSION static inline void add_words(std::uint32_t* into, const std
   for (std::size_t k = 0; k < n; ++k) into[k] += from[k];
 }
 
-CONFLUX_MULTIVERSION static inline void or_words(std::uint32_t* into, const std::uint32_t* from, std::size_t n) {
+CONFLUX_MULTIVERSION static inline void or_bytes(std::uint8_t* into, const std::uint8_t* from, std::size_t n) {
   for (std::size_t k = 0; k < n; ++k) into[k] |= from[k];
 }
 
@@ -387,8 +417,9 @@ class Selector {
   bool active() const { return active_; }
 
   // uint32 words of one partial of the reduce pass.
-  // (Execution 1: a histogram and impure flags per source, then one spare histogram that is
-  // zero between reduce calls.)
+  // (The histogram's execution: a histogram and impure flags per source, then per source the
+  // bins its nonzero keys touched, [first, end) (end 0: none), and its zero count, which is bin
+  // 0's share kept apart so that combine and done need only the touched bins.)
   // Then, for speculation, per source its nonzero count (two words, low first), the count of
   // chunks that speculated, and 1 once a chunk built histograms (a partial of speculated chunks
   // only has none to combine).
@@ -420,10 +451,17 @@ class Selector {
       into[used] = 1;
       for (std::uint32_t i = 0; i < sources_; ++i) {
         if (!uses(ts, i)) continue;
+        const std::uint32_t* fm = from.data() + meta_offset() + 3 * std::size_t{i};
+        std::uint32_t* im = into.data() + meta_offset() + 3 * std::size_t{i};
+        im[2] += fm[2];
+        if (fm[1] == 0) continue;  // no nonzero key
         const std::size_t h = std::size_t{i} * kHiBins;
-        kernels::add_words(into.data() + h, from.data() + h, kHiBins);
-        const std::size_t b = std::size_t{sources_} * kHiBins + std::size_t{i} * kImpureWords;
-        kernels::or_words(into.data() + b, from.data() + b, kImpureWords);
+        kernels::add_words(into.data() + h + fm[0], from.data() + h + fm[0], fm[1] - fm[0]);
+        auto* ib = reinterpret_cast<std::uint8_t*>(into.data() + impure_offset(i));
+        const auto* fb = reinterpret_cast<const std::uint8_t*>(from.data() + impure_offset(i));
+        kernels::or_bytes(ib + fm[0], fb + fm[0], fm[1] - fm[0]);
+        im[0] = im[1] == 0 ? fm[0] : std::min(im[0], fm[0]);
+        im[1] = std::max(im[1], fm[1]);
       }
       return;
     }
@@ -436,6 +474,11 @@ class Selector {
   // stands, see SPECULATION).
   sdk::Next done(const cfx_tensor* t, sdk::Span<const std::uint32_t> stats) {
     TensorState& ts = tensors_[t->index];
+    // The windows serve the execution that recorded them only.
+    struct Clear {
+      TensorState& ts;
+      ~Clear() { std::vector<std::unique_ptr<ChunkWindows>>().swap(ts.windows); }
+    } clear{ts};
     if (ts.trivial) {
       ++executions_hist_[0];
       return sdk::Next::proceed;
@@ -469,23 +512,27 @@ class Selector {
         case Phase::done: break;
         case Phase::high: {
           const std::uint32_t* hist = stats.data() + std::size_t{s.source} * kHiBins;
-          const auto* impure = reinterpret_cast<const std::uint8_t*>(
-              stats.data() + std::size_t{sources_} * kHiBins + std::size_t{s.source} * kImpureWords);
-          std::uint32_t b = kHiBins - 1;
+          const auto* impure = reinterpret_cast<const std::uint8_t*>(stats.data() + impure_offset(s.source));
+          const std::uint32_t* meta = stats.data() + meta_offset() + 3 * std::size_t{s.source};
+          // Bin 0 with the zeros; no bin at or above meta[1] (the end of the touched bins) holds any.
+          auto count = [&](std::uint32_t bin) -> std::uint64_t { return hist[bin] + (bin == 0 ? meta[2] : 0u); };
+          std::uint32_t b = meta[1] > 0 ? meta[1] - 1 : 0;
           std::uint64_t above = 0;
-          while (above + hist[b] < s.m) above += hist[b--];  // stops: the bins sum to numel >= m
+          while (above + count(b) < s.m) above += count(b--);  // stops: the bins sum to numel >= m
           s.above = above;
           s.need = s.m - above;
-          if (s.need == hist[b]) {
+          if (s.need == count(b)) {
             finish(s, b << 15);
+          } else if (from_windows(ts, *t, j, s, b, count(b), impure[b] != 0)) {
+            // settled, or its tie counts known, from the chunks' windows (WINDOWS)
           } else if (impure[b] == 0) {
-            start_ties(ts, *t, s, b << 15, hist[b]);
+            start_ties(ts, *t, s, b << 15, count(b));
           } else {
             s.bin = b;
             s.phase = Phase::low;
             // Small enough: keep the bin's low bits per chunk, so the tie counts need no pass.
-            if (hist[b] <= std::min(kListBudget, t->numel / 8))
-              s.listing = std::make_unique<Listing>(hist[b], chunk_count(ts, *t));
+            if (count(b) <= std::min(kListBudget, t->numel / 8))
+              s.listing = std::make_unique<Listing>(count(b), chunk_count(ts, *t));
           }
           break;
         }
@@ -559,6 +606,8 @@ class Selector {
   std::uint64_t tie_breaks() const { return tie_breaks_.load(); }
   // Of these, the ones counted from the low round's lists (no pass of their own).
   std::uint64_t listed_tie_breaks() const { return listed_tie_breaks_.load(); }
+  // Boundaries settled from the chunks' windows, in the histogram's execution (WINDOWS).
+  std::uint64_t window_resolved() const { return window_resolved_.load(); }
   // Tensors merged by the first execution itself (SPECULATION).
   std::uint64_t speculated() const { return speculated_.load(); }
 
@@ -589,6 +638,27 @@ class Selector {
     }
   };
 
+  // One chunk's view of the high bins around a target's cut in that chunk (WINDOWS).
+  struct Window {
+    std::uint32_t start = 0;                // bins [start, start + kWindowBins)
+    bool listed = true;                     // `impure` holds every key of these bins with low bits
+    std::uint32_t counts[kWindowBins] = {};  // the chunk's entries per bin (bin 0 with its zeros)
+    std::vector<std::uint32_t> impure;      // those keys (at most kWindowList), in any order
+  };
+  struct ChunkWindows {
+    std::uint64_t begin = 0;      // the chunk's first element
+    std::vector<Window> targets;  // per target of the tensor (used for the open ones)
+  };
+  // Per thread: a chunk's nonzero keys and its own histogram (two arrays, zero at rest).
+  struct Scratch {
+    std::vector<std::uint32_t> keys;
+    std::unique_ptr<std::uint32_t[]> a{new std::uint32_t[kHiBins]()}, b{new std::uint32_t[kHiBins]()};
+  };
+  static Scratch& scratch() {
+    thread_local Scratch s;
+    return s;
+  }
+
   struct State {
     std::uint32_t source = 0;
     std::uint64_t m = 0;
@@ -612,6 +682,8 @@ class Selector {
     std::uint64_t chunk_size = 0;      // learned in execution 1
     std::atomic<std::uint64_t> mapped{0};
     std::unique_ptr<std::atomic<std::uint32_t>[]> least;  // per source, see least_key
+    std::mutex windows_mutex;
+    std::vector<std::unique_ptr<ChunkWindows>> windows;  // the histogram's execution, per chunk
   };
 
   template <class In>
@@ -643,23 +715,36 @@ class Selector {
     }
     if (ts.executions == ts.hist_at) {
       partial[spec_offset() + 2 * std::size_t{sources_} + 1] = 1;
+      Scratch& sc = scratch();
+      auto windows = std::make_unique<ChunkWindows>();
+      windows->begin = c.begin();
+      windows->targets.resize(per_tensor_);
       for (std::uint32_t i = 0; i < sources_; ++i) {
         if (!uses(ts, i)) continue;
         std::uint32_t* hist = partial.data() + std::size_t{i} * kHiBins;
-        auto* impure = reinterpret_cast<std::uint8_t*>(partial.data() + std::size_t{sources_} * kHiBins +
-                                                       std::size_t{i} * kImpureWords);
-        std::uint32_t* spare = partial.data() + std::size_t{sources_} * (kHiBins + kImpureWords);
-        const In* x = models[i];
-        std::uint32_t zeros = 0, lo = 0xFFFFFFFFu, hi = 0;
-        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
-          zeros += kernels::hist_high(x + k0, b + k0, std::min(kBlock, n - k0), hist, spare, impure, lo, hi);
-        hist[0] += zeros;
-        if (lo <= hi) kernels::fold(hist, spare, lo >> 15, hi >> 15);  // spare is zero again
+        auto* impure = reinterpret_cast<std::uint8_t*>(partial.data() + impure_offset(i));
+        std::uint32_t* meta = partial.data() + meta_offset() + 3 * std::size_t{i};
+        sc.keys.resize(n + 16);
+        const std::size_t nz = kernels::compact_nonzero(models[i], b, n, sc.keys.data());
+        const auto zeros = static_cast<std::uint32_t>(n - nz);
+        meta[2] += zeros;
+        std::uint32_t lo = 0xFFFFFFFFu, hi = 0;
+        kernels::key_range(sc.keys.data(), nz, lo, hi);
+        kernels::hist_high(sc.keys.data(), nz, sc.a.get(), sc.b.get(), impure);
+        for (std::uint32_t j = 0; j < per_tensor_; ++j)
+          if (ts.targets[j].source == i && ts.targets[j].phase == Phase::high)
+            record_window(ts.targets[j], c, sc, nz, zeros, nz ? hi >> 15 : 0, windows->targets[j]);
+        if (nz == 0) continue;
+        kernels::fold(hist, sc.a.get(), sc.b.get(), lo >> 15, hi >> 15);  // the chunk's arrays are zero again
+        meta[0] = meta[1] == 0 ? lo >> 15 : std::min(meta[0], lo >> 15);
+        meta[1] = std::max(meta[1], (hi >> 15) + 1);
         std::atomic<std::uint32_t>& least = ts.least[i];  // the tensor's smallest nonzero key
         for (std::uint32_t was = least.load(std::memory_order_relaxed);
              lo < was && !least.compare_exchange_weak(was, lo, std::memory_order_relaxed);) {
         }
       }
+      const std::lock_guard<std::mutex> lock(ts.windows_mutex);
+      ts.windows.push_back(std::move(windows));
       return false;
     }
     for (std::uint32_t j = 0; j < per_tensor_; ++j) {
@@ -681,10 +766,108 @@ class Selector {
     return false;
   }
 
+  // Target s's window in chunk c: the chunk's own cut for its share of the target,
+  // max(1, m * count / numel) entries, from the chunk's histogram (sc.a + sc.b, bins up to
+  // top_bin; `zeros` zero entries and nz nonzero keys in sc.keys); the window is centred on it.
+  static void record_window(const State& s, const sdk::Chunk& c, const Scratch& sc, std::size_t nz,
+                            std::uint32_t zeros, std::uint32_t top_bin, Window& w) {
+    const std::uint64_t share = std::max<std::uint64_t>(1, s.m * c.count() / c.tensor().numel);  // < 2^64
+    std::uint32_t cut = 0;  // the cut among the zeros: bin 0
+    if (share <= nz) {
+      std::uint64_t above = 0;
+      cut = top_bin;
+      for (; above + sc.a[cut] + sc.b[cut] < share; --cut) above += sc.a[cut] + sc.b[cut];
+    }
+    w.start = std::min(cut - std::min(cut, kWindowBins / 2), kHiBins - kWindowBins);
+    for (std::uint32_t k = 0; k < kWindowBins; ++k) w.counts[k] = sc.a[w.start + k] + sc.b[w.start + k];
+    if (w.start == 0) w.counts[0] += zeros;
+    // The impure keys of the window's bins: few in bf16-like data, too many to keep in float32-like
+    // data (then the window serves pure bins only).
+    const std::uint32_t first = w.start << 15, span = kWindowBins << 15;
+    const std::size_t listed = kernels::count_impure(sc.keys.data(), nz, first, span);
+    if (listed > kWindowList) {
+      w.listed = false;
+    } else if (listed > 0) {
+      w.impure.resize(listed + 1);  // room for the branch-free compaction's last store
+      kernels::list_impure(sc.keys.data(), nz, first, span, w.impure.data());
+      w.impure.resize(listed);
+    }
+  }
+
+  // Settles target j (its boundary bin b holds `in_bin` entries; impure: some with low bits), or
+  // finds its threshold and per-chunk tie counts, from the chunks' windows, when every chunk's
+  // window covers b (and, impure, lists its keys). False: nothing changed, the passes go on.
+  bool from_windows(TensorState& ts, const cfx_tensor& t, std::uint32_t j, State& s, std::uint32_t b,
+                    std::uint64_t in_bin, bool impure) {
+    const std::size_t chunks = chunk_count(ts, t);
+    if (ts.windows.size() != chunks) return false;
+    std::vector<const Window*> by_chunk(chunks, nullptr);
+    for (const auto& rec : ts.windows) {
+      const std::uint64_t idx = rec->begin / ts.chunk_size;
+      if (rec->begin % ts.chunk_size != 0 || idx >= chunks || by_chunk[idx])
+        throw sdk::Error("internal: tensor '" + std::string(t.name) + "': chunk windows do not match its chunks");
+      const Window& w = rec->targets[j];
+      if (b < w.start || b - w.start >= kWindowBins || (impure && !w.listed)) return false;
+      by_chunk[idx] = &w;
+    }
+    // Per chunk: its entries in bin b, and of these the listed (impure) ones of key `key` (any: -1).
+    auto in_b = [b](const Window& w) { return w.counts[b - w.start]; };
+    auto listed = [b](const Window& w, std::int64_t key) {
+      std::uint32_t n = 0;
+      for (const std::uint32_t k : w.impure) n += (k >> 15) == b && (key < 0 || k == key) ? 1u : 0u;
+      return n;
+    };
+    std::uint32_t T = b << 15;
+    std::uint64_t need = s.need, above = 0, at_T = in_bin;
+    if (impure) {  // the low round, from the lists: the bin's pure keys are all T
+      std::vector<std::uint64_t> low(kLoBins, 0);
+      std::uint64_t total = 0;
+      for (const Window* w : by_chunk) {
+        const std::uint32_t n_listed = listed(*w, -1);
+        if (n_listed > in_b(*w)) throw sdk::Error("internal: a window lists more keys than its bin holds");
+        low[0] += in_b(*w) - n_listed;
+        for (const std::uint32_t k : w->impure)
+          if ((k >> 15) == b) ++low[k & 0x7FFFu];
+        total += in_b(*w);
+      }
+      if (total != in_bin)
+        throw sdk::Error("internal: tensor '" + std::string(t.name) + "': the windows hold " + std::to_string(total) +
+                         " entries of a bin the histogram counts " + std::to_string(in_bin) + " in");
+      std::uint32_t lb = kLoBins - 1;
+      while (above + low[lb] < need) above += low[lb--];
+      need -= above;
+      T |= lb;
+      at_T = low[lb];
+    }
+    ++window_resolved_;
+    s.above += above;
+    s.need = need;
+    if (need == at_T || T == 0) {  // the key T taken whole, or zeros (see start_ties)
+      finish(s, need == at_T ? T : 0);
+      return true;
+    }
+    s.T = T;
+    s.tie_count = at_T;
+    s.chunk_ties.assign(chunks, 0);
+    for (std::size_t c = 0; c < chunks; ++c) {
+      const Window& w = *by_chunk[c];
+      s.chunk_ties[c] = !impure ? in_b(w) : (T & 0x7FFFu) == 0 ? in_b(w) - listed(w, -1) : listed(w, T);
+    }
+    s.phase = Phase::ties;
+    ts.has_chunk_counts = true;
+    make_prefix(t, s);  // checks the counts against the histogram's
+    return true;
+  }
+
   // Speculation keeps per-source counts on the stack: up to this many sources.
   static constexpr std::uint32_t kMaxSpeculativeSources = 32;
 
-  std::size_t spec_offset() const { return std::size_t{sources_} * (kHiBins + kImpureWords) + kHiBins; }
+  // The partial's layout (see stats_words).
+  std::size_t impure_offset(std::uint32_t source) const {
+    return std::size_t{sources_} * kHiBins + std::size_t{source} * kImpureWords;
+  }
+  std::size_t meta_offset() const { return std::size_t{sources_} * (kHiBins + kImpureWords); }
+  std::size_t spec_offset() const { return meta_offset() + 3 * std::size_t{sources_}; }
   static std::uint64_t read_u64(const std::uint32_t* w) { return w[0] | (std::uint64_t{w[1]} << 32); }
   static void add_u64(std::uint32_t* w, std::uint64_t v) {
     const std::uint64_t sum = read_u64(w) + v;
@@ -744,7 +927,7 @@ class Selector {
   std::unique_ptr<TensorState[]> tensors_;
   bool active_ = false;
   std::atomic<std::uint64_t> executions_hist_[4] = {};
-  std::atomic<std::uint64_t> tie_breaks_{0}, listed_tie_breaks_{0}, speculated_{0};
+  std::atomic<std::uint64_t> tie_breaks_{0}, listed_tie_breaks_{0}, speculated_{0}, window_resolved_{0};
 };
 
 }  // namespace conflux::plugins::topk

@@ -491,13 +491,15 @@ struct TrimMerge : V {
     }
     std::snprintf(buf, sizeof buf,
                   "],\"selection\":{\"tensors_by_passes\":[%llu,%llu,%llu,%llu],\"tie_breaks\":%llu,"
-                  "\"tie_breaks_from_lists\":%llu,\"tensors_merged_in_selection_pass\":%llu}}",
+                  "\"tie_breaks_from_lists\":%llu,\"boundaries_from_windows\":%llu,"
+                  "\"tensors_merged_in_selection_pass\":%llu}}",
                   static_cast<unsigned long long>(selector_.tensors_by_executions(0)),
                   static_cast<unsigned long long>(selector_.tensors_by_executions(1)),
                   static_cast<unsigned long long>(selector_.tensors_by_executions(2)),
                   static_cast<unsigned long long>(selector_.tensors_by_executions(3)),
                   static_cast<unsigned long long>(selector_.tie_breaks()),
                   static_cast<unsigned long long>(selector_.listed_tie_breaks()),
+                  static_cast<unsigned long long>(selector_.window_resolved()),
                   static_cast<unsigned long long>(selector_.speculated()));
     json += buf;
     job_.report(json);
@@ -509,12 +511,13 @@ struct TrimMerge : V {
     if (selector_.active()) {
       std::snprintf(buf, sizeof buf,
                     "selection: tensors whose threshold took 1/2/3 statistics passes: %llu/%llu/%llu, "
-                    "%llu boundaries resolved by tie counts, %llu tensors merged in the selection pass "
-                    "(every nonzero entry kept)",
+                    "%llu boundaries resolved by tie counts, %llu settled from the chunks' windows in the "
+                    "histogram's pass, %llu tensors merged in the selection pass (every nonzero entry kept)",
                     static_cast<unsigned long long>(selector_.tensors_by_executions(1)),
                     static_cast<unsigned long long>(selector_.tensors_by_executions(2)),
                     static_cast<unsigned long long>(selector_.tensors_by_executions(3)),
                     static_cast<unsigned long long>(selector_.tie_breaks()),
+                    static_cast<unsigned long long>(selector_.window_resolved()),
                     static_cast<unsigned long long>(selector_.speculated()));
       job_.log(CFX_LOG_INFO, buf);
     }
