@@ -69,7 +69,9 @@
 //   executions use the first targets x 32768 words of the same partial (targets <= 2 x
 //   sources). Per thread: a chunk's keys and its own histogram (2 x 256 KiB, zero at rest).
 //   During the histogram's execution, per chunk and target a window (kWindowBins words and at
-//   most kWindowList listed keys: under 1.3 KiB), freed by its reduce_done. Per tensor: a few
+//   most kWindowList listed keys: under 1.3 KiB), freed by its reduce_done, and at most
+//   kWindowBudget per tensor (past it the windows are dropped; 7 MiB for the benchmark's
+//   largest tensor, 136M entries, 6 targets, chunks of 32768). Per tensor: a few
 //   words per target, a word per source (its smallest nonzero key, for the map: least_key),
 //   and for targets that need tie counts one uint32 per chunk (numel / chunk), freed when the
 //   tensor's map pass has seen all its elements; during a low round, at most
@@ -122,6 +124,7 @@ inline constexpr std::size_t kBlock = 1024;                   // entries per ker
 inline constexpr std::uint64_t kListBudget = 1u << 20;        // low round: entries listed per target
 inline constexpr std::uint32_t kWindowBins = 64;              // WINDOWS: high bins per target and chunk
 inline constexpr std::size_t kWindowList = 256;               // WINDOWS: impure keys listed, at most
+inline constexpr std::size_t kWindowBudget = std::size_t{32} << 20;  // WINDOWS: bytes per tensor
 
 // The magnitude key of x: its float32 bits without the sign.
 inline std::uint32_t key_of(float x) {
@@ -477,7 +480,10 @@ class Selector {
     // The windows serve the execution that recorded them only.
     struct Clear {
       TensorState& ts;
-      ~Clear() { std::vector<std::unique_ptr<ChunkWindows>>().swap(ts.windows); }
+      ~Clear() {
+        std::vector<std::unique_ptr<ChunkWindows>>().swap(ts.windows);
+        ts.window_bytes = 0;
+      }
     } clear{ts};
     if (ts.trivial) {
       ++executions_hist_[0];
@@ -684,6 +690,7 @@ class Selector {
     std::unique_ptr<std::atomic<std::uint32_t>[]> least;  // per source, see least_key
     std::mutex windows_mutex;
     std::vector<std::unique_ptr<ChunkWindows>> windows;  // the histogram's execution, per chunk
+    std::size_t window_bytes = 0;                        // what they took, kept or not
   };
 
   template <class In>
@@ -743,8 +750,13 @@ class Selector {
              lo < was && !least.compare_exchange_weak(was, lo, std::memory_order_relaxed);) {
         }
       }
+      // Within the tensor's budget, else dropped (then some chunk has no window, and the later
+      // executions run: the same whichever chunks came first, since the total decides).
+      std::size_t bytes = sizeof(ChunkWindows) + per_tensor_ * sizeof(Window);
+      for (const Window& w : windows->targets) bytes += w.impure.capacity() * sizeof(std::uint32_t);
       const std::lock_guard<std::mutex> lock(ts.windows_mutex);
-      ts.windows.push_back(std::move(windows));
+      ts.window_bytes += bytes;
+      if (ts.window_bytes <= kWindowBudget) ts.windows.push_back(std::move(windows));
       return false;
     }
     for (std::uint32_t j = 0; j < per_tensor_; ++j) {
