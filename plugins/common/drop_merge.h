@@ -61,10 +61,12 @@
 // (operands in registers, vectorized; more models carry the per-entry sums between groups, in
 // the same order) that draws each entry's uniforms itself, by the host's definition (draw), and
 // counts the kept entries as it goes. DELLA: groups of whole rows; per row and model the
-// entries are split (AVX-512 compress where available; the draws computed in the same sweep,
-// by the same definition: RowDraws) into zeros, which take ranks 0 .. Z-1 in index order and
-// whose W is 0 (only their kept count matters, counted during the split), and nonzero entries,
-// ranks Z .. L-1. Only a nonzero entry whose draw reaches the row's lowest threshold can be
+// entries are split (AVX-512 compress where available; the draws by the same definition:
+// RowDraws) into zeros, which take ranks 0 .. Z-1 in index order, and nonzero entries, ranks
+// Z .. L-1. A zero's W is 0 whether it is kept or not, so zeros are not drawn: the kept count
+// takes them at their expectation, sum_{r<Z} P(keep at rank r), an exact integer in units of
+// 2^-24 from the tables (sparse task vectors are mostly zeros: drawing them was a third of
+// DELLA's time on the benchmark). Only a nonzero entry whose draw reaches the row's lowest threshold can be
 // kept; when few do (low keep probabilities, sparse task vectors) their ranks are counted
 // directly with vector compares, else the nonzero entries are radix-sorted on the key bits that
 // vary within the row. Kept entries' W are added, model by model, into
@@ -147,6 +149,8 @@ inline std::uint32_t fmix32(std::uint32_t h) {
 inline std::uint32_t draw(std::uint32_t k0, std::uint32_t salt, std::uint32_t lo) {
   return fmix32(fmix32(lo ^ k0) ^ salt) >> 8;
 }
+// The draws m lie in [0, kDrawOne).
+inline constexpr std::uint32_t kDrawOne = std::uint32_t{1} << 24;
 // u >= pf exactly when m >= keep_from(pf) (m is an integer, u = m * 2^-24 exactly).
 inline std::uint32_t keep_from(float pf) {
   return pf <= 0.0f ? 0u : static_cast<std::uint32_t>(std::ceil(static_cast<double>(pf) * 0x1p24));
@@ -653,18 +657,16 @@ inline std::uint32_t key_of(float x) {
   return bits & 0x7FFFFFFFu;
 }
 
-// One row split into its zero and nonzero entries (by magnitude key), each in index order:
-// the j-th nonzero entry has key[j], index idx[j] and draw mnz[j] (arrays of the row's length +
-// 16 entries: vector stores run past the end). The z-th zero entry has rank z, so only whether
-// it is kept matters (its W is 0): kept_zeros counts its draw >= from[z]. The draws are the
-// host's uniforms as integers, m = u * 2^24 (RowDraws: computed in registers by the AVX-512
-// split, into a buffer for the portable one), so the keep test u >= pf of the definition is the
-// integer test m >= keep_from(pf).
+// One row split into its nonzero entries (by magnitude key), in index order: the j-th has
+// key[j], index idx[j] and draw mnz[j] (arrays of the row's length + 16 entries: vector stores
+// run past the end). The row's zeros (rank z for the z-th) are neither listed nor drawn. The
+// draws are the host's uniforms as integers, m = u * 2^24 (RowDraws: computed in registers by
+// the AVX-512 split, into a buffer for the portable one), so the keep test u >= pf of the
+// definition is the integer test m >= keep_from(pf).
 struct RowSplit {
   std::uint32_t *key, *idx, *mnz;
   std::size_t nonzero = 0;
   std::uint32_t varying = 0;  // key bits that differ between the nonzero entries
-  std::uint64_t kept_zeros = 0;
 };
 
 // draw[k] = draws.at(k) for k < n (vectorized where the CPU allows: the host's generator is
@@ -677,27 +679,21 @@ CONFLUX_MULTIVERSION static inline void fill_draws(const RowDraws& draws, std::s
 // Splits the row of task vector x - base (float32, as the host would form it), given the row's
 // draws. Branch-free: zeros and nonzeros interleave at random.
 template <class In>
-inline void split_row_scalar(const In* x, const In* base, const std::uint32_t* draw, const std::uint32_t* from,
-                             std::size_t n, RowSplit& s) {
+inline void split_row_scalar(const In* x, const In* base, const std::uint32_t* draw, std::size_t n, RowSplit& s) {
   std::uint32_t any = 0, all = ~0u;
-  std::size_t nz = 0, z = 0;
-  std::uint64_t kept = 0;
+  std::size_t nz = 0;
   for (std::size_t k = 0; k < n; ++k) {
     const std::uint32_t bits = key_of(value(x, k) - value(base, k));
-    const std::uint32_t m = draw[k];
     const bool on = bits != 0;
     s.key[nz] = bits;
     s.idx[nz] = static_cast<std::uint32_t>(k);
-    s.mnz[nz] = m;
-    kept += !on && m >= from[z] ? 1 : 0;  // z <= k < n
+    s.mnz[nz] = draw[k];
     nz += on ? 1 : 0;
-    z += on ? 0 : 1;
     any |= on ? bits : 0u;
     all &= on ? bits : ~0u;
   }
   s.nonzero = nz;
   s.varying = nz ? any & ~all : 0u;
-  s.kept_zeros = kept;
 }
 
 #if CONFLUX_DROP_MERGE_AVX512
@@ -723,12 +719,11 @@ __attribute__((target("avx512f"))) inline __m512i fmix32_avx512(__m512i h) {
 }
 
 // split_row_scalar with AVX-512 compress (sparse task vectors: most entries are zeros, and the
-// scalar split's dependency chain through the counts costs more than the rest of the row), the
-// draws in registers (fmix32 on 16 lanes).
+// scalar split's dependency chain through the counts costs more than the rest of the row), then
+// the draws of the nonzero entries only, from their indices (fmix32 on 16 lanes).
 template <class In>
 __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, const In* base, const RowDraws& draws,
-                                                                const std::uint32_t* from, std::size_t n,
-                                                                RowSplit& s) {
+                                                                std::size_t n, RowSplit& s) {
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i k0 = _mm512_set1_epi32(static_cast<int>(draws.k0));
@@ -737,8 +732,7 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   const __m512i salt_hi = _mm512_set1_epi32(static_cast<int>(draws.salt_hi));
   const __m512i cut = _mm512_set1_epi32(static_cast<int>(draws.cut));
   __m512i any = _mm512_setzero_si512(), all = _mm512_set1_epi32(-1);
-  std::size_t nz = 0, z = 0, k = 0;
-  std::uint64_t kept = 0;
+  std::size_t nz = 0, k = 0;
   for (; k + 16 <= n; k += 16) {
     // The model's input one 4 KiB page (bf16) ahead: rows are read model by model, a few KiB of
     // each in turn, and the hardware prefetchers stop at page boundaries (measured: 6-9% less
@@ -750,23 +744,19 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
     any = _mm512_mask_or_epi32(any, on, any, bits);
     all = _mm512_mask_and_epi32(all, on, all, bits);
     const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(k)));
-    // draw(k0, salt, lo + index), the salt of the lanes at or past the cut being salt_hi.
-    const __m512i salt = _mm512_mask_blend_epi32(_mm512_cmpge_epu32_mask(index, cut), salt_lo, salt_hi);
-    const __m512i h = fmix32_avx512(_mm512_xor_si512(_mm512_add_epi32(lo, index), k0));
-    const __m512i m = shift_right(fmix32_avx512(_mm512_xor_si512(h, salt)), 8);
     // Compress in registers, store whole vectors (memory-destination compress is slow on some
     // CPUs; the arrays have 16 entries of slack).
     _mm512_storeu_si512(s.key + nz, _mm512_maskz_compress_epi32(on, bits));
     _mm512_storeu_si512(s.idx + nz, _mm512_maskz_compress_epi32(on, index));
-    _mm512_storeu_si512(s.mnz + nz, _mm512_maskz_compress_epi32(on, m));
-    // The zeros' draws against the thresholds of their ranks z, z + 1, ...
-    const auto c = static_cast<unsigned>(__builtin_popcount(on));
-    const auto zeros = static_cast<__mmask16>((1u << (16 - c)) - 1);
-    const __m512i mz = _mm512_maskz_compress_epi32(static_cast<__mmask16>(~on), m);
-    const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(zeros, mz, _mm512_maskz_loadu_epi32(zeros, from + z));
-    kept += static_cast<unsigned>(__builtin_popcount(keep));
-    nz += c;
-    z += 16 - c;
+    nz += static_cast<unsigned>(__builtin_popcount(on));
+  }
+  // draw(k0, salt, lo + index), the salt of the indices at or past the cut being salt_hi (the
+  // lanes past nz draw for stale indices, into the slack).
+  for (std::size_t j = 0; j < nz; j += 16) {
+    const __m512i index = _mm512_loadu_si512(s.idx + j);
+    const __m512i salt = _mm512_mask_blend_epi32(_mm512_cmpge_epu32_mask(index, cut), salt_lo, salt_hi);
+    const __m512i h = fmix32_avx512(_mm512_xor_si512(_mm512_add_epi32(lo, index), k0));
+    _mm512_storeu_si512(s.mnz + j, shift_right(fmix32_avx512(_mm512_xor_si512(h, salt)), 8));
   }
   // Lane reductions by hand (GCC 12's _mm512_reduce_* trip -Wuninitialized).
   std::uint32_t any_lanes[16], all_lanes[16];
@@ -780,7 +770,7 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   RowSplit tail{s.key + nz, s.idx + nz, s.mnz + nz};
   std::uint32_t tail_draws[16];
   for (std::size_t j = 0; j < n - k; ++j) tail_draws[j] = draws.at(k + j);
-  split_row_scalar(x + k, base + k, tail_draws, from + z, n - k, tail);
+  split_row_scalar(x + k, base + k, tail_draws, n - k, tail);
   for (std::size_t j = nz; j < nz + tail.nonzero; ++j) {
     s.idx[j] += static_cast<std::uint32_t>(k);
     any_s |= s.key[j];
@@ -788,7 +778,6 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   }
   s.nonzero = nz + tail.nonzero;
   s.varying = s.nonzero ? any_s & ~all_s : 0u;
-  s.kept_zeros = kept + tail.kept_zeros;
 }
 
 // The candidates of a row: positions j (ascending) of the nonzero entries with mnz[j] >= from,
@@ -832,13 +821,13 @@ __attribute__((target("avx512f"))) inline std::size_t rank_avx512(const std::uin
 
 // The row split of this CPU; `draw` holds n entries for the portable one.
 template <class In>
-inline void split_row(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from, std::size_t n,
-                      std::uint32_t* draw, RowSplit& s) {
+inline void split_row(const In* x, const In* base, const RowDraws& draws, std::size_t n, std::uint32_t* draw,
+                      RowSplit& s) {
 #if CONFLUX_DROP_MERGE_AVX512
-  if (have_avx512()) return split_row_avx512(x, base, draws, from, n, s);
+  if (have_avx512()) return split_row_avx512(x, base, draws, n, s);
 #endif
   fill_draws(draws, n, draw);
-  split_row_scalar(x, base, draw, from, n, s);
+  split_row_scalar(x, base, draw, n, s);
 }
 
 // Calls visit(rank, j) for every nonzero entry j of a split row (in index order), rank being
@@ -935,25 +924,35 @@ void visit_candidates(RowSplit& s, std::uint32_t from_min, std::uint32_t* cand, 
 
 // DELLA's keep thresholds and survivor factors by rank for rows of L entries:
 // q_r = min(lo + r * step, 1), pf[r] = keep_threshold(1 - q_r), from[r] = keep_from(pf[r]) (the
-// same test on the draw), cd[i * L + r] = w_i / q_r (or w_i without rescale).
+// same test on the draw), cd[i * L + r] = w_i / q_r (or w_i without rescale), and
+// zero_units[z] = sum_{r<z} (2^24 - from[r]): the expected number of kept entries among ranks
+// 0 .. z-1 (a draw m is uniform on [0, 2^24)) in units of 2^-24, exact in integers.
 struct RankTables {
   std::vector<float> pf;
   std::vector<std::uint32_t> from;
   std::vector<double> cd;
+  std::vector<std::uint64_t> zero_units;
 
   RankTables(std::size_t L, double lo, double step, const std::vector<double>& weights, bool rescale)
-      : pf(L), from(L), cd(weights.size() * L) {
+      : pf(L), from(L), cd(weights.size() * L), zero_units(L + 1, 0) {
     for (std::size_t r = 0; r < L; ++r) {
       const double q = std::min(lo + static_cast<double>(r) * step, 1.0);
       pf[r] = keep_threshold(1.0 - q);
       from[r] = keep_from(pf[r]);
+      zero_units[r + 1] = zero_units[r] + (kDrawOne - std::min(from[r], kDrawOne));
       for (std::size_t i = 0; i < weights.size(); ++i) cd[i * L + r] = rescale ? weights[i] / q : weights[i];
     }
   }
   static std::size_t bytes(std::size_t L, std::size_t n) {
-    return L * (sizeof(float) + sizeof(std::uint32_t) + n * sizeof(double));
+    return L * (sizeof(float) + sizeof(std::uint32_t) + sizeof(std::uint64_t) + n * sizeof(double));
   }
   const double* factors(std::uint32_t i) const { return cd.data() + i * pf.size(); }
+};
+
+// Kept entries of one model: counted exactly where drawn, and DELLA's zeros (not drawn) at
+// their expectation, in units of 2^-24 (RankTables::zero_units).
+struct KeptCount {
+  std::uint64_t exact = 0, zero_units = 0;
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -977,8 +976,9 @@ class DropMerge {
         lambda_(job.number("lambda")),
         normalize_(job.flag("normalize")),
         rescale_(job.flag("rescale")),
-        kept_(new std::atomic<std::uint64_t>[n_]) {
-    for (std::uint32_t i = 0; i < n_; ++i) kept_[i] = 0;
+        kept_(new std::atomic<std::uint64_t>[n_]),
+        kept_units_(new std::atomic<std::uint64_t>[n_]) {
+    for (std::uint32_t i = 0; i < n_; ++i) kept_[i] = kept_units_[i] = 0;
     const auto w = job.list("weights");
     weights_.assign(w.begin(), w.end());
     // The parameter schema already holds density in (0, 1]; check again for a stray host.
@@ -1017,7 +1017,7 @@ class DropMerge {
     const std::size_t count = out.size();
     std::vector<std::uint64_t> keys(drop_ ? n_ : 0);
     for (std::uint32_t i = 0; i < keys.size(); ++i) keys[i] = job_.random_key(c.tensor(), i);
-    std::vector<std::uint64_t> kept(n_, 0);
+    std::vector<KeptCount> kept(n_);
     bool della = false;
     if constexpr (kDella) {
       // Whole rows (CFX_PASS_WHOLE_ROWS).
@@ -1037,14 +1037,21 @@ class DropMerge {
       // Float32 (a BF16 output) in one group of models, with float_guard's fallback to double;
       // the election only with weights >= 0, whose agreeing terms cannot cancel. Stored BF16
       // inputs for the DARE plugins (CFX_PASS_BF16_INPUTS), float32 otherwise.
+      std::vector<std::uint64_t> exact(n_, 0);
       with_inputs(c, [&](auto models, auto base) {
         if (c.float32_suffices() && n_ <= kGroup && (!T::ties || nonnegative_weights_))
-          run_dare<float>(c, models, base, float_, keys, kept, out.data());
+          run_dare<float>(c, models, base, float_, keys, exact, out.data());
         else
-          run_dare<double>(c, models, base, double_, keys, kept, out.data());
+          run_dare<double>(c, models, base, double_, keys, exact, out.data());
       });
+      for (std::uint32_t i = 0; i < n_; ++i) kept[i].exact = exact[i];
     }
-    for (std::uint32_t i = 0; i < n_; ++i) kept_[i].fetch_add(drop_ ? kept[i] : count, std::memory_order_relaxed);
+    // Whole kept entries, and the fractions of the zeros' expectations apart (integers both:
+    // the totals do not depend on the order the chunks finish in).
+    for (std::uint32_t i = 0; i < n_; ++i) {
+      kept_[i].fetch_add(drop_ ? kept[i].exact + (kept[i].zero_units >> 24) : count, std::memory_order_relaxed);
+      kept_units_[i].fetch_add(kept[i].zero_units & (kDrawOne - 1), std::memory_order_relaxed);
+    }
     elements_.fetch_add(count, std::memory_order_relaxed);
   }
 
@@ -1060,7 +1067,7 @@ class DropMerge {
                   drop_ ? density_ : 1.0);
     json += buf;
     for (std::uint32_t i = 0; i < n_; ++i) {
-      const std::uint64_t kept = kept_[i].load();
+      const std::uint64_t kept = kept_[i].load() + ((kept_units_[i].load() + kDrawOne / 2) >> 24);
       const double fraction = elements ? static_cast<double>(kept) / static_cast<double>(elements) : 1.0;
       std::snprintf(buf, sizeof buf, "%s{\"model\":%u,\"weight\":%.17g,\"kept\":%llu,\"kept_fraction\":%.9g}",
                     i ? "," : "", i, weights_[i], static_cast<unsigned long long>(kept), fraction);
@@ -1211,13 +1218,11 @@ class DropMerge {
   // della_row into the group's sums, then the group's finish.
   template <class In>
   void run_della(const sdk::Chunk& c, const In* const* models, const In* base_in, std::size_t len,
-                 const std::vector<std::uint64_t>& keys,
-                 std::vector<std::uint64_t>& kept, float* out) const {
+                 const std::vector<std::uint64_t>& keys, std::vector<KeptCount>& kept, float* out) const {
     using V = double;
     const Factors<V>& fac = double_;
     std::unique_ptr<RankTables> own;
     const RankTables& tab = tables_for(len, own);
-    const std::uint32_t* from = tab.from.data();
     const std::size_t count = c.count();
     const std::size_t group = std::max<std::size_t>(1, kRowGroup / len) * len;
     const std::size_t cap = std::min(group, count);
@@ -1243,13 +1248,13 @@ class DropMerge {
             const V wi = fac.w[i];
             const float si = fac.s[i];
             (void)si;  // double: the sign of W itself decides
-            kept[i] += della_row(x, base, draws, from, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+            della_row(x, base, draws, tab, len, rb, kept[i], [&](std::uint32_t k, std::size_t r, bool keep) {
               cell[k].add(masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep), wi);
               sums.mark(r0 + k, keep);
             });
           } else {
             double* row_acc = sums.acc.data() + r0;
-            kept[i] += della_row(x, base, draws, from, len, rb, [&](std::uint32_t k, std::size_t r, bool keep) {
+            della_row(x, base, draws, tab, len, rb, kept[i], [&](std::uint32_t k, std::size_t r, bool keep) {
               row_acc[k] += masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep);
               sums.mark(r0 + k, keep);
             });
@@ -1275,28 +1280,28 @@ class DropMerge {
     std::uint64_t *a, *b;
   };
 
-  // One row of one model (task vector x - base, the model's draws for the row, keep thresholds
-  // by rank): returns how many of its entries are kept, and calls add(k, r, keep) for every
-  // nonzero entry k that may be kept (rank r in the row; keep: whether it is) to add its W (+0
-  // unless kept) into the sums.
+  // One row of one model (task vector x - base, the model's draws for the row, rank tables):
+  // adds its kept entries to `kept`, and calls add(k, r, keep) for every nonzero entry k that
+  // may be kept (rank r in the row; keep: whether it is) to add its W (+0 unless kept) into the
+  // sums.
   template <class In, class Add>
-  static std::uint64_t della_row(const In* x, const In* base, const RowDraws& draws, const std::uint32_t* from,
-                                 std::size_t len, const RowBuffers& rb, Add&& add) {
+  static void della_row(const In* x, const In* base, const RowDraws& draws, const RankTables& tab, std::size_t len,
+                        const RowBuffers& rb, KeptCount& kept, Add&& add) {
     RowSplit split{rb.key, rb.idx, rb.mnz};
-    split_row(x, base, draws, from, len, rb.draw, split);
-    // Zeros take ranks 0 .. zeros-1 in index order (their W is 0: only their count matters),
-    // the nonzero entries ranks zeros .. len-1 in magnitude order.
+    split_row(x, base, draws, len, rb.draw, split);
+    // Zeros take ranks 0 .. zeros-1 in index order (their W is 0 kept or not), the nonzero
+    // entries ranks zeros .. len-1 in magnitude order.
     const std::size_t zeros = len - split.nonzero;
-    std::uint64_t kept = split.kept_zeros;
+    kept.zero_units += tab.zero_units[zeros];
+    const std::uint32_t* from = tab.from.data();
     const std::uint32_t* mnz = rb.mnz;
     const std::uint32_t* idx = rb.idx;
     visit_candidates(split, from[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
       const std::size_t r = zeros + rank;
       const bool keep = mnz[j] >= from[r];  // a coin flip: no branch on it
-      kept += keep ? 1 : 0;
+      kept.exact += keep ? 1 : 0;
       add(idx[j], r, keep);
     });
-    return kept;
   }
 
   // The rank tables of rows of `len` entries: the job's, else built into `own`.
@@ -1339,7 +1344,10 @@ class DropMerge {
   bool nonnegative_weights_ = true;
   std::map<std::size_t, RankTables> tables_;  // DELLA: by row length
   mutable ScratchPool pool_;
+  // Kept entries per model (DELLA's zeros at their expectation: kept_units_ holds the parts
+  // below 1, in units of 2^-24).
   std::unique_ptr<std::atomic<std::uint64_t>[]> kept_;
+  std::unique_ptr<std::atomic<std::uint64_t>[]> kept_units_;
   std::atomic<std::uint64_t> elements_{0};
 };
 
