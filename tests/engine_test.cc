@@ -634,4 +634,76 @@ TEST_F(Bf16InputsTest, OddDataOffsetsFallBackToFloat32) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Speculative outputs (ABI 1.3, CFX_PASS_SPECULATIVE_OUTPUT), through tests/plugins/speculate.c:
+// its speculative output is model 0, its map's model 0 + 1, so the output shows which one the
+// host kept. A declaration of a final output is honoured only when every chunk of the pass's
+// first execution wrote; otherwise the merge fails naming the tensor, and nothing is published.
+// ---------------------------------------------------------------------------------------------
+
+class SpeculativeOutputTest : public EngineTest {
+ protected:
+  void SetUp() override {
+    EngineTest::SetUp();
+    plugins_.load_dirs({fs::path(CONFLUX_TEST_PLUGIN_DIR) / "speculate"});
+    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+    make_inputs(DType::F32, 1);
+  }
+  JobConfig probe(const std::string& mode, const std::string& out) {
+    JobConfig j = job("speculate_probe", 1, {conflux_test::str("mode", mode)}, out);
+    j.out_dtype = DType::F32;
+    return j;
+  }
+  // Every merged tensor of `out` is model 0 plus `offset`, in float32.
+  void expect_model0_plus(const std::string& out, float offset) {
+    const Checkpoint merged = Checkpoint::open(dir_ / out);
+    const Checkpoint m0 = Checkpoint::open(dir_ / "m0");
+    std::uint64_t checked = 0;
+    for (const TensorRef& t : merged.tensors()) {
+      const TensorView v = merged.view(t);
+      const TensorView x = m0.view(m0.at(t.name()));
+      for (std::uint64_t k = 0; k < t.info->numel; ++k, ++checked)
+        ASSERT_EQ(v.as<float>()[k], x.as<float>()[k] + offset) << t.name() << "[" << k << "]";
+    }
+    EXPECT_GT(checked, 5000u);
+  }
+};
+
+TEST_F(SpeculativeOutputTest, AFinalOutputWithEveryChunkWrittenSkipsTheMap) {
+  for (const unsigned threads : {1u, 2u}) {
+    const std::string out = "all_" + std::to_string(threads);
+    run(probe("all", out), threads, 1000);
+    expect_model0_plus(out, 0.0f);
+  }
+  // Without a declaration the map's output replaces the speculative one.
+  run(probe("never", "never"), 2, 1000);
+  expect_model0_plus("never", 1.0f);
+  // A host told not to speculate hands out no room: the map writes everything.
+  MergeRequest r;
+  const JobConfig j = probe("all", "off");
+  r.config = &config_;
+  r.job = &j;
+  r.threads = 2;
+  r.chunk_elements = 1000;
+  r.speculative_output = false;
+  run_job(r, plugins_);
+  expect_model0_plus("off", 1.0f);
+}
+
+TEST_F(SpeculativeOutputTest, AFinalOutputWithMissingChunksFailsAndPublishesNothing) {
+  // embed.weight (131 x 37 = 4847 entries) has 5 chunks of 1000; one thread so the first
+  // tensor streamed is the one named.
+  conflux_test::expect_error<MergeError>([&] { run(probe("some", "some"), 1, 1000); },
+                                         {"speculate_probe", "declared its output of tensor 'embed.weight' final",
+                                          "only 1 of its 5 chunks wrote output"});
+  EXPECT_FALSE(fs::exists(dir_ / "some"));
+  for (const auto& name : entries(dir_.path())) EXPECT_FALSE(name.starts_with(".")) << name;
+}
+
+TEST_F(SpeculativeOutputTest, AFinalOutputOnARepeatedExecutionFails) {
+  conflux_test::expect_error<MergeError>([&] { run(probe("repeat", "repeat"), 2, 1000); },
+                                         {"speculate_probe", "final", "the pass cannot write output here"});
+  EXPECT_FALSE(fs::exists(dir_ / "repeat"));
+}
+
 }  // namespace
