@@ -74,6 +74,12 @@ class EngineTest : public conflux_test::StrategyFixture {
                        [m](const Spec& s, std::uint64_t j) { return model_value(s, j, m); }, shard_size);
   }
 
+  // Loads the test plugin built into CONFLUX_TEST_PLUGIN_DIR/<dir> (tests/plugins).
+  void load_test_plugin(const char* dir) {
+    plugins_.load_dirs({fs::path(CONFLUX_TEST_PLUGIN_DIR) / dir});
+    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+  }
+
   JobConfig job(const std::string& strategy, int n_models, std::vector<RawParam> params, const std::string& out) {
     JobConfig j;
     j.name = "test";
@@ -439,8 +445,7 @@ class Bf16InputsTest : public EngineTest {
  protected:
   void SetUp() override {
     EngineTest::SetUp();
-    plugins_.load_dirs({fs::path(CONFLUX_TEST_PLUGIN_DIR) / "bf16_probe"});
-    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+    load_test_plugin("bf16_probe");
   }
 
   // A probe job over base (optional) and models m0..m(n-1), written as float32: the map's
@@ -645,8 +650,7 @@ class SpeculativeOutputTest : public EngineTest {
  protected:
   void SetUp() override {
     EngineTest::SetUp();
-    plugins_.load_dirs({fs::path(CONFLUX_TEST_PLUGIN_DIR) / "speculate"});
-    ASSERT_TRUE(plugins_.problems().empty()) << plugins_.problems().front().message;
+    load_test_plugin("speculate");
     make_inputs(DType::F32, 1);
   }
   JobConfig probe(const std::string& mode, const std::string& out) {

@@ -63,15 +63,16 @@
 // counts the kept entries as it goes. DELLA: groups of whole rows; per row and model the
 // entries are split (AVX-512 compress where available; the draws by the same definition:
 // RowDraws) into zeros, which take ranks 0 .. Z-1 in index order, and nonzero entries, ranks
-// Z .. L-1. A zero's W is 0 whether it is kept or not, so zeros are not drawn: the kept count
-// takes them at their expectation, sum_{r<Z} P(keep at rank r), an exact integer in units of
-// 2^-24 from the tables (sparse task vectors are mostly zeros: drawing them was a third of
-// DELLA's time on the benchmark). Only a nonzero entry whose draw reaches the row's lowest threshold can be
-// kept; when few do (low keep probabilities, sparse task vectors) their ranks are counted
-// directly with vector compares, else the nonzero entries are radix-sorted on the key bits that
-// vary within the row. Kept entries' W are added, model by model, into
-// per-entry sums that are zero at rest (skipping a zero W leaves a sum's bits unchanged: the
-// sums start at +0 and never become -0). Thresholds and factors by rank come from tables per
+// Z .. L-1. A zero's W is 0 whether it is kept or not, so no keep decision is made for zeros
+// (the AVX-512 split does not even draw them; the portable one fills every draw, vectorized,
+// and ignores the zeros'): the kept count takes them at their expectation, sum_{r<Z} P(keep at
+// rank r), an exact integer in units of 2^-24 from the tables (sparse task vectors are mostly
+// zeros: della on the benchmark went from 1.98x to 1.71x the floor). Only a nonzero entry whose
+// draw reaches the row's lowest threshold can be kept; when few do (low keep probabilities,
+// sparse task vectors) their ranks are counted directly with vector compares, else the nonzero
+// entries are radix-sorted on the key bits that vary within the row. Kept entries' W are added,
+// model by model, into per-entry sums that are zero at rest (skipping a zero W leaves a sum's
+// bits unchanged: the sums start at +0 and never become -0). Thresholds and factors by rank come from tables per
 // row length, built once per job.
 #pragma once
 
@@ -149,8 +150,9 @@ inline std::uint32_t fmix32(std::uint32_t h) {
 inline std::uint32_t draw(std::uint32_t k0, std::uint32_t salt, std::uint32_t lo) {
   return fmix32(fmix32(lo ^ k0) ^ salt) >> 8;
 }
-// The draws m lie in [0, kDrawOne).
-inline constexpr std::uint32_t kDrawOne = std::uint32_t{1} << 24;
+// The draws m lie in [0, kDrawOne): 24 bits.
+inline constexpr unsigned kDrawBits = 24;
+inline constexpr std::uint32_t kDrawOne = std::uint32_t{1} << kDrawBits;
 // u >= pf exactly when m >= keep_from(pf) (m is an integer, u = m * 2^-24 exactly).
 inline std::uint32_t keep_from(float pf) {
   return pf <= 0.0f ? 0u : static_cast<std::uint32_t>(std::ceil(static_cast<double>(pf) * 0x1p24));
@@ -659,7 +661,7 @@ inline std::uint32_t key_of(float x) {
 
 // One row split into its nonzero entries (by magnitude key), in index order: the j-th has
 // key[j], index idx[j] and draw mnz[j] (arrays of the row's length + 16 entries: vector stores
-// run past the end). The row's zeros (rank z for the z-th) are neither listed nor drawn. The
+// run past the end). The row's zeros (rank z for the z-th) are not listed. The
 // draws are the host's uniforms as integers, m = u * 2^24 (RowDraws: computed in registers by
 // the AVX-512 split, into a buffer for the portable one), so the keep test u >= pf of the
 // definition is the integer test m >= keep_from(pf).
@@ -1037,19 +1039,17 @@ class DropMerge {
       // Float32 (a BF16 output) in one group of models, with float_guard's fallback to double;
       // the election only with weights >= 0, whose agreeing terms cannot cancel. Stored BF16
       // inputs for the DARE plugins (CFX_PASS_BF16_INPUTS), float32 otherwise.
-      std::vector<std::uint64_t> exact(n_, 0);
       with_inputs(c, [&](auto models, auto base) {
         if (c.float32_suffices() && n_ <= kGroup && (!T::ties || nonnegative_weights_))
-          run_dare<float>(c, models, base, float_, keys, exact, out.data());
+          run_dare<float>(c, models, base, float_, keys, kept, out.data());
         else
-          run_dare<double>(c, models, base, double_, keys, exact, out.data());
+          run_dare<double>(c, models, base, double_, keys, kept, out.data());
       });
-      for (std::uint32_t i = 0; i < n_; ++i) kept[i].exact = exact[i];
     }
     // Whole kept entries, and the fractions of the zeros' expectations apart (integers both:
     // the totals do not depend on the order the chunks finish in).
     for (std::uint32_t i = 0; i < n_; ++i) {
-      kept_[i].fetch_add(drop_ ? kept[i].exact + (kept[i].zero_units >> 24) : count, std::memory_order_relaxed);
+      kept_[i].fetch_add(drop_ ? kept[i].exact + (kept[i].zero_units >> kDrawBits) : count, std::memory_order_relaxed);
       kept_units_[i].fetch_add(kept[i].zero_units & (kDrawOne - 1), std::memory_order_relaxed);
     }
     elements_.fetch_add(count, std::memory_order_relaxed);
@@ -1067,7 +1067,7 @@ class DropMerge {
                   drop_ ? density_ : 1.0);
     json += buf;
     for (std::uint32_t i = 0; i < n_; ++i) {
-      const std::uint64_t kept = kept_[i].load() + ((kept_units_[i].load() + kDrawOne / 2) >> 24);
+      const std::uint64_t kept = kept_[i].load() + ((kept_units_[i].load() + kDrawOne / 2) >> kDrawBits);
       const double fraction = elements ? static_cast<double>(kept) / static_cast<double>(elements) : 1.0;
       std::snprintf(buf, sizeof buf, "%s{\"model\":%u,\"weight\":%.17g,\"kept\":%llu,\"kept_fraction\":%.9g}",
                     i ? "," : "", i, weights_[i], static_cast<unsigned long long>(kept), fraction);
@@ -1120,7 +1120,7 @@ class DropMerge {
   // DARE (and DELLA without a spread): blocks of kBlock entries, groups of kGroup models.
   template <class V, class In>
   void run_dare(const sdk::Chunk& c, const In* const* models, const In* base_in, const Factors<V>& fac,
-                const std::vector<std::uint64_t>& keys, std::vector<std::uint64_t>& kept, float* out) const {
+                const std::vector<std::uint64_t>& keys, std::vector<KeptCount>& kept, float* out) const {
     const std::size_t count = c.count();
     const ScratchPool::Lease lease = pool_.get();
     Scratch& s = *lease;
@@ -1162,7 +1162,7 @@ class DropMerge {
         } else {
           linear_group<V>(g, grp, keep_from_, m, first ? nullptr : acc, acc, base, fac.out_factor, o, block_kept);
         }
-        for (unsigned j = 0; j < g; ++j) kept[i0 + j] += block_kept[j];
+        for (unsigned j = 0; j < g; ++j) kept[i0 + j].exact += block_kept[j];
       }
       k0 += m;
     }

@@ -46,7 +46,9 @@ static int create(const cfx_job* job, void** out) {
   for (int m = 0; m < 4; ++m)
     if (strcmp(job->params[0].string, modes[m]) == 0) self->mode = (enum mode)m;
   self->rounds = calloc(job->tensor_count + 1, sizeof *self->rounds);
-  if (!self->rounds) {
+  if (!self->rounds) { /* a failed create is not destroyed */
+    free(self);
+    *out = NULL;
     job->host->fail(job->ctx, "speculate_probe: out of memory");
     return 1;
   }
