@@ -158,9 +158,84 @@ CONFLUX_MULTIVERSION void row_lanes4(const In* const* x, const In* b, std::size_
 template <class In>
 using RowKernel = void (*)(const In* const*, const In*, std::size_t, double*);
 
+#ifdef CONFLUX_PLUGINS_AVX512_LOADS
+// 8 inputs widened to 8 doubles (a BF16 value shifted into the high half of its float32). The
+// zero-masking conversion with every lane on: GCC 12 warns that the plain form's undefined
+// source "may be used uninitialized".
+__attribute__((target("avx512f"))) inline __m512d widen8(const float* p) {
+  return _mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xFF), _mm256_loadu_ps(p));
+}
+__attribute__((target("avx512f"))) inline __m512d widen8(const std::uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_maskz_cvtps_pd(static_cast<__mmask8>(0xFF), _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+}
+template <class In>
+__attribute__((target("avx512f"))) inline void widen16(const In* p, __m512d& lo, __m512d& hi) {
+  lo = widen8(p);
+  hi = widen8(p + 8);
+}
+
+// row_lanes with AVX-512: the 16 lanes of every statistic in registers (two vectors each: at
+// most 20 accumulators, the base and 8 delta vectors, within the 32 registers), so one sweep
+// reads the row once where the four-lane kernels sweep each block four times. The operations
+// per lane are the same and in the same order (products rounded, then added: the plugin is
+// built with -ffp-contract=off), so are the bits; the elements past the last multiple of 16
+// go lane by lane, as in sweep_group.
+template <std::uint32_t N, class In>
+__attribute__((target("avx512f"))) void row_lanes_avx512(const In* const* x, const In* b, std::size_t n,
+                                                          double* out) {
+  constexpr std::uint32_t S = N + N * (N - 1) / 2;
+  __m512d acc[S][2];
+  for (std::uint32_t q = 0; q < S; ++q) acc[q][0] = acc[q][1] = _mm512_setzero_pd();
+  const In* xs[N];
+  for (std::uint32_t i = 0; i < N; ++i) xs[i] = x[i];
+  std::size_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    __m512d b0, b1, d[N][2];
+    widen16(b + k, b0, b1);
+    for (std::uint32_t i = 0; i < N; ++i) {
+      widen16(xs[i] + k, d[i][0], d[i][1]);
+      d[i][0] = _mm512_sub_pd(d[i][0], b0);
+      d[i][1] = _mm512_sub_pd(d[i][1], b1);
+    }
+    std::uint32_t q = 0;
+    for (std::uint32_t i = 0; i < N; ++i, ++q)
+      for (int h = 0; h < 2; ++h) acc[q][h] = _mm512_add_pd(acc[q][h], _mm512_mul_pd(d[i][h], d[i][h]));
+    for (std::uint32_t i = 0; i < N; ++i)
+      for (std::uint32_t j = i + 1; j < N; ++j, ++q)
+        for (int h = 0; h < 2; ++h) acc[q][h] = _mm512_add_pd(acc[q][h], _mm512_mul_pd(d[i][h], d[j][h]));
+  }
+  for (std::uint32_t q = 0; q < S; ++q) {
+    _mm512_storeu_pd(out + kLanes * q, acc[q][0]);
+    _mm512_storeu_pd(out + kLanes * q + 8, acc[q][1]);
+  }
+  for (std::size_t l = 0; k + l < n; ++l) {
+    double d[N];
+    for (std::uint32_t i = 0; i < N; ++i)
+      d[i] = static_cast<double>(value(xs[i], k + l)) - static_cast<double>(value(b, k + l));
+    double* o = out + l;
+    for (std::uint32_t i = 0; i < N; ++i, o += kLanes) *o += d[i] * d[i];
+    for (std::uint32_t i = 0; i < N; ++i)
+      for (std::uint32_t j = i + 1; j < N; ++j, o += kLanes) *o += d[i] * d[j];
+  }
+}
+
+inline bool have_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+#endif
+
 // The register kernel for n models (nullptr: more than kRegisterModels).
 template <class In>
 RowKernel<In> row_kernel(std::uint32_t n) {
+#ifdef CONFLUX_PLUGINS_AVX512_LOADS
+  if (have_avx512())
+    return n == 2 ? row_lanes_avx512<2, In> : n == 3 ? row_lanes_avx512<3, In> : n == 4 ? row_lanes_avx512<4, In> : nullptr;
+#endif
   return n == 2 ? row_lanes2<In> : n == 3 ? row_lanes3<In> : n == 4 ? row_lanes4<In> : nullptr;
 }
 
