@@ -186,6 +186,7 @@ __attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   std::size_t nz = 0, k = 0;
   for (; k + 16 <= m; k += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + k + 2048), _MM_HINT_T0);
     const __m512 d = _mm512_sub_ps(load16(x + k), load16(b + k));
     const __m512i v = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
     const __mmask16 on = _mm512_test_epi32_mask(v, v);
@@ -257,20 +258,44 @@ static inline void hist_high(const std::uint32_t* keys, std::size_t nz, std::uin
 }
 
 // Keys of keys[0, n) in [first, first + span) whose low 15 bits are not 0: how many, and (the
-// second, branch-free: `out` has room for their count + 1) the keys themselves, in order.
+// second: `out` has room for their count + 16) the keys themselves, in order.
 CONFLUX_MULTIVERSION static inline std::size_t count_impure(const std::uint32_t* keys, std::size_t n,
                                                             std::uint32_t first, std::uint32_t span) {
   std::uint32_t c = 0;
   for (std::size_t k = 0; k < n; ++k) c += (keys[k] - first < span) & ((keys[k] & 0x7FFFu) != 0) ? 1u : 0u;
   return c;
 }
-static inline void list_impure(const std::uint32_t* keys, std::size_t n, std::uint32_t first, std::uint32_t span,
-                               std::uint32_t* out) {
+// (Branch-free; the AVX-512 form compresses 16 keys at a time and stores whole vectors.)
+static inline void list_impure_scalar(const std::uint32_t* keys, std::size_t n, std::uint32_t first,
+                                      std::uint32_t span, std::uint32_t* out) {
   std::size_t c = 0;
   for (std::size_t k = 0; k < n; ++k) {
     out[c] = keys[k];
     c += (keys[k] - first < span) & ((keys[k] & 0x7FFFu) != 0) ? 1 : 0;
   }
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx512f"))) static inline void list_impure_avx512(const std::uint32_t* keys, std::size_t n,
+                                                                         std::uint32_t first, std::uint32_t span,
+                                                                         std::uint32_t* out) {
+  const __m512i lo = _mm512_set1_epi32(static_cast<int>(first)), width = _mm512_set1_epi32(static_cast<int>(span));
+  const __m512i low_bits = _mm512_set1_epi32(0x7FFF);
+  std::size_t c = 0, k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512i v = _mm512_loadu_si512(keys + k);
+    const __mmask16 on = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(v, lo), width) & _mm512_test_epi32_mask(v, low_bits);
+    _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(on, v));
+    c += static_cast<std::size_t>(__builtin_popcount(on));
+  }
+  list_impure_scalar(keys + k, n - k, first, span, out + c);
+}
+#endif
+static inline void list_impure(const std::uint32_t* keys, std::size_t n, std::uint32_t first, std::uint32_t span,
+                               std::uint32_t* out) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (have_avx512()) return list_impure_avx512(keys, n, first, span, out);
+#endif
+  list_impure_scalar(keys, n, first, span, out);
 }
 
 // hist[k] += a[k] + b[k], a[k] = b[k] = 0 over [first, last].
@@ -800,7 +825,7 @@ class Selector {
     if (listed > kWindowList) {
       w.listed = false;
     } else if (listed > 0) {
-      w.impure.resize(listed + 1);  // room for the branch-free compaction's last store
+      w.impure.resize(listed + 16);  // room for the compaction's last store
       kernels::list_impure(sc.keys.data(), nz, first, span, w.impure.data());
       w.impure.resize(listed);
     }
