@@ -370,10 +370,18 @@ void finish_election(const In* base, Election<T> e, std::size_t m, T lambda, flo
   finish_election_arrays<T, Normalize>(base, e.vote, e.pos, e.neg, e.pos_w, e.neg_w, m, lambda, out);
 }
 
-// out[k] = base[k] + z for every k: the entries without a term (z = the output factor times the
-// empty merge, whose bits the full expression would give them too).
+// out[k] = float(double(base[k]) + z) for every k: the entries without a term (z = the output
+// factor times the empty merge, whose bits the full expression would give them too). z is
+// usually a zero of either sign: adding it is exact in float32 as in double (b, or +0 for
+// b = -0 and z = +0; NaNs quieted alike), so the float32 sum gives the same bits without the
+// conversions to double and back.
 template <class In>
 CONFLUX_MULTIVERSION void fill_base_plus(const In* __restrict base, std::size_t m, double z, float* __restrict out) {
+  if (z == 0.0) {
+    const float zf = static_cast<float>(z);
+    for (std::size_t k = 0; k < m; ++k) out[k] = value(base, k) + zf;
+    return;
+  }
   for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<double>(value(base, k)) + z);
 }
 
