@@ -7,7 +7,8 @@
 //   - each strategy's merge at all threads and at one thread.
 // Measurements are interleaved in rounds (--repeat) so that drift in the machine's state touches
 // floors and merges alike. Prints seconds (best of the rounds), GB/s of bytes read + written, the
-// ratio to the best floor of the same kind and thread count, and peak RSS.
+// reads (bytes read over the inputs' bytes: 2.00 for a strategy that reads every input twice),
+// the ratio to the best floor of the same kind and thread count, and peak RSS.
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -270,14 +271,19 @@ int main(int argc, char** argv) {
               static_cast<double>(base.data_bytes()) / 2e6);
   std::printf("threads %u, best of %u interleaved rounds, each measurement in its own process, output in %s\n\n", threads, repeat,
               out.parent_path().c_str());
-  std::printf("%-20s %7s %9s %8s %12s %10s\n", "case", "threads", "seconds", "GB/s", "ratio/floor", "peak RSS");
-  auto row = [](const std::string& label, unsigned t, const Measurement& m, double floor_s) {
+  // reads: the bytes the run read over its inputs' bytes (how many times it read them).
+  std::printf("%-20s %7s %9s %8s %6s %12s %10s\n", "case", "threads", "seconds", "GB/s", "reads", "ratio/floor",
+              "peak RSS");
+  const double model_bytes = static_cast<double>(base.data_bytes());
+  auto row = [model_bytes](const std::string& label, unsigned t, unsigned models, const Measurement& m,
+                           double floor_s) {
     if (!m.ok) {
       std::printf("%-20s %7u  failed: %s\n", label.c_str(), t, m.error.c_str());
       return;
     }
     const double gbps = static_cast<double>(m.bytes_read + m.bytes_written) / m.seconds / 1e9;
-    std::printf("%-20s %7u %9.3f %8.2f %12.2f %10s\n", label.c_str(), t, m.seconds, gbps,
+    const double reads = static_cast<double>(m.bytes_read) / (model_bytes * (models + 1));
+    std::printf("%-20s %7u %9.3f %8.2f %6.2f %12.2f %10s\n", label.c_str(), t, m.seconds, gbps, reads,
                 floor_s > 0 ? m.seconds / floor_s : 0.0, mib(m.peak_rss).c_str());
     std::fflush(stdout);
   };
@@ -289,6 +295,7 @@ int main(int argc, char** argv) {
     std::string label;
     unsigned threads = 0;
     std::string floor_key;  // the floor a merge is compared with; empty for a floor itself
+    unsigned models = 0;
     std::function<Measurement()> run;
     Measurement best;
   };
@@ -304,9 +311,9 @@ int main(int argc, char** argv) {
         floor_slot[key] = slots.size();
         slots.push_back({"floor (" + std::to_string(n) + "m, " + std::to_string(c.input_reads) + " read" +
                              (c.input_reads > 1 ? "s" : "") + ")",
-                         t, "", floor_run(n, c.input_reads, t), {}});
+                         t, "", n, floor_run(n, c.input_reads, t), {}});
       }
-      slots.push_back({c.label, t, key, merge_run(c, t), {}});
+      slots.push_back({c.label, t, key, n, merge_run(c, t), {}});
     }
   for (unsigned round = 1; round <= repeat; ++round) {
     std::fprintf(stderr, "round %u/%u ...\n", round, repeat);
@@ -326,7 +333,7 @@ int main(int argc, char** argv) {
     for (const Slot& s : slots) {
       if (s.threads != t) continue;
       const Slot& f = s.floor_key.empty() ? s : slots[floor_slot[s.floor_key]];
-      row(s.label, t, s.best, f.best.ok ? f.best.seconds : 0.0);
+      row(s.label, t, s.models, s.best, f.best.ok ? f.best.seconds : 0.0);
     }
   fs::remove_all(out);
   return 0;
