@@ -741,7 +741,6 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   const __m512i salt_lo = _mm512_set1_epi32(static_cast<int>(draws.salt_lo));
   const __m512i salt_hi = _mm512_set1_epi32(static_cast<int>(draws.salt_hi));
   const __m512i cut = _mm512_set1_epi32(static_cast<int>(draws.cut));
-  __m512i any = _mm512_setzero_si512(), all = _mm512_set1_epi32(-1);
   std::size_t nz = 0, k = 0;
   for (; k + 16 <= n; k += 16) {
     // The model's input one 4 KiB page (bf16) ahead: rows are read model by model, a few KiB of
@@ -751,8 +750,6 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
     const __m512 d = _mm512_sub_ps(load16(x + k), load16(base + k));
     const __m512i bits = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
     const __mmask16 on = _mm512_test_epi32_mask(bits, bits);
-    any = _mm512_mask_or_epi32(any, on, any, bits);
-    all = _mm512_mask_and_epi32(all, on, all, bits);
     const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(k)));
     // Compress in registers, store whole vectors (memory-destination compress is slow on some
     // CPUs; the arrays have 16 entries of slack).
@@ -768,25 +765,19 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
     const __m512i h = fmix32_avx512(_mm512_xor_si512(_mm512_add_epi32(lo, index), k0));
     _mm512_storeu_si512(s.mnz + j, shift_right(fmix32_avx512(_mm512_xor_si512(h, salt)), 8));
   }
-  // Lane reductions by hand (GCC 12's _mm512_reduce_* trip -Wuninitialized).
-  std::uint32_t any_lanes[16], all_lanes[16];
-  _mm512_storeu_si512(any_lanes, any);
-  _mm512_storeu_si512(all_lanes, all);
-  std::uint32_t any_s = 0, all_s = ~0u;
-  for (int j = 0; j < 16; ++j) {
-    any_s |= any_lanes[j];
-    all_s &= all_lanes[j];
-  }
   RowSplit tail{s.key + nz, s.idx + nz, s.mnz + nz};
   std::uint32_t tail_draws[16];
   for (std::size_t j = 0; j < n - k; ++j) tail_draws[j] = draws.at(k + j);
   split_row_scalar(x + k, base + k, tail_draws, n - k, tail);
-  for (std::size_t j = nz; j < nz + tail.nonzero; ++j) {
-    s.idx[j] += static_cast<std::uint32_t>(k);
+  for (std::size_t j = nz; j < nz + tail.nonzero; ++j) s.idx[j] += static_cast<std::uint32_t>(k);
+  s.nonzero = nz + tail.nonzero;
+  // The varying bits from the nonzero keys themselves (a few in a sparse row: cheaper than
+  // folding every vector of the row).
+  std::uint32_t any_s = 0, all_s = ~0u;
+  for (std::size_t j = 0; j < s.nonzero; ++j) {
     any_s |= s.key[j];
     all_s &= s.key[j];
   }
-  s.nonzero = nz + tail.nonzero;
   s.varying = s.nonzero ? any_s & ~all_s : 0u;
 }
 
