@@ -7,7 +7,8 @@
 //   - each strategy's merge at all threads and at one thread.
 // Measurements are interleaved in rounds (--repeat) so that drift in the machine's state touches
 // floors and merges alike. Prints seconds (best of the rounds), GB/s of bytes read + written, the
-// reads (bytes read over the inputs' bytes: 2.00 for a strategy that reads every input twice),
+// reads (bytes read over the bytes of the base and the models: 2.00 for a strategy that reads
+// every input twice),
 // the ratio to the best floor of the same kind and thread count, and peak RSS.
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -271,7 +272,8 @@ int main(int argc, char** argv) {
               static_cast<double>(base.data_bytes()) / 2e6);
   std::printf("threads %u, best of %u interleaved rounds, each measurement in its own process, output in %s\n\n", threads, repeat,
               out.parent_path().c_str());
-  // reads: the bytes the run read over its inputs' bytes (how many times it read them).
+  // reads: the bytes the run read over the bytes of the base and the models (how many times it
+  // read them; 0.75 for a merge of 3 models that does not read the base, as linear).
   std::printf("%-20s %7s %9s %8s %6s %12s %10s\n", "case", "threads", "seconds", "GB/s", "reads", "ratio/floor",
               "peak RSS");
   const double model_bytes = static_cast<double>(base.data_bytes());
