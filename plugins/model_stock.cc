@@ -90,6 +90,17 @@ double fold_lanes(const double* l) {
   return s;
 }
 
+// Element k's products added to one lane of every statistic (statistic q's at lane + 16 q): the
+// elements past the vector sweeps.
+template <std::uint32_t N, class In>
+[[gnu::always_inline]] inline void add_element(const In* const* xs, const In* b, std::size_t k, double* lane) {
+  double d[N];
+  for (std::uint32_t i = 0; i < N; ++i) d[i] = static_cast<double>(value(xs[i], k)) - static_cast<double>(value(b, k));
+  for (std::uint32_t i = 0; i < N; ++i, lane += kLanes) *lane += d[i] * d[i];
+  for (std::uint32_t i = 0; i < N; ++i)
+    for (std::uint32_t j = i + 1; j < N; ++j, lane += kLanes) *lane += d[i] * d[j];
+}
+
 // One group of four lanes of up to four models' statistics (lanes + 16 q: statistic q's lanes)
 // over the elements [from, end) that fall in those lanes (from: a block's start plus the group's
 // first lane), continuing the lanes' sums. The base, the N deltas and the S sums stay in
@@ -117,13 +128,7 @@ template <std::uint32_t N, std::uint32_t S, class In>
   for (std::uint32_t q = 0; q < S; ++q) std::memcpy(lanes + kLanes * q, &acc[q], sizeof acc[q]);
   // The row ends inside this group (in its last block): the last elements, lane by lane.
   for (std::size_t l = 0; l < kGroup && k + l < end; ++l) {
-    double d[N];
-    for (std::uint32_t i = 0; i < N; ++i)
-      d[i] = static_cast<double>(value(xs[i], k + l)) - static_cast<double>(value(b, k + l));
-    double* o = lanes + l;
-    for (std::uint32_t i = 0; i < N; ++i, o += kLanes) *o += d[i] * d[i];
-    for (std::uint32_t i = 0; i < N; ++i)
-      for (std::uint32_t j = i + 1; j < N; ++j, o += kLanes) *o += d[i] * d[j];
+    add_element<N>(xs, b, k + l, lanes + l);
   }
 }
 
@@ -210,13 +215,7 @@ __attribute__((target("avx512f"))) void row_lanes_avx512(const In* const* x, con
     _mm512_storeu_pd(out + kLanes * q + 8, acc[q][1]);
   }
   for (std::size_t l = 0; k + l < n; ++l) {
-    double d[N];
-    for (std::uint32_t i = 0; i < N; ++i)
-      d[i] = static_cast<double>(value(xs[i], k + l)) - static_cast<double>(value(b, k + l));
-    double* o = out + l;
-    for (std::uint32_t i = 0; i < N; ++i, o += kLanes) *o += d[i] * d[i];
-    for (std::uint32_t i = 0; i < N; ++i)
-      for (std::uint32_t j = i + 1; j < N; ++j, o += kLanes) *o += d[i] * d[j];
+    add_element<N>(xs, b, k + l, out + l);
   }
 }
 
