@@ -38,9 +38,9 @@
 // N(N-1)/2 doubles each, only for the tensors being processed: O(rows x pairs), not O(elements))
 // and, per tensor, folded in reduce_done in row order: ((row0 + row1) + row2) + ... With
 // filter_wise each row keeps its own t (one double per row until the tensor is written).
-// Up to four models, a kernel per model count reads each row once per group of four lanes
-// (lanes 0-3, 4-7, 8-11, 12-15), the deltas and that group's lanes of every statistic in
-// registers; more models go through blocks of 256 elements, one statistic at a time. Both follow
+// Up to four models, a kernel per model count keeps the deltas and the lanes of every statistic
+// in registers: with AVX-512 all 16 lanes (one sweep of the row), else one group of four lanes
+// at a time (lanes 0-3, 4-7, 8-11, 12-15: a sweep per group); more models go through blocks of 256 elements, one statistic at a time. Both follow
 // the order above with the same operations (no fused multiply-add: d_i d_j is rounded before it
 // is added), so they give the same bits.
 // Both passes take BF16 tensors as stored (CFX_PASS_BF16_INPUTS: read straight from the mapped
