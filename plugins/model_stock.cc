@@ -40,9 +40,9 @@
 // filter_wise each row keeps its own t (one double per row until the tensor is written).
 // Up to four models, a kernel per model count keeps the deltas and the lanes of every statistic
 // in registers: with AVX-512 all 16 lanes (one sweep of the row), else one group of four lanes
-// at a time (lanes 0-3, 4-7, 8-11, 12-15: a sweep per group); more models go through blocks of 256 elements, one statistic at a time. Both follow
-// the order above with the same operations (no fused multiply-add: d_i d_j is rounded before it
-// is added), so they give the same bits.
+// at a time (lanes 0-3, 4-7, 8-11, 12-15: a sweep per group); more models go through blocks of
+// 256 elements, one statistic at a time. All follow the order above with the same operations (no
+// fused multiply-add: d_i d_j is rounded before it is added), so they give the same bits.
 // Both passes take BF16 tensors as stored (CFX_PASS_BF16_INPUTS: read straight from the mapped
 // files, no conversion sweep by the host); a BF16 value widens to float32 exactly, so the kernels,
 // templated on the input type, give the same bits as from float32 copies.
