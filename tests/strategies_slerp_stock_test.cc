@@ -30,6 +30,7 @@
 #include "conflux/writer.h"
 #include "test_util.h"
 #include "strategy_test_util.h"
+#include "../plugins/common/stock_lanes.h"
 
 namespace {
 
@@ -791,6 +792,65 @@ TEST_F(SlerpStockTest, ModelStockStaysExactWhereTermsCancel) {
   const StockRef ref = stock_reference(read_values({dir_ / "base", dir_ / "m0", dir_ / "m1", dir_ / "m2"}), true);
   for (const double t : ref.t) EXPECT_NEAR(t, -3.0, 1e-12);
   EXPECT_LE(check_output(j.output, ref.out), 1.0);
+}
+
+// The statistics kernels (common/stock_lanes.h): this CPU's (AVX-512 where it has it) and the
+// portable one give, to the bit, the lanes the documented order defines, computed here one
+// element at a time: lane l of statistic q is the sum over j = l, l + 16, ... of d_i d_j, each
+// product rounded to double, then added. Rows of every length around the vector widths, inputs
+// of several magnitudes (products that round, sums that cancel), float32 and stored BF16.
+TEST(ModelStockKernels, LanesFollowTheDocumentedOrderOnEveryPath) {
+  namespace sl = conflux::plugins::stock_lanes;
+  std::uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto uniform = [&] {  // [0, 1), 53 bits
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<double>(state >> 11) * 0x1p-53;
+  };
+  auto check = [&](auto zero, std::uint32_t n, std::size_t len) {
+    using In = decltype(zero);
+    SCOPED_TRACE(std::string(std::is_same_v<In, float> ? "float32" : "bf16") + ", " + std::to_string(n) +
+                 " models, row of " + std::to_string(len));
+    std::vector<std::vector<In>> x(n, std::vector<In>(len));
+    std::vector<In> b(len);
+    auto make = [&](double v) -> In {
+      if constexpr (std::is_same_v<In, float>) return static_cast<float>(v);
+      else return static_cast<std::uint16_t>(conflux::f32_to_bf16_bits(static_cast<float>(v)));
+    };
+    for (std::size_t k = 0; k < len; ++k) {
+      const double base = (uniform() - 0.5) * std::ldexp(1.0, static_cast<int>(uniform() * 12) - 6);
+      b[k] = make(base);
+      for (std::uint32_t i = 0; i < n; ++i)  // unchanged, a small change, or a large one
+        x[i][k] = uniform() < 0.3 ? b[k] : make(base + (uniform() - 0.5) * (uniform() < 0.5 ? 1e-3 : 3.0));
+    }
+    const std::size_t stats = n + n * (n - 1) / 2;
+    std::vector<double> want(stats * sl::kLanes, 0.0);
+    for (std::size_t k = 0; k < len; ++k) {
+      std::vector<double> d(n);
+      for (std::uint32_t i = 0; i < n; ++i)
+        d[i] = static_cast<double>(conflux::plugins::value(x[i].data(), k)) -
+               static_cast<double>(conflux::plugins::value(b.data(), k));
+      std::size_t q = 0;
+      for (std::uint32_t i = 0; i < n; ++i, ++q) want[q * sl::kLanes + k % sl::kLanes] += d[i] * d[i];
+      for (std::uint32_t i = 0; i < n; ++i)
+        for (std::uint32_t j = i + 1; j < n; ++j, ++q) want[q * sl::kLanes + k % sl::kLanes] += d[i] * d[j];
+    }
+    std::vector<const In*> xs;
+    for (const auto& v : x) xs.push_back(v.data());
+    for (const auto kernel : {sl::row_kernel<In>(n), sl::portable_row_kernel<In>(n)}) {
+      ASSERT_NE(kernel, nullptr);
+      std::vector<double> got(stats * sl::kLanes, -1.0);
+      kernel(xs.data(), b.data(), len, got.data());
+      for (std::size_t q = 0; q < got.size(); ++q)
+        ASSERT_EQ(std::memcmp(&got[q], &want[q], sizeof(double)), 0)
+            << "statistic " << q / sl::kLanes << ", lane " << q % sl::kLanes << ": " << got[q] << " vs " << want[q];
+    }
+  };
+  for (std::uint32_t n = 2; n <= 4; ++n)
+    for (const std::size_t len : {1, 3, 15, 16, 17, 31, 100, 511, 512, 513, 1043}) {
+      check(0.0f, n, len);
+      check(std::uint16_t{0}, n, len);
+    }
+  EXPECT_EQ(sl::row_kernel<float>(5), nullptr);
 }
 
 TEST_F(SlerpStockTest, ModelStockGeneralPathMatchesFloat64Reference) {
