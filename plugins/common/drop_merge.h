@@ -707,13 +707,7 @@ inline void split_row_scalar(const In* x, const In* base, const std::uint32_t* d
 }
 
 #if CONFLUX_DROP_MERGE_AVX512
-inline bool have_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-}
+using conflux::plugins::have_avx512;
 
 // Logical right shift of every lane (the zero-masked form: GCC 12's unmasked one trips
 // -Wmaybe-uninitialized; an all-ones mask is the same instruction).

@@ -20,6 +20,15 @@ inline float value(const float* p, std::size_t k) { return p[k]; }
 inline float value(const std::uint16_t* p, std::size_t k) { return sdk::bf16_to_float(p[k]); }
 
 #ifdef CONFLUX_PLUGINS_AVX512_LOADS
+// Whether this CPU runs the hand-written AVX-512 kernels (checked once).
+inline bool have_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
+
 // 16 inputs as float32 lanes, for hand-written AVX-512 kernels: loaded, or widened from stored
 // BF16 (to 32 bits, shifted into the high half). The zero-masking forms with every lane on: GCC
 // 12 warns that the plain forms' undefined source "may be used uninitialized".

@@ -152,13 +152,7 @@ __attribute__((target("avx512f"))) void row_lanes_avx512(const In* const* x, con
   }
 }
 
-inline bool have_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-}
+using conflux::plugins::have_avx512;
 #endif
 
 // The register kernel for n models (nullptr: more than kRegisterModels).

@@ -196,13 +196,7 @@ __attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx
   return nz + compact_nonzero_scalar(x + k, b + k, m - k, keys + nz);
 }
 
-static inline bool have_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-}
+using conflux::plugins::have_avx512;
 #endif
 
 template <class In>
