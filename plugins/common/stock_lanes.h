@@ -155,20 +155,20 @@ __attribute__((target("avx512f"))) void row_lanes_avx512(const In* const* x, con
 using conflux::plugins::have_avx512;
 #endif
 
-// The register kernel for n models (nullptr: more than kRegisterModels).
+// The portable kernel for n models (nullptr: n outside 2..4), whatever the CPU.
+template <class In>
+RowKernel<In> portable_row_kernel(std::uint32_t n) {
+  return n == 2 ? row_lanes2<In> : n == 3 ? row_lanes3<In> : n == 4 ? row_lanes4<In> : nullptr;
+}
+
+// This CPU's kernel for n models (nullptr: n outside 2..4).
 template <class In>
 RowKernel<In> row_kernel(std::uint32_t n) {
 #ifdef CONFLUX_PLUGINS_AVX512_LOADS
   if (have_avx512())
     return n == 2 ? row_lanes_avx512<2, In> : n == 3 ? row_lanes_avx512<3, In> : n == 4 ? row_lanes_avx512<4, In> : nullptr;
 #endif
-  return n == 2 ? row_lanes2<In> : n == 3 ? row_lanes3<In> : n == 4 ? row_lanes4<In> : nullptr;
-}
-
-// The portable kernel for n models (nullptr: n outside 2..4), whatever the CPU.
-template <class In>
-RowKernel<In> portable_row_kernel(std::uint32_t n) {
-  return n == 2 ? row_lanes2<In> : n == 3 ? row_lanes3<In> : n == 4 ? row_lanes4<In> : nullptr;
+  return portable_row_kernel<In>(n);
 }
 
 }  // namespace conflux::plugins::stock_lanes

@@ -186,6 +186,8 @@ __attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   std::size_t nz = 0, k = 0;
   for (; k + 16 <= m; k += 16) {
+    // The model's input a 4 KiB page (bf16) ahead: blocks are read model by model, and the
+    // hardware prefetchers stop at page boundaries (as DELLA's split_row_avx512).
     _mm_prefetch(reinterpret_cast<const char*>(x + k + 2048), _MM_HINT_T0);
     const __m512 d = _mm512_sub_ps(load16(x + k), load16(b + k));
     const __m512i v = _mm512_and_si512(_mm512_castps_si512(d), magnitude);
