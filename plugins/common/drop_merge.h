@@ -72,8 +72,8 @@
 // sparse task vectors) their ranks are counted directly with vector compares, else the nonzero
 // entries are radix-sorted on the key bits that vary within the row. Kept entries' W are added,
 // model by model, into per-entry sums that are zero at rest (skipping a zero W leaves a sum's
-// bits unchanged: the sums start at +0 and never become -0). Thresholds and factors by rank come from tables per
-// row length, built once per job.
+// bits unchanged: the sums start at +0 and never become -0). Thresholds and factors by rank come
+// from tables per row length, built once per job.
 #pragma once
 
 #include <conflux/plugin.hpp>
@@ -686,24 +686,31 @@ CONFLUX_MULTIVERSION static inline void fill_draws(const RowDraws& draws, std::s
   for (std::size_t k = 0; k < n; ++k) draw[k] = d.at(k);
 }
 
+// s.varying from the split's nonzero keys (few in a sparse row: cheaper than folding every
+// entry of the row as it is split).
+inline void set_varying(RowSplit& s) {
+  std::uint32_t any = 0, all = ~0u;
+  for (std::size_t j = 0; j < s.nonzero; ++j) {
+    any |= s.key[j];
+    all &= s.key[j];
+  }
+  s.varying = s.nonzero ? any & ~all : 0u;
+}
+
 // Splits the row of task vector x - base (float32, as the host would form it), given the row's
 // draws. Branch-free: zeros and nonzeros interleave at random.
 template <class In>
 inline void split_row_scalar(const In* x, const In* base, const std::uint32_t* draw, std::size_t n, RowSplit& s) {
-  std::uint32_t any = 0, all = ~0u;
   std::size_t nz = 0;
   for (std::size_t k = 0; k < n; ++k) {
     const std::uint32_t bits = key_of(value(x, k) - value(base, k));
-    const bool on = bits != 0;
     s.key[nz] = bits;
     s.idx[nz] = static_cast<std::uint32_t>(k);
     s.mnz[nz] = draw[k];
-    nz += on ? 1 : 0;
-    any |= on ? bits : 0u;
-    all &= on ? bits : ~0u;
+    nz += bits != 0 ? 1 : 0;
   }
   s.nonzero = nz;
-  s.varying = nz ? any & ~all : 0u;
+  set_varying(s);
 }
 
 #if CONFLUX_DROP_MERGE_AVX512
@@ -765,14 +772,7 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   split_row_scalar(x + k, base + k, tail_draws, n - k, tail);
   for (std::size_t j = nz; j < nz + tail.nonzero; ++j) s.idx[j] += static_cast<std::uint32_t>(k);
   s.nonzero = nz + tail.nonzero;
-  // The varying bits from the nonzero keys themselves (a few in a sparse row: cheaper than
-  // folding every vector of the row).
-  std::uint32_t any_s = 0, all_s = ~0u;
-  for (std::size_t j = 0; j < s.nonzero; ++j) {
-    any_s |= s.key[j];
-    all_s &= s.key[j];
-  }
-  s.varying = s.nonzero ? any_s & ~all_s : 0u;
+  set_varying(s);
 }
 
 // The candidates of a row: positions j (ascending) of the nonzero entries with mnz[j] >= from,
