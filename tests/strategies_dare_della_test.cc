@@ -78,12 +78,17 @@ std::vector<Spec> scenario_specs() {
   };
 }
 
-// Base values of magnitude 0.05..0.5; each model changes an entry with probability 0.7 by
-// 0.004..0.03 (else leaves it exactly), with signs that differ between models so the election
-// matters. In "equal" the base is 0.5 and a change is one of 0, +-2^-6, +-2^-5 (exact in bf16).
+// Base values of magnitude 0.05..0.5; each model changes an entry with probability `change`
+// (0.7) by 0.004..0.03 (else leaves it exactly), with signs that differ between models so the
+// election matters. In "equal" the base is 0.5 and a change is one of 0, +-2^-6, +-2^-5 (exact
+// in bf16). Sparse: like RL task vectors, mostly 2% changes, and every third run of 700 entries
+// at `change`, so a tensor has both sparse and dense blocks (the plugins' gathered and dense
+// kernels, which must give the same bits).
 struct Scenario {
   std::vector<Spec> specs = scenario_specs();
   std::size_t models = 3;
+  double change = 0.7;
+  bool sparse = false;
 
   float base(std::size_t ti, std::uint64_t j) const {
     const std::uint64_t t = name_id(specs[ti].name);
@@ -98,7 +103,8 @@ struct Scenario {
       const double steps[5] = {0.0, 0x1p-6, -0x1p-6, 0x1p-5, -0x1p-5};
       return bf16(b + steps[static_cast<int>(rnd(t, j, 10 + i) * 5)]);
     }
-    if (rnd(t, j, 20 + i) >= 0.7) return b;
+    const double rate = sparse && (j / 700) % 3 != 0 ? 0.02 : change;
+    if (rnd(t, j, 20 + i) >= rate) return b;
     // Model 0 leans positive, model 1 negative, model 2 either way.
     const double up = i == 0 ? 0.7 : i == 1 ? 0.3 : 0.5;
     const double sign = rnd(t, j, 30 + i) < up ? 1.0 : -1.0;
@@ -214,11 +220,11 @@ Reference reference(const std::vector<TensorInputs>& inputs, const Params& p) {
                                                          (2.0 * p.eps() / static_cast<double>(len - 1)));
         }
       }
-      const bool ranked = pruning && p.della() && t.row_length > 1 && p.eps() > 0;  // else DARE's draws
       for (std::size_t k = 0; k < count; ++k) {
         const bool keep = static_cast<double>(random_uniform_at(key, k)) >= 1.0 - q[k];
         ref.kept[i] += keep;
-        const bool undrawn = ranked && t.d[i][k] == 0;
+        // A zero's keep decision changes no output: DARE and DELLA count zeros at q.
+        const bool undrawn = pruning && t.d[i][k] == 0;
         ref.reported[i] += undrawn ? q[k] : keep ? 1.0 : 0.0;
         ref.undrawn[i] += undrawn;
         ref.expected[i] += q[k];
@@ -404,6 +410,30 @@ TEST_F(DareDellaTest, DareTiesMatchesReference) {
   p.weights = {1.0, -0.5, 0.7};
   p.rescale = true;
   check(p, "negative_weight", DType::F32);
+}
+
+// Sparse task vectors (most blocks go through the gathered kernels, some dense): the same
+// reference, and the zeros' keep decisions counted at their expectation.
+TEST_F(DareDellaTest, SparseTaskVectorsMatchReference) {
+  Scenario sc;
+  sc.sparse = true;
+  write_scenario(sc);
+  for (const char* strategy : kStrategies) {
+    SCOPED_TRACE(strategy);
+    Params p{strategy};
+    p.density = 0.3;
+    p.weights = {1.0, 0.6, 1.3};
+    p.lambda = 1.1;
+    p.seed = 21;
+    const std::string s(strategy);
+    const Reference ref = check(p, s + "_plain");
+    EXPECT_GT(ref.survivors_nonzero, 500u);
+    for (std::uint64_t u : ref.undrawn) EXPECT_GT(u, 10000u);  // the counts' tolerance has teeth
+    p.normalize = !p.normalized();
+    check(p, s + "_renormalized");
+    p.rescale = false;
+    check(p, s + "_no_rescale", DType::F32);
+  }
 }
 
 TEST_F(DareDellaTest, DellaMatchesReference) {
@@ -860,9 +890,12 @@ TEST_F(DareDellaTest, DellaWithoutSpreadIsDare) {
 }
 
 TEST_F(DareDellaTest, BitIdenticalAcrossThreadsAndChunksAndFollowsTheSeed) {
-  write_scenario();
+  for (const bool sparse : {false, true}) {
+  Scenario sc;
+  sc.sparse = sparse;
+  write_scenario(sc);
   for (const char* strategy : kStrategies) {
-    SCOPED_TRACE(strategy);
+    SCOPED_TRACE(std::string(strategy) + (sparse ? ", sparse" : ""));
     Params p{strategy};
     p.density = 0.3;
     p.epsilon = 0.2;
@@ -880,6 +913,8 @@ TEST_F(DareDellaTest, BitIdenticalAcrossThreadsAndChunksAndFollowsTheSeed) {
     for (const char* o : {"_t2", "_t3", "_t4", "_t5"})
       EXPECT_EQ(first, conflux_test::read_file(dir_ / (s + o) / "model.safetensors")) << o;
     EXPECT_NE(first, conflux_test::read_file(dir_ / (s + "_other") / "model.safetensors"));
+    for (const char* o : {"_t1", "_t2", "_t3", "_t4", "_t5", "_other"}) fs::remove_all(dir_ / (s + o));
+  }
   }
 }
 

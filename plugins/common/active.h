@@ -1,0 +1,164 @@
+// The active entries of a block: those where some model's float32 task vector d_i = x_i - base
+// is nonzero (a NaN counts as nonzero). Sparse task vectors (RL fine-tunes: a few percent of
+// entries each) leave most of a block's entries inactive, and an inactive entry's merge is the
+// empty one, base + z with z the output factor times the empty merge, the same for every such
+// entry. So a merge kernel that computes its result from each entry's own operands gives the
+// same bits when it runs on the active entries only, gathered into dense arrays (their inputs
+// widened to float32, exactly), and the other entries get base + z: the strategies' sparse
+// paths (trim_merge.h, drop_merge.h) do that, and fall back to their dense sweep where a block
+// is not sparse. Which path runs changes no bit, only the cost.
+//
+// gather_active is AVX-512 (register compress, then full-width stores: the arrays keep 16
+// spare lanes); on other CPUs it reports that it cannot run, and the callers sweep densely.
+// Header-only, for the plugins and their tests.
+#pragma once
+
+#include <conflux/plugin.hpp>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "inputs.h"
+
+namespace conflux::plugins::active {
+
+inline constexpr std::size_t kMaxBlock = 1024;  // entries per call, at most
+inline constexpr std::uint32_t kMaxModels = 4;  // models per call, at most
+
+// The active entries of one block, in index order: entry j is the block's entry idx[j], with
+// base b[j] and model values x[i][j] (float32). r: room for the results of a kernel run on them.
+struct Lanes {
+  static constexpr std::size_t kRoom = kMaxBlock + 16;
+  std::uint32_t count = 0;
+  alignas(64) std::uint32_t idx[kRoom];
+  alignas(64) float b[kRoom];
+  alignas(64) float x[kMaxModels][kRoom];
+  alignas(64) float r[kRoom];
+  const float* xs[kMaxModels] = {x[0], x[1], x[2], x[3]};
+  Lanes() = default;
+  Lanes(const Lanes&) = delete;
+  Lanes& operator=(const Lanes&) = delete;
+};
+
+// One per thread (about 37 KiB), for the kernels' blocks.
+inline Lanes& thread_lanes() {
+  thread_local Lanes lanes;
+  return lanes;
+}
+
+// Entry k's task-vector entries: whether any is nonzero, and model i's nonzero flag added to
+// nonzero[i].
+template <std::uint32_t N, class In>
+inline bool active_at(const In* const* x, const In* b, std::size_t k, std::uint32_t* nonzero) {
+  bool any = false;
+  const float bk = value(b, k);
+  for (std::uint32_t i = 0; i < N; ++i) {
+    const bool nz = value(x[i], k) - bk != 0.0f;  // true for NaN
+    nonzero[i] += nz ? 1u : 0u;
+    any = any || nz;
+  }
+  return any;
+}
+
+template <std::uint32_t N, class In>
+inline void put(const In* const* x, const In* b, std::size_t k, Lanes& out) {
+  const std::uint32_t j = out.count++;
+  out.idx[j] = static_cast<std::uint32_t>(k);
+  out.b[j] = value(b, k);
+  for (std::uint32_t i = 0; i < N; ++i) out.x[i][j] = value(x[i], k);
+}
+
+#ifdef CONFLUX_PLUGINS_AVX512_LOADS
+template <std::uint32_t N, class In>
+__attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x, const In* b, std::size_t m,
+                                                               Lanes& out, std::uint32_t* nonzero) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  std::uint32_t n = 0, nz[kMaxModels] = {};
+  std::size_t k = 0;
+  for (; k + 16 <= m; k += 16, at = _mm512_add_epi32(at, step)) {
+    const __m512 bk = load16(b + k);
+    __m512 xv[N];
+    unsigned any = 0;
+    for (std::uint32_t i = 0; i < N; ++i) {
+      xv[i] = load16(x[i] + k);
+      const unsigned on = _mm512_cmp_ps_mask(_mm512_sub_ps(xv[i], bk), zero, _CMP_NEQ_UQ);
+      nz[i] += static_cast<std::uint32_t>(__builtin_popcount(on));
+      any |= on;
+    }
+    if (any == 0) continue;
+    const auto mask = static_cast<__mmask16>(any);
+    _mm512_storeu_si512(out.idx + n, _mm512_maskz_compress_epi32(mask, at));
+    _mm512_storeu_ps(out.b + n, _mm512_maskz_compress_ps(mask, bk));
+    for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + n, _mm512_maskz_compress_ps(mask, xv[i]));
+    n += static_cast<std::uint32_t>(__builtin_popcount(any));
+  }
+  out.count = n;
+  for (; k < m; ++k)
+    if (active_at<N>(x, b, k, nz)) put<N>(x, b, k, out);
+  for (std::uint32_t i = 0; i < N; ++i) nonzero[i] += nz[i];
+}
+#endif
+
+// Gathers the active entries of the block [0, m) of n models (x[i], b: float32 or stored BF16,
+// common/inputs.h) into `out` and adds each model's nonzero entries to nonzero[i]. Returns false
+// (and does nothing) where this CPU has no AVX-512, or for more than kMaxModels models or
+// kMaxBlock entries.
+template <class In>
+inline bool gather_active(std::uint32_t n, const In* const* x, const In* b, std::size_t m, Lanes& out,
+                          std::uint32_t* nonzero) {
+#ifdef CONFLUX_PLUGINS_AVX512_LOADS
+  if (!have_avx512() || n == 0 || n > kMaxModels || m > kMaxBlock) return false;
+  switch (n) {
+    case 1: gather_avx512<1>(x, b, m, out, nonzero); break;
+    case 2: gather_avx512<2>(x, b, m, out, nonzero); break;
+    case 3: gather_avx512<3>(x, b, m, out, nonzero); break;
+    default: gather_avx512<4>(x, b, m, out, nonzero); break;
+  }
+  return true;
+#else
+  (void)n, (void)x, (void)b, (void)m, (void)out, (void)nonzero;
+  return false;
+#endif
+}
+
+// A chunk's choice, block by block, between the gathered and the dense kernels (the same bits
+// either way): gathered while blocks are sparse; after a dense block (more than half of it
+// active) the next kRetry blocks go straight to the dense sweep.
+struct Sparse {
+  static constexpr unsigned kRetry = 7;
+  float z = 0.0f;  // the inactive entries' base + z
+  bool on = false;
+  unsigned wait = 0;
+  // z from the kernel (a zero of either sign: else the gathered path stays off).
+  void start(float inactive) {
+    z = inactive;
+    on = inactive == 0.0f;
+  }
+  void off() { on = false; }
+  bool next() {
+    if (!on) return false;
+    if (wait == 0) return true;
+    --wait;
+    return false;
+  }
+  bool worth(std::uint32_t active, std::size_t m) {
+    if (2 * std::size_t{active} <= m) return true;
+    wait = kRetry;
+    return false;
+  }
+};
+
+// out[k] = base[k] + z for the block's m entries (float32: the inactive entries' result).
+template <class In>
+CONFLUX_MULTIVERSION void fill_base_plus_f32(const In* __restrict base, std::size_t m, float z, float* __restrict out) {
+  for (std::size_t k = 0; k < m; ++k) out[k] = value(base, k) + z;
+}
+
+// out[idx[j]] = r[j] for the gathered entries.
+inline void scatter(const Lanes& a, float* out) {
+  for (std::uint32_t j = 0; j < a.count; ++j) out[a.idx[j]] = a.r[j];
+}
+
+}  // namespace conflux::plugins::active
