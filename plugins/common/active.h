@@ -16,7 +16,9 @@
 #include <conflux/plugin.hpp>
 
 #include <cstddef>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "inputs.h"
 
@@ -46,15 +48,21 @@ inline Lanes& thread_lanes() {
   return lanes;
 }
 
-// Entry k's task-vector entries: whether any is nonzero, and model i's nonzero flag added to
-// nonzero[i].
+// Entry k's task-vector entries: whether any is nonzero, model i's nonzero flag added to
+// nonzero[i], and its magnitude's key (the float32 bits without the sign) folded into least[i]
+// where it is nonzero.
 template <std::uint32_t N, class In>
-inline bool active_at(const In* const* x, const In* b, std::size_t k, std::uint32_t* nonzero) {
+inline bool active_at(const In* const* x, const In* b, std::size_t k, std::uint32_t* nonzero, std::uint32_t* least) {
   bool any = false;
   const float bk = value(b, k);
   for (std::uint32_t i = 0; i < N; ++i) {
-    const bool nz = value(x[i], k) - bk != 0.0f;  // true for NaN
+    const float d = value(x[i], k) - bk;
+    std::uint32_t key;
+    std::memcpy(&key, &d, sizeof key);
+    key &= 0x7FFFFFFFu;
+    const bool nz = key != 0;  // d != 0, or a NaN
     nonzero[i] += nz ? 1u : 0u;
+    if (nz && key < least[i]) least[i] = key;
     any = any || nz;
   }
   return any;
@@ -71,10 +79,13 @@ inline void put(const In* const* x, const In* b, std::size_t k, Lanes& out) {
 #ifdef CONFLUX_PLUGINS_AVX512_LOADS
 template <std::uint32_t N, class In>
 __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x, const In* b, std::size_t m,
-                                                               Lanes& out, std::uint32_t* nonzero) {
-  const __m512 zero = _mm512_setzero_ps();
+                                                               Lanes& out, std::uint32_t* nonzero,
+                                                               std::uint32_t* least) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i step = _mm512_set1_epi32(16);
   __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i low[N];
+  for (std::uint32_t i = 0; i < N; ++i) low[i] = _mm512_set1_epi32(-1);
   std::uint32_t n = 0, nz[kMaxModels] = {};
   std::size_t k = 0;
   for (; k + 16 <= m; k += 16, at = _mm512_add_epi32(at, step)) {
@@ -83,7 +94,9 @@ __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x,
     unsigned any = 0;
     for (std::uint32_t i = 0; i < N; ++i) {
       xv[i] = load16(x[i] + k);
-      const unsigned on = _mm512_cmp_ps_mask(_mm512_sub_ps(xv[i], bk), zero, _CMP_NEQ_UQ);
+      const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(xv[i], bk)), magnitude);
+      const __mmask16 on = _mm512_test_epi32_mask(key, key);  // d != 0, or a NaN
+      low[i] = _mm512_mask_min_epu32(low[i], on, low[i], key);
       nz[i] += static_cast<std::uint32_t>(__builtin_popcount(on));
       any |= on;
     }
@@ -95,30 +108,40 @@ __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x,
     n += static_cast<std::uint32_t>(__builtin_popcount(any));
   }
   out.count = n;
+  std::uint32_t lows[kMaxModels];
+  for (std::uint32_t i = 0; i < N; ++i) {  // (GCC 12's _mm512_reduce_min_epu32 trips -Wuninitialized)
+    alignas(64) std::uint32_t lane[16];
+    _mm512_store_si512(lane, low[i]);
+    lows[i] = *std::min_element(lane, lane + 16);
+  }
   for (; k < m; ++k)
-    if (active_at<N>(x, b, k, nz)) put<N>(x, b, k, out);
-  for (std::uint32_t i = 0; i < N; ++i) nonzero[i] += nz[i];
+    if (active_at<N>(x, b, k, nz, lows)) put<N>(x, b, k, out);
+  for (std::uint32_t i = 0; i < N; ++i) {
+    nonzero[i] += nz[i];
+    least[i] = std::min(least[i], lows[i]);
+  }
 }
 #endif
 
 // Gathers the active entries of the block [0, m) of n models (x[i], b: float32 or stored BF16,
-// common/inputs.h) into `out` and adds each model's nonzero entries to nonzero[i]. Returns false
-// (and does nothing) where this CPU has no AVX-512, or for more than kMaxModels models or
-// kMaxBlock entries.
+// common/inputs.h) into `out`, adds each model's nonzero entries to nonzero[i] and folds the
+// smallest key (float32 bits without the sign, as topk.h's) of its nonzero entries into
+// least[i] (unchanged where it has none). Returns false (and does nothing) where this CPU has no
+// AVX-512, or for more than kMaxModels models or kMaxBlock entries.
 template <class In>
 inline bool gather_active(std::uint32_t n, const In* const* x, const In* b, std::size_t m, Lanes& out,
-                          std::uint32_t* nonzero) {
+                          std::uint32_t* nonzero, std::uint32_t* least) {
 #ifdef CONFLUX_PLUGINS_AVX512_LOADS
   if (!have_avx512() || n == 0 || n > kMaxModels || m > kMaxBlock) return false;
   switch (n) {
-    case 1: gather_avx512<1>(x, b, m, out, nonzero); break;
-    case 2: gather_avx512<2>(x, b, m, out, nonzero); break;
-    case 3: gather_avx512<3>(x, b, m, out, nonzero); break;
-    default: gather_avx512<4>(x, b, m, out, nonzero); break;
+    case 1: gather_avx512<1>(x, b, m, out, nonzero, least); break;
+    case 2: gather_avx512<2>(x, b, m, out, nonzero, least); break;
+    case 3: gather_avx512<3>(x, b, m, out, nonzero, least); break;
+    default: gather_avx512<4>(x, b, m, out, nonzero, least); break;
   }
   return true;
 #else
-  (void)n, (void)x, (void)b, (void)m, (void)out, (void)nonzero;
+  (void)n, (void)x, (void)b, (void)m, (void)out, (void)nonzero, (void)least;
   return false;
 #endif
 }

@@ -86,6 +86,8 @@
 //   a kept one, a chunk whose every source has at most m * count / numel nonzero entries (each
 //   target's share of the chunk, exact integer test) only counts them, and the caller merges
 //   it with every nonzero entry kept (reduce returns true); other chunks build the histogram.
+//   The caller counts too, a stripe at a time in the same sweep as its merge (Selector::reduce),
+//   so a speculating chunk's inputs are read once; a chunk found dense discards that merge.
 //   reduce_done: every chunk counted, so every source has at most m nonzero entries (the shares
 //   sum to m) -> the selection is "keep all" and the speculative output is final; no chunk did
 //   -> the histogram is complete, go on as above; some did -> execution 2 builds the whole
@@ -121,6 +123,7 @@ inline constexpr std::uint32_t kImpureWords = kHiBins / 4 + 16;  // a byte per h
                                                                  // dummy slot (kHiBins)
 inline constexpr std::uint32_t kNothing = 0x80000000u;        // a key bound above every key
 inline constexpr std::size_t kBlock = 1024;                   // entries per kernel call
+inline constexpr std::size_t kStripe = 4096;  // a speculating chunk's entries per count-then-merge step
 inline constexpr std::uint64_t kListBudget = 1u << 20;        // low round: entries listed per target
 inline constexpr std::uint32_t kWindowBins = 64;              // WINDOWS: high bins per target and chunk
 inline constexpr std::size_t kWindowList = 256;               // WINDOWS: impure keys listed, at most
@@ -450,14 +453,21 @@ class Selector {
   std::size_t stats_words() const { return spec_offset() + 2 * std::size_t{sources_} + 2; }
 
   // Float32 or stored BF16 inputs (the pass has CFX_PASS_BF16_INPUTS). True: the chunk
-  // speculated (see SPECULATION): the caller writes its merge with every nonzero entry kept;
-  // least[i] (sources entries) is then the chunk's smallest nonzero key of source i (0xFFFFFFFF:
-  // none), or 0 (a bound) for a source without an open target.
-  bool reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial, std::uint32_t* least) {
+  // speculated (see SPECULATION), and its merge with every nonzero entry kept is in the
+  // speculative output. The merge is the caller's, and so is the count it rests on (merging and
+  // counting in one sweep of the inputs): while a chunk speculates, the selection calls
+  // merge(first, count, nonzero, least) for each stripe of kStripe entries in order, which
+  // merges the stripe with every nonzero entry kept and adds each source's nonzero entries in
+  // it to nonzero[i] and folds their smallest key into least[i] (sources entries each, which
+  // start at 0 and 0xFFFFFFFF: the smallest so far bounds the stripe's keys from below, for the
+  // merge's Small test, counted before the stripe is merged). When the chunk turns out not to
+  // be sparse after all, that output is left unwritten and the chunk builds the histogram.
+  template <class Merge>
+  bool reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial, Merge&& merge) {
     TensorState& ts = tensors_[c.tensor().index];
     if (ts.trivial) return false;
     bool speculated = false;
-    with_inputs(c, [&](auto models, auto base) { speculated = reduce_inputs(ts, c, models, base, partial, least); });
+    with_inputs(c, [&](auto models, auto base) { speculated = reduce_inputs(ts, c, models, base, partial, merge); });
     return speculated;
   }
 
@@ -714,26 +724,23 @@ class Selector {
     std::size_t window_bytes = 0;                        // what they took, kept or not
   };
 
-  template <class In>
+  template <class In, class Merge>
   bool reduce_inputs(TensorState& ts, const sdk::Chunk& c, const In* const* models, const In* b,
-                     sdk::Span<std::uint32_t> partial, std::uint32_t* chunk_least) {
+                     sdk::Span<std::uint32_t> partial, Merge& merge) {
     const std::size_t n = c.count();
     if (!b) throw sdk::Error("internal: the selection needs the base");
     if (ts.executions == 0 && c.begin() == 0) ts.chunk_size = c.count();  // chunk 0 is full (or the whole tensor)
     if (ts.executions == 0 && ts.speculate && !c.speculative_output().empty()) {
       // Every open target's share of this chunk, m * count / numel, holds its source's nonzeros?
-      std::uint32_t nonzero[kMaxSpeculativeSources] = {};
+      std::uint32_t nonzero[kMaxSpeculativeSources] = {}, chunk_least[kMaxSpeculativeSources];
+      std::fill_n(chunk_least, kMaxSpeculativeSources, 0xFFFFFFFFu);
       bool sparse = sources_ <= kMaxSpeculativeSources;
-      for (std::uint32_t i = 0; sparse && i < sources_; ++i) {
-        chunk_least[i] = 0;
-        if (!uses(ts, i)) continue;
-        chunk_least[i] = 0xFFFFFFFFu;
-        for (std::size_t k0 = 0; k0 < n; k0 += kBlock)
-          nonzero[i] += kernels::count_nonzero(models[i] + k0, b + k0, std::min(kBlock, n - k0), chunk_least[i]);
+      for (std::size_t s0 = 0; sparse && s0 < n; s0 += kStripe)
+        merge(s0, std::min(n, s0 + kStripe) - s0, nonzero, chunk_least);
+      for (std::uint32_t i = 0; sparse && i < sources_; ++i)
         for (const State& s : ts.targets)  // products < 2^64: every count is below 2^32
           if (s.phase != Phase::done && s.source == i)
             sparse = sparse && std::uint64_t{nonzero[i]} * c.tensor().numel <= s.m * n;
-      }
       if (sparse) {
         const std::size_t o = spec_offset();
         for (std::uint32_t i = 0; i < sources_; ++i) add_u64(partial.data() + o + 2 * i, nonzero[i]);

@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "active.h"
 #include "float_guard.h"
 #include "inputs.h"
 #include "sign_election.h"
@@ -53,7 +54,7 @@ namespace trim_detail {
 
 // Entries per block of the map (the blockwise path keeps n float and 3 double arrays of it in L1).
 constexpr std::size_t kBlock = 512;
-static_assert(kBlock <= sign_election::kBlock && kBlock <= topk::kBlock);
+static_assert(kBlock <= sign_election::kBlock && kBlock <= topk::kBlock && topk::kStripe % kBlock == 0);
 
 // Up to this many models, blocks without a straddling tie run through fused_block.
 constexpr std::uint32_t kFusedModels = 4;
@@ -358,12 +359,12 @@ struct TrimMerge : V {
   // A chunk the selection speculates on (topk.h, SPECULATION) is merged here, every nonzero
   // entry kept: what the map computes when the selection turns out to keep them all.
   void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {
-    std::vector<std::uint32_t> least(n_);
-    if (!selector_.reduce(c, partial, least.data())) return;
-    with_inputs(c, [&](auto models, auto base) {
-      map_inputs(c, models, base, c.speculative_output(), least.data());
-    });
-    c.output_written();
+    const auto merge = [&](std::size_t first, std::size_t count, std::uint32_t* nonzero, std::uint32_t* least) {
+      with_inputs(c, [&](auto models, auto base) {
+        map_inputs(c, models, base, c.speculative_output(), Counts{nonzero, least}, first, first + count);
+      });
+    };
+    if (selector_.reduce(c, partial, merge)) c.output_written();
   }
   void combine(const cfx_tensor* t, sdk::Span<std::uint32_t> into, sdk::Span<const std::uint32_t> from) {
     selector_.combine(t, into, from);
@@ -376,19 +377,28 @@ struct TrimMerge : V {
     selector_.mapped(c);
   }
 
-  // chunk_least (a speculated chunk): the chunk's smallest nonzero key of each model (a lower
-  // bound, for the Small test) instead of the tensor's. The cursors are the selection's either
-  // way: while it speculates, an open target's keeps every entry (topk.h, SPECULATION), and a
-  // settled one (k = 0 or k = n) keeps what it will.
+  // A speculating stripe's counts (topk::Selector::reduce): per model its nonzero entries, added
+  // to, and the smallest nonzero key, folded into (the counts come from the merge's own sweep).
+  struct Counts {
+    std::uint32_t* nonzero = nullptr;
+    std::uint32_t* least = nullptr;
+  };
+
+  // With counts (a speculating stripe): each block is counted before it is merged, and its
+  // least keys (the chunk's so far) bound the block's for the Small test. [first, last): the
+  // entries of the chunk to merge, in blocks from `first` (kStripe is a multiple of kBlock, so
+  // they are the whole chunk's blocks). The cursors are the selection's either way: while it
+  // speculates, an open target's keeps every entry (topk.h, SPECULATION), and a settled one
+  // (k = 0 or k = n) keeps what it will, so no stripe starts inside a run of ties.
   template <class In>
   void map_inputs(const sdk::Chunk& c, const In* const* models, const In* base, sdk::Span<float> out,
-                  const std::uint32_t* chunk_least = nullptr) {
+                  Counts counts = {}, std::size_t first = 0, std::size_t last = static_cast<std::size_t>(-1)) {
     namespace se = sign_election;
     using trim_detail::kBlock;
     std::vector<topk::Cursor> keep(n_), drop(n_, topk::Cursor{topk::kNothing, 0, 0});
     std::vector<std::uint32_t> least(n_);
     for (std::uint32_t i = 0; i < n_; ++i) {
-      least[i] = chunk_least ? chunk_least[i] : selector_.least_key(c, i);
+      if (!counts.least) least[i] = selector_.least_key(c, i);
       keep[i] = selector_.cursor(c, V::kGamma ? 2 * i : i);
       if (V::kGamma) drop[i] = selector_.cursor(c, 2 * i + 1);
     }
@@ -399,14 +409,44 @@ struct TrimMerge : V {
     const float lambda_f = static_cast<float>(lambda_);
     std::vector<const In*> x(n_);
     std::vector<std::uint32_t> lo(n_), hi(n_);
-    for (std::size_t k0 = 0; k0 < out.size(); k0 += kBlock) {
-      const std::size_t m = std::min(kBlock, out.size() - k0);
+    last = std::min(last, out.size());
+    // A speculating stripe may gather its blocks' active entries (common/active.h) as it counts
+    // them: with the inactive entries' result from the float32 kernel itself (base -0 and a zero
+    // task vector give r = -0 + z = z).
+    active::Sparse sparse;
+    if (counts.nonzero && f32 && n_ <= active::kMaxModels) {
+      const float minus_zero = -0.0f;
+      const float* zeros[trim_detail::kFusedModels] = {&minus_zero, &minus_zero, &minus_zero, &minus_zero};
+      const std::uint32_t every_lo[trim_detail::kFusedModels] = {};
+      const std::uint32_t every_hi[trim_detail::kFusedModels] = {topk::kNothing, topk::kNothing, topk::kNothing,
+                                                                 topk::kNothing};
+      float z = 1.0f;
+      if (trim_detail::fused_f32<V::kElect>(n_, zeros, every_lo, every_hi, weights_f_.data(), small_.data(),
+                                            &minus_zero, lambda_f, normalize_, false, 1, &z) == 0)
+        sparse.start(z);
+    }
+    for (std::size_t k0 = first; k0 < last; k0 += kBlock) {
+      const std::size_t m = std::min(kBlock, last - k0);
       bool straddle = false;
       for (std::uint32_t i = 0; i < n_; ++i) {
         x[i] = models[i] + k0;
         lo[i] = keep[i].U;
         hi[i] = drop[i].U;
         straddle = straddle || keep[i].quota > 0 || drop[i].quota > 0;
+      }
+      // A speculating stripe's block: counted first (by the gather where the block's sparse
+      // merge can use it, else by the selection's kernel).
+      active::Lanes* gathered = nullptr;
+      if (counts.nonzero) {
+        active::Lanes& a = active::thread_lanes();
+        if (f32 && !straddle && sparse.next() &&
+            active::gather_active(n_, x.data(), base + k0, m, a, counts.nonzero, counts.least)) {
+          if (sparse.worth(a.count, m)) gathered = &a;
+        } else {
+          for (std::uint32_t i = 0; i < n_; ++i)
+            counts.nonzero[i] += topk::kernels::count_nonzero(x[i], base + k0, m, counts.least[i]);
+        }
+        for (std::uint32_t i = 0; i < n_; ++i) least[i] = counts.least[i];
       }
       if (!straddle && n_ <= trim_detail::kFusedModels) {
         // Small where some model may keep a nonzero key below its bound: the kept range [lo, hi),
@@ -433,6 +473,29 @@ struct TrimMerge : V {
             return 0;
           }
         };
+        if (gathered) {
+          // The kernels on the block's active entries only (common/active.h: the same bits).
+          active::Lanes& a = *gathered;
+          auto on_active = [&](auto zero, std::size_t at, std::size_t count) -> std::uint32_t {
+            const float* xs[trim_detail::kFusedModels];
+            for (std::uint32_t i = 0; i < n_; ++i) xs[i] = a.xs[i] + at;
+            if constexpr (std::is_same_v<decltype(zero), float>) {
+              return trim_detail::fused_f32<V::kElect>(n_, xs, lo.data(), hi.data(), weights_f_.data(),
+                                                       small_.data(), a.b + at, lambda_f, normalize_, tiny, count,
+                                                       a.r + at);
+            } else {
+              trim_detail::fused<V::kElect>(n_, xs, lo.data(), hi.data(), w, a.b + at, lambda_, normalize_, count,
+                                            a.r + at);
+              return 0;
+            }
+          };
+          auto f32_active = [&](std::size_t at, std::size_t count) { return on_active(0.0f, at, count); };
+          float_guard::redo(a.count, f32_active(0, a.count), f32_active,
+                            [&](std::size_t at, std::size_t count) { on_active(0.0, at, count); });
+          active::fill_base_plus_f32(base + k0, m, sparse.z, out.data() + k0);
+          active::scatter(a, out.data() + k0);
+          continue;
+        }
         auto f32_sweep = [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); };
         float_guard::redo(m, f32_sweep(0, m), f32_sweep, [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
         continue;
