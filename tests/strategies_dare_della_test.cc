@@ -12,10 +12,13 @@
 #include <cstring>
 #include <fstream>
 #include <initializer_list>
+#include <limits>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -573,6 +576,89 @@ void split_stored_bf16(const float* x, const float* base, const dm::RowDraws& dr
     EXPECT_EQ(magnitude_bits(bf16_bits_to_f32(xb[k])), magnitude_bits(x[k])) << "not a BF16 value";
   }
   Split(xb.data(), bb.data(), draws, n, s);
+}
+
+// The gather of a block's active entries (common/active.h, the sparse paths of DARE and the
+// trimming strategies) against a scalar reading of its definition: entries with some nonzero
+// float32 task-vector entry (NaN included, -0 not) in index order with their values bit for
+// bit, each model's nonzero count and smallest nonzero key; for float32 and BF16 inputs, 1-4
+// models, full blocks and tails, sparse and dense blocks.
+template <class In>
+void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t seed) {
+  namespace act = conflux::plugins::active;
+  SCOPED_TRACE("models " + std::to_string(n) + ", entries " + std::to_string(m) + ", fill " + std::to_string(fill) +
+               (std::is_same_v<In, float> ? ", f32" : ", bf16"));
+  auto encode = [](float v) -> In {
+    if constexpr (std::is_same_v<In, float>) return v;
+    else return f32_to_bf16_bits(v);
+  };
+  auto decode = [](In v) -> float {
+    if constexpr (std::is_same_v<In, float>) return v;
+    else return bf16_bits_to_f32(v);
+  };
+  std::vector<In> b(m);
+  std::vector<std::vector<In>> x(n, std::vector<In>(m));
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(), -0.0f, 0.0f, std::numeric_limits<float>::infinity(),
+                            0x1p-140f};
+  for (std::size_t k = 0; k < m; ++k) {
+    const float bk = rnd(seed, k, 1) < 0.05 ? specials[k % 5] : static_cast<float>(rnd(seed, k, 2) - 0.5);
+    b[k] = encode(bk);
+    for (std::uint32_t i = 0; i < n; ++i) {
+      float v = decode(b[k]);
+      if (rnd(seed, k, 10 + i) < fill)
+        v = rnd(seed, k, 20 + i) < 0.1 ? specials[(k + i) % 5] : v + static_cast<float>(rnd(seed, k, 30 + i) - 0.5) * 0x1p-6f;
+      x[i][k] = encode(v);
+    }
+  }
+  std::vector<const In*> xs;
+  for (const auto& v : x) xs.push_back(v.data());
+  // The reference.
+  std::vector<std::uint32_t> idx, nonzero(n, 0), least(n, 0xFFFFFFFFu);
+  for (std::size_t k = 0; k < m; ++k) {
+    bool any = false;
+    for (std::uint32_t i = 0; i < n; ++i) {
+      const float d = decode(x[i][k]) - decode(b[k]);
+      std::uint32_t key;
+      std::memcpy(&key, &d, sizeof key);
+      key &= 0x7FFFFFFFu;
+      if (key == 0) continue;
+      any = true;
+      ++nonzero[i];
+      least[i] = std::min(least[i], key);
+    }
+    if (any) idx.push_back(static_cast<std::uint32_t>(k));
+  }
+  auto lanes = std::make_unique<act::Lanes>();
+  std::vector<std::uint32_t> got_nonzero(n, 7), got_least(n, 0xFFFFFFFFu);  // counts add to 7
+  if (!act::gather_active(n, xs.data(), b.data(), m, *lanes, got_nonzero.data(), got_least.data())) {
+    EXPECT_FALSE(conflux::plugins::have_avx512()) << "the gather must run on an AVX-512 CPU";
+    return;
+  }
+  ASSERT_EQ(lanes->count, idx.size());
+  for (std::size_t j = 0; j < idx.size(); ++j) {
+    ASSERT_EQ(lanes->idx[j], idx[j]) << "lane " << j;
+    const float bv = decode(b[idx[j]]);
+    EXPECT_EQ(std::memcmp(&lanes->b[j], &bv, sizeof bv), 0) << "lane " << j;
+    for (std::uint32_t i = 0; i < n; ++i) {
+      const float xv = decode(x[i][idx[j]]);
+      EXPECT_EQ(std::memcmp(&lanes->x[i][j], &xv, sizeof xv), 0) << "lane " << j << ", model " << i;
+    }
+  }
+  for (std::uint32_t i = 0; i < n; ++i) {
+    EXPECT_EQ(got_nonzero[i], nonzero[i] + 7) << "model " << i;
+    EXPECT_EQ(got_least[i], least[i]) << "model " << i;
+  }
+}
+
+TEST(ActiveEntries, GatherMatchesTheDefinition) {
+  std::uint64_t seed = 1;
+  for (std::uint32_t n = 1; n <= 4; ++n)
+    for (const std::size_t m : {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{17}, std::size_t{512},
+                                std::size_t{1000}, std::size_t{1024}})
+      for (const double fill : {0.0, 0.03, 0.3, 1.0}) {
+        check_gather<float>(n, m, fill, ++seed);
+        check_gather<std::uint16_t>(n, m, fill, ++seed);
+      }
 }
 
 // DARE's in-register draws are the host's uniforms (plugin.h's definition), also past 2^32 in

@@ -1421,12 +1421,15 @@ class DropMerge {
     const std::uint32_t* from = tab.from.data();
     const std::uint32_t* mnz = rb.mnz;
     const std::uint32_t* idx = rb.idx;
+    // (A local count: kept.exact in memory may alias the sums' marks, a chain through memory.)
+    std::uint64_t exact = 0;
     visit_candidates(split, from[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
       const std::size_t r = zeros + rank;
       const bool keep = mnz[j] >= from[r];  // a coin flip: no branch on it
-      kept.exact += keep ? 1 : 0;
+      exact += keep ? 1 : 0;
       add(idx[j], r, keep);
     }, [&](std::uint32_t j) { touch(idx[j]); });
+    kept.exact += exact;
   }
 
   // The rank tables of rows of `len` entries: the job's, else built into `own`.
