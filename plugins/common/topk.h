@@ -124,6 +124,7 @@ inline constexpr std::uint32_t kImpureWords = kHiBins / 4 + 16;  // a byte per h
 inline constexpr std::uint32_t kNothing = 0x80000000u;        // a key bound above every key
 inline constexpr std::size_t kBlock = 1024;                   // entries per kernel call
 inline constexpr std::size_t kStripe = 4096;  // a speculating chunk's entries per count-then-merge step
+inline constexpr double kGiveUp = 1.25;      // SPECULATION: a chunk's stripes over their share by this give up
 inline constexpr std::uint64_t kListBudget = 1u << 20;        // low round: entries listed per target
 inline constexpr std::uint32_t kWindowBins = 64;              // WINDOWS: high bins per target and chunk
 inline constexpr std::size_t kWindowList = 256;               // WINDOWS: impure keys listed, at most
@@ -735,12 +736,28 @@ class Selector {
       std::uint32_t nonzero[kMaxSpeculativeSources] = {}, chunk_least[kMaxSpeculativeSources];
       std::fill_n(chunk_least, kMaxSpeculativeSources, 0xFFFFFFFFu);
       bool sparse = sources_ <= kMaxSpeculativeSources;
-      for (std::size_t s0 = 0; sparse && s0 < n; s0 += kStripe)
-        merge(s0, std::min(n, s0 + kStripe) - s0, nonzero, chunk_least);
-      for (std::uint32_t i = 0; sparse && i < sources_; ++i)
-        for (const State& s : ts.targets)  // products < 2^64: every count is below 2^32
-          if (s.phase != Phase::done && s.source == i)
-            sparse = sparse && std::uint64_t{nonzero[i]} * c.tensor().numel <= s.m * n;
+      // After the last stripe, the exact test. Before it, the chunk gives up once its stripes so
+      // far hold more than kGiveUp times their share (m * seen / numel): dense task vectors then
+      // lose about one stripe's merge per chunk, not the chunk's. (Whether a chunk speculates
+      // changes no output bit, only the work; the test depends on the chunk's data alone.)
+      auto fits = [&](std::size_t seen) {
+        for (const State& s : ts.targets) {
+          if (s.phase == Phase::done) continue;
+          const std::uint64_t have = nonzero[s.source];
+          if (seen == n) {
+            if (have * c.tensor().numel > s.m * n) return false;  // < 2^64: every count is below 2^32
+          } else if (static_cast<double>(have) * static_cast<double>(c.tensor().numel) >
+                     kGiveUp * static_cast<double>(s.m) * static_cast<double>(seen)) {
+            return false;
+          }
+        }
+        return true;
+      };
+      for (std::size_t s0 = 0; sparse && s0 < n; s0 += kStripe) {
+        const std::size_t end = std::min(n, s0 + kStripe);
+        merge(s0, end - s0, nonzero, chunk_least);
+        sparse = fits(end);
+      }
       if (sparse) {
         const std::size_t o = spec_offset();
         for (std::uint32_t i = 0; i < sources_; ++i) add_u64(partial.data() + o + 2 * i, nonzero[i]);

@@ -438,14 +438,16 @@ struct TrimMerge : V {
       // merge can use it, else by the selection's kernel).
       active::Lanes* gathered = nullptr;
       if (counts.nonzero) {
-        active::Lanes& a = active::thread_lanes();
-        if (f32 && !straddle && sparse.next() &&
-            active::gather_active(n_, x.data(), base + k0, m, a, counts.nonzero, counts.least)) {
-          if (sparse.worth(a.count, m)) gathered = &a;
-        } else {
+        bool counted = false;
+        if (f32 && !straddle && sparse.next()) {
+          active::Lanes& a = active::thread_lanes();
+          counted = active::gather_active(n_, x.data(), base + k0, m, a, counts.nonzero, counts.least);
+          if (!counted) sparse.off();  // this CPU cannot gather
+          else if (sparse.worth(a.count, m)) gathered = &a;
+        }
+        if (!counted)
           for (std::uint32_t i = 0; i < n_; ++i)
             counts.nonzero[i] += topk::kernels::count_nonzero(x[i], base + k0, m, counts.least[i]);
-        }
         for (std::uint32_t i = 0; i < n_; ++i) least[i] = counts.least[i];
       }
       if (!straddle && n_ <= trim_detail::kFusedModels) {
