@@ -148,12 +148,14 @@ inline bool gather_active(std::uint32_t n, const In* const* x, const In* b, std:
 
 // A chunk's choice, block by block, between the gathered and the dense kernels (the same bits
 // either way): gathered while blocks are sparse; after a dense block (more than half of it
-// active) the next kRetry blocks go straight to the dense sweep.
+// active) the next `retry` blocks go straight to the dense sweep, 7 at first, twice as many
+// after each further dense block up to kMaxRetry (dense task vectors then pay for a gather in
+// about one block of 32), and 7 again after a sparse one.
 struct Sparse {
-  static constexpr unsigned kRetry = 7;
+  static constexpr unsigned kFirstRetry = 7, kMaxRetry = 31;
   float z = 0.0f;  // the inactive entries' base + z
   bool on = false;
-  unsigned wait = 0;
+  unsigned wait = 0, retry = kFirstRetry;
   // z from the kernel (a zero of either sign: else the gathered path stays off).
   void start(float inactive) {
     z = inactive;
@@ -167,8 +169,12 @@ struct Sparse {
     return false;
   }
   bool worth(std::uint32_t active, std::size_t m) {
-    if (2 * std::size_t{active} <= m) return true;
-    wait = kRetry;
+    if (2 * std::size_t{active} <= m) {
+      retry = kFirstRetry;
+      return true;
+    }
+    wait = retry;
+    retry = std::min(2 * retry + 1, kMaxRetry);
     return false;
   }
 };
