@@ -813,13 +813,10 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
           }
           // The plugins' choice: at least every entry that may be kept, each once.
           std::fill(seen.begin(), seen.end(), 0);
-          dm::visit_candidates(
-              s, from[len - 1], cand.data(), a.data(), b.data(),
-              [&](std::size_t r, std::uint32_t j) {
-                expect_rank(r, j);
-                ++seen[j];
-              },
-              [&](std::uint32_t j) { ASSERT_LT(j, s.nonzero); });
+          dm::visit_candidates(s, from[len - 1], cand.data(), a.data(), b.data(), [&](std::size_t r, std::uint32_t j) {
+            expect_rank(r, j);
+            ++seen[j];
+          });
           for (std::size_t j = 0; j < s.nonzero; ++j) {
             EXPECT_LE(seen[j], 1);
             if (mnz[j] >= from[len - 1]) {

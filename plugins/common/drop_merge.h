@@ -952,10 +952,9 @@ void radix_ranks(const RowSplit& s, std::uint64_t* a, std::uint64_t* b, Visit&& 
 // entries can be ruled out by their uniform alone), the candidates' ranks are counted directly
 // (a vector compare per 16 entries and candidate) instead of sorting the row. cand holds
 // nonzero + 16 entries, a and b nonzero.
-// ahead(j): entry j will be visited soon (for a prefetch of what visit touches).
-template <class Visit, class Ahead>
+template <class Visit>
 void visit_candidates(RowSplit& s, std::uint32_t from_min, std::uint32_t* cand, std::uint64_t* a, std::uint64_t* b,
-                      Visit&& visit, Ahead&& ahead) {
+                      Visit&& visit) {
   const std::size_t n = s.nonzero;
   if (n == 0) return;
   if (n == 1 || s.varying == 0) {
@@ -968,19 +967,13 @@ void visit_candidates(RowSplit& s, std::uint32_t from_min, std::uint32_t* cand, 
     // Counting costs c * n / 16 vector steps; the radix sort some 10 scalar steps per entry.
     if (c * ((n + 15) / 16) <= 8 * n) {
       std::fill_n(s.key + n, 16, 0xFFFFFFFFu);  // padding: above every key
-      constexpr std::size_t kAhead = 4;  // the per-entry state is beyond L1 in large row groups
-      for (std::size_t e = 0; e < std::min(c, kAhead); ++e) ahead(cand[e]);
-      for (std::size_t e = 0; e < c; ++e) {
-        if (e + kAhead < c) ahead(cand[e + kAhead]);
-        visit(rank_avx512(s.key, n, cand[e]), cand[e]);
-      }
+      for (std::size_t e = 0; e < c; ++e) visit(rank_avx512(s.key, n, cand[e]), cand[e]);
       return;
     }
   }
 #endif
   (void)from_min;
   (void)cand;
-  (void)ahead;
   radix_ranks(s, a, b, visit);
 }
 
@@ -1376,13 +1369,13 @@ class DropMerge {
             della_row(x, base, draws, tab, len, rb, kept[i], [&](std::uint32_t k, std::size_t r, bool keep) {
               cell[k].add(masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep), wi);
               sums.mark(r0 + k, keep);
-            }, [&](std::uint32_t k) { __builtin_prefetch(cell + k, 1); });
+            });
           } else {
             double* row_acc = sums.acc.data() + r0;
             della_row(x, base, draws, tab, len, rb, kept[i], [&](std::uint32_t k, std::size_t r, bool keep) {
               row_acc[k] += masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep);
               sums.mark(r0 + k, keep);
-            }, [&](std::uint32_t k) { __builtin_prefetch(row_acc + k, 1); });
+            });
           }
         }
       }
@@ -1409,9 +1402,9 @@ class DropMerge {
   // adds its kept entries to `kept`, and calls add(k, r, keep) for every nonzero entry k that
   // may be kept (rank r in the row; keep: whether it is) to add its W (+0 unless kept) into the
   // sums.
-  template <class In, class Add, class Touch>
+  template <class In, class Add>
   static void della_row(const In* x, const In* base, const RowDraws& draws, const RankTables& tab, std::size_t len,
-                        const RowBuffers& rb, KeptCount& kept, Add&& add, Touch&& touch) {
+                        const RowBuffers& rb, KeptCount& kept, Add&& add) {
     RowSplit split{rb.key, rb.idx, rb.mnz};
     split_row(x, base, draws, len, rb.draw, split);
     // Zeros take ranks 0 .. zeros-1 in index order (their W is 0 kept or not), the nonzero
@@ -1428,7 +1421,7 @@ class DropMerge {
       const bool keep = mnz[j] >= from[r];  // a coin flip: no branch on it
       exact += keep ? 1 : 0;
       add(idx[j], r, keep);
-    }, [&](std::uint32_t j) { touch(idx[j]); });
+    });
     kept.exact += exact;
   }
 
