@@ -15,8 +15,8 @@
 
 #include <conflux/plugin.hpp>
 
-#include <cstddef>
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
