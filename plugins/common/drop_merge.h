@@ -66,10 +66,10 @@
 // block (at most half its entries with some nonzero d_i: RL task vectors) runs the same sweep
 // on its active entries only, gathered with their element indices, which they draw for
 // (common/active.h); the rest get base + z, z the empty merge's term: the same bits, about a
-// sixth of the draws on the benchmark (dare_ties went from 1.55x to 1.37x the floor). DELLA: groups of whole rows; per row and model the
-// entries are split (AVX-512 compress where available; the draws by the same definition:
-// RowDraws) into zeros, which take ranks 0 .. Z-1 in index order, and nonzero entries, ranks
-// Z .. L-1. A zero's W is 0 whether it is kept or not, so no keep decision is made for zeros
+// sixth of the draws on the benchmark (dare_ties went from 1.55x to 1.37x the floor).
+// DELLA: groups of whole rows; per row and model the entries are split (AVX-512 compress where
+// available; the draws by the same definition: RowDraws) into zeros, which take ranks 0 .. Z-1
+// in index order, and nonzero entries, ranks Z .. L-1. A zero's W is 0 whether it is kept or not, so no keep decision is made for zeros
 // (the AVX-512 split does not even draw them; the portable one fills every draw, vectorized,
 // and ignores the zeros'): the kept count takes them at their expectation, sum_{r<Z} P(keep at
 // rank r), an exact integer in units of 2^-24 from the tables (sparse task vectors are mostly
@@ -387,11 +387,7 @@ void finish_election(const In* base, Election<T> e, std::size_t m, T lambda, flo
 // conversions to double and back.
 template <class In>
 CONFLUX_MULTIVERSION void fill_base_plus(const In* __restrict base, std::size_t m, double z, float* __restrict out) {
-  if (z == 0.0) {
-    const float zf = static_cast<float>(z);
-    for (std::size_t k = 0; k < m; ++k) out[k] = value(base, k) + zf;
-    return;
-  }
+  if (z == 0.0) return active::fill_base_plus_f32(base, m, static_cast<float>(z), out);
   for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<double>(value(base, k)) + z);
 }
 
@@ -529,35 +525,33 @@ CONFLUX_MULTIVERSION std::uint32_t linear_sweep_as(const Group<T, In>& g, std::u
 
 template <class T, unsigned G, class In>
 void linear_sweep(const Group<T, In>& g, std::uint32_t from, std::size_t m, const T* acc_in, T* acc, const In* base,
-                  T f, float* out, std::uint32_t* kept) {
+                  T f, float* out, std::uint32_t* counts) {
   if (acc_in) {
-    if (out) linear_sweep_as<T, G, true, true, false>(g, from, m, acc_in, acc, base, f, out, kept);
-    else linear_sweep_as<T, G, true, false, false>(g, from, m, acc_in, acc, base, f, out, kept);
+    if (out) linear_sweep_as<T, G, true, true, false>(g, from, m, acc_in, acc, base, f, out, counts);
+    else linear_sweep_as<T, G, true, false, false>(g, from, m, acc_in, acc, base, f, out, counts);
   } else {
-    if (out) linear_sweep_as<T, G, false, true, false>(g, from, m, acc_in, acc, base, f, out, kept);
-    else linear_sweep_as<T, G, false, false, false>(g, from, m, acc_in, acc, base, f, out, kept);
+    if (out) linear_sweep_as<T, G, false, true, false>(g, from, m, acc_in, acc, base, f, out, counts);
+    else linear_sweep_as<T, G, false, false, false>(g, from, m, acc_in, acc, base, f, out, counts);
   }
 }
 
 // The float32 sweep of a linear merge's only group, with float_guard's test: returns how many
 // results fail it.
+template <bool Gathered, class In>
+std::uint32_t linear_guarded_n(unsigned n, const Group<float, In>& g, std::uint32_t from, std::size_t m,
+                               const In* base, float f, float* out, std::uint32_t* counts) {
+  switch (n) {
+    case 1: return linear_sweep_as<float, 1, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    case 2: return linear_sweep_as<float, 2, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    case 3: return linear_sweep_as<float, 3, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    default: return linear_sweep_as<float, 4, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+  }
+}
 template <class In>
 std::uint32_t linear_guarded(unsigned n, const Group<float, In>& g, std::uint32_t from, std::size_t m,
-                             const In* base, float f, float* out, std::uint32_t* kept) {
-  if (g.idx) {
-    switch (n) {
-      case 1: return linear_sweep_as<float, 1, false, true, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-      case 2: return linear_sweep_as<float, 2, false, true, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-      case 3: return linear_sweep_as<float, 3, false, true, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-      default: return linear_sweep_as<float, 4, false, true, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-    }
-  }
-  switch (n) {
-    case 1: return linear_sweep_as<float, 1, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-    case 2: return linear_sweep_as<float, 2, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-    case 3: return linear_sweep_as<float, 3, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-    default: return linear_sweep_as<float, 4, false, true, true>(g, from, m, nullptr, nullptr, base, f, out, kept);
-  }
+                             const In* base, float f, float* out, std::uint32_t* counts) {
+  if (g.idx) return linear_guarded_n<true>(n, g, from, m, base, f, out, counts);
+  return linear_guarded_n<false>(n, g, from, m, base, f, out, counts);
 }
 
 // Adds model j's W to one entry's election state. T = double: exactly sign_election's terms.
@@ -655,24 +649,24 @@ CONFLUX_MULTIVERSION std::uint32_t ties_sweep(const Group<T, In>& g, std::uint32
 
 template <class T, class In>
 void linear_group(unsigned n, const Group<T, In>& g, std::uint32_t from, std::size_t m, const T* acc_in, T* acc,
-                  const In* base, T f, float* out, std::uint32_t* kept) {
+                  const In* base, T f, float* out, std::uint32_t* counts) {
   switch (n) {
-    case 1: return linear_sweep<T, 1>(g, from, m, acc_in, acc, base, f, out, kept);
-    case 2: return linear_sweep<T, 2>(g, from, m, acc_in, acc, base, f, out, kept);
-    case 3: return linear_sweep<T, 3>(g, from, m, acc_in, acc, base, f, out, kept);
-    default: return linear_sweep<T, 4>(g, from, m, acc_in, acc, base, f, out, kept);
+    case 1: return linear_sweep<T, 1>(g, from, m, acc_in, acc, base, f, out, counts);
+    case 2: return linear_sweep<T, 2>(g, from, m, acc_in, acc, base, f, out, counts);
+    case 3: return linear_sweep<T, 3>(g, from, m, acc_in, acc, base, f, out, counts);
+    default: return linear_sweep<T, 4>(g, from, m, acc_in, acc, base, f, out, counts);
   }
 }
 
-template <class T, bool Normalize, bool Carry, bool Guard = false, class In>
+template <class T, bool Normalize, bool Carry, bool Guard = false, bool Gathered = false, class In>
 std::uint32_t ties_group_n(unsigned n, const Group<T, In>& g, std::uint32_t from, std::size_t m,
                            const Election<T>* in, const Election<T>* st, const In* base, T lambda, float* out,
-                           std::uint32_t* kept) {
+                           std::uint32_t* counts) {
   switch (n) {
-    case 1: return ties_sweep<T, 1, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
-    case 2: return ties_sweep<T, 2, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
-    case 3: return ties_sweep<T, 3, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
-    default: return ties_sweep<T, 4, Normalize, Carry, Guard>(g, from, m, in, st, base, lambda, out, kept);
+    case 1: return ties_sweep<T, 1, Normalize, Carry, Guard, Gathered>(g, from, m, in, st, base, lambda, out, counts);
+    case 2: return ties_sweep<T, 2, Normalize, Carry, Guard, Gathered>(g, from, m, in, st, base, lambda, out, counts);
+    case 3: return ties_sweep<T, 3, Normalize, Carry, Guard, Gathered>(g, from, m, in, st, base, lambda, out, counts);
+    default: return ties_sweep<T, 4, Normalize, Carry, Guard, Gathered>(g, from, m, in, st, base, lambda, out, counts);
   }
 }
 
@@ -680,24 +674,13 @@ std::uint32_t ties_group_n(unsigned n, const Group<T, In>& g, std::uint32_t from
 template <class T, class In>
 void ties_group(unsigned n, bool normalize, bool carry, const Group<T, In>& g, std::uint32_t from, std::size_t m,
                 const Election<T>* in, const Election<T>* st, const In* base, T lambda, float* out,
-                std::uint32_t* kept) {
+                std::uint32_t* counts) {
   if (carry) {
-    if (normalize) ties_group_n<T, true, true>(n, g, from, m, in, st, base, lambda, out, kept);
-    else ties_group_n<T, false, true>(n, g, from, m, in, st, base, lambda, out, kept);
+    if (normalize) ties_group_n<T, true, true>(n, g, from, m, in, st, base, lambda, out, counts);
+    else ties_group_n<T, false, true>(n, g, from, m, in, st, base, lambda, out, counts);
   } else {
-    if (normalize) ties_group_n<T, true, false>(n, g, from, m, in, st, base, lambda, out, kept);
-    else ties_group_n<T, false, false>(n, g, from, m, in, st, base, lambda, out, kept);
-  }
-}
-
-template <bool Normalize, class In>
-std::uint32_t ties_gathered(unsigned n, const Group<float, In>& g, std::uint32_t from, std::size_t m, const In* base,
-                            float lambda, float* out, std::uint32_t* kept) {
-  switch (n) {
-    case 1: return ties_sweep<float, 1, Normalize, false, true, true>(g, from, m, nullptr, nullptr, base, lambda, out, kept);
-    case 2: return ties_sweep<float, 2, Normalize, false, true, true>(g, from, m, nullptr, nullptr, base, lambda, out, kept);
-    case 3: return ties_sweep<float, 3, Normalize, false, true, true>(g, from, m, nullptr, nullptr, base, lambda, out, kept);
-    default: return ties_sweep<float, 4, Normalize, false, true, true>(g, from, m, nullptr, nullptr, base, lambda, out, kept);
+    if (normalize) ties_group_n<T, true, false>(n, g, from, m, in, st, base, lambda, out, counts);
+    else ties_group_n<T, false, false>(n, g, from, m, in, st, base, lambda, out, counts);
   }
 }
 
@@ -705,14 +688,15 @@ std::uint32_t ties_gathered(unsigned n, const Group<float, In>& g, std::uint32_t
 // entries fail it.
 template <class In>
 std::uint32_t ties_guarded(unsigned n, bool normalize, const Group<float, In>& g, std::uint32_t from, std::size_t m,
-                           const In* base, float lambda, float* out, std::uint32_t* kept) {
+                           const In* base, float lambda, float* out, std::uint32_t* counts) {
   if (g.idx) {
-    if (normalize) return ties_gathered<true>(n, g, from, m, base, lambda, out, kept);
-    return ties_gathered<false>(n, g, from, m, base, lambda, out, kept);
+    if (normalize)
+      return ties_group_n<float, true, false, true, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
+    return ties_group_n<float, false, false, true, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
   }
   if (normalize)
-    return ties_group_n<float, true, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, kept);
-  return ties_group_n<float, false, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, kept);
+    return ties_group_n<float, true, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
+  return ties_group_n<float, false, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
 }
 static_assert(kGroup == 4);
 
@@ -1283,9 +1267,9 @@ class DropMerge {
   // many entries fail the test.
   template <class In>
   std::uint32_t sweep_guarded(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
-                              std::uint32_t* kept) const {
-    if constexpr (T::ties) return ties_guarded(g, normalize_, grp, keep_from_, m, base, float_.out_factor, out, kept);
-    else return linear_guarded(g, grp, keep_from_, m, base, float_.out_factor, out, kept);
+                              std::uint32_t* counts) const {
+    if constexpr (T::ties) return ties_guarded(g, normalize_, grp, keep_from_, m, base, float_.out_factor, out, counts);
+    else return linear_guarded(g, grp, keep_from_, m, base, float_.out_factor, out, counts);
   }
 
   // After a float32 block with `unsafe` entries failing float_guard's test: those entries (found

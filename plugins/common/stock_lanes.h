@@ -152,7 +152,6 @@ __attribute__((target("avx512f"))) void row_lanes_avx512(const In* const* x, con
   }
 }
 
-using conflux::plugins::have_avx512;
 #endif
 
 // The portable kernel for n models (nullptr: n outside 2..4), whatever the CPU.

@@ -202,7 +202,6 @@ __attribute__((target("avx512f"))) static inline std::size_t compact_nonzero_avx
   return nz + compact_nonzero_scalar(x + k, b + k, m - k, keys + nz);
 }
 
-using conflux::plugins::have_avx512;
 #endif
 
 template <class In>
