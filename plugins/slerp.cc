@@ -133,8 +133,8 @@ using RowSums = void (*)(const In*, const In*, std::size_t, double*);
 // elsewhere (with AVX2's 16 registers one sweep spills accumulators: 1.7 times slower there).
 template <class In>
 RowSums<In> pick_row_sums() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx512f")) return row_sums<16, In>;
+#ifdef CONFLUX_PLUGINS_AVX512_LOADS
+  if (conflux::plugins::have_avx512()) return row_sums<16, In>;
 #endif
   return row_sums<8, In>;
 }

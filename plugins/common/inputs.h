@@ -8,6 +8,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -20,9 +22,15 @@ inline float value(const float* p, std::size_t k) { return p[k]; }
 inline float value(const std::uint16_t* p, std::size_t k) { return sdk::bf16_to_float(p[k]); }
 
 #ifdef CONFLUX_PLUGINS_AVX512_LOADS
-// Whether this CPU runs the hand-written AVX-512 kernels (checked once).
+// Whether the hand-written AVX-512 kernels run (decided once per process): the CPU has AVX-512F
+// and the environment does not set CONFLUX_PORTABLE_KERNELS=1. That setting selects the portable
+// kernels, which give the same bits: the tests run both forms on one machine, and a user can
+// rule the AVX-512 ones out when chasing a discrepancy. (The CONFLUX_MULTIVERSION clones are the
+// same source compiled for several ISAs; the setting does not choose among them.)
 inline bool have_avx512() {
   static const bool yes = [] {
+    const char* portable = std::getenv("CONFLUX_PORTABLE_KERNELS");
+    if (portable && std::strcmp(portable, "1") == 0) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") != 0;
   }();
