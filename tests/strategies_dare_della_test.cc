@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <initializer_list>
@@ -827,6 +828,10 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
         }
       }
   EXPECT_GT(rows, 0u);
+  const char* portable = std::getenv("CONFLUX_PORTABLE_KERNELS");
+  if (portable && std::strcmp(portable, "1") == 0) {
+    EXPECT_EQ(counted, 0u) << "CONFLUX_PORTABLE_KERNELS=1 must rule out the AVX-512 kernels";
+  }
   std::printf("row kernels: %llu rows checked, %llu ranks counted with AVX-512\n",
               static_cast<unsigned long long>(rows), static_cast<unsigned long long>(counted));
 }
