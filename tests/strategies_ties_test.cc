@@ -551,6 +551,57 @@ TEST_F(TiesTest, StaysExactWhereTermsCancel) {
   }
 }
 
+// The chunks' windows (topk.h, WINDOWS) have a budget per tensor; past it they are dropped and
+// the later executions settle the thresholds. Chunks of one element: every chunk's window
+// covers the boundary (four float32 magnitudes within 16 high-bits bins, none zero), so 10000
+// of them settle every target in the histogram's execution, while 25000 exceed the budget (six
+// targets of about 290 bytes a chunk: 43 MB against 32 MiB). Both within 1 ulp of the
+// reference, with its kept counts.
+TEST_F(TiesTest, WindowsPastTheirBudgetGiveWayToLaterPasses) {
+  Params p;
+  p.density = {0.3, 0.3, 0.3};
+  p.gamma = {0.05, 0.05, 0.05};
+  p.weights = {1.0, 0.5, 2.0};
+  p.normalize = false;
+  p.elect = false;
+  for (const std::uint64_t n : {10000u, 25000u}) {
+    SCOPED_TRACE(std::to_string(n) + " chunks");
+    const std::vector<Spec> specs = {{"w", {n}, DType::F32}};
+    const fs::path root = dir_ / ("budget" + std::to_string(n));
+    write_checkpoint(root / "base", specs, [](std::size_t, std::uint64_t) { return 0.0f; });
+    std::vector<fs::path> models;
+    for (std::size_t i = 0; i < 3; ++i) {
+      models.push_back(root / ("m" + std::to_string(i)));
+      write_checkpoint(models.back(), specs, [&](std::size_t, std::uint64_t j) {
+        const double sign = rnd(7, j, 20 + i) < 0.5 ? -1.0 : 1.0;
+        const double step = std::floor(4 * rnd(7, j, 40 + i));
+        return static_cast<float>(sign * static_cast<double>(0.3f * static_cast<float>(1 + step / 64)));
+      });
+    }
+    const Reference ref = reference(read_inputs(root / "base", models), p);
+    JobConfig j = job("breadcrumbs", models, params_of(p), "budget/" + std::to_string(n), DType::F32);
+    j.base = root / "base";
+    MergeRequest r;
+    r.config = &config_;
+    r.job = &j;
+    r.threads = 2;
+    r.chunk_elements = 1;
+    run_job(r, plugins_);
+    EXPECT_LE(max_ulps(j.output, ref.out), 1.0);
+    const json::object rep = report("budget/" + std::to_string(n));
+    const json::array& kept = rep.at("kept").as_array();
+    for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ(kept[i].to_number<std::uint64_t>(), ref.kept[i]);
+    const auto from_windows = rep.at("selection").as_object().at("boundaries_from_windows").to_number<std::uint64_t>();
+    if (n == 10000) {
+      EXPECT_EQ(from_windows, 6u);
+      EXPECT_EQ(at(rep, 1), 1u);  // settled in the histogram's execution
+    } else {
+      EXPECT_EQ(from_windows, 0u);
+      EXPECT_EQ(at(rep, 1), 0u);  // the later executions ran
+    }
+  }
+}
+
 // Sparse task vectors with fewer nonzero entries than k: the selection pass merges them itself
 // (topk.h, SPECULATION), the same bits as the two passes, within 1 ulp of the reference; tensors
 // sparse only in places fall back to the histogram.
