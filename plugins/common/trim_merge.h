@@ -411,19 +411,23 @@ struct TrimMerge : V {
     std::vector<std::uint32_t> lo(n_), hi(n_);
     last = std::min(last, out.size());
     // A speculating stripe may gather its blocks' active entries (common/active.h) as it counts
-    // them: with the inactive entries' result from the float32 kernel itself (base -0 and a zero
-    // task vector give r = -0 + z = z).
+    // them: with the inactive entries' result from the kernel itself, float32 or double (base -0
+    // and a zero task vector give r = -0 + z = z).
     active::Sparse sparse;
-    if (counts.nonzero && f32 && n_ <= active::kMaxModels) {
+    if (counts.nonzero && n_ <= trim_detail::kFusedModels && n_ <= active::kMaxModels) {
       const float minus_zero = -0.0f;
       const float* zeros[trim_detail::kFusedModels] = {&minus_zero, &minus_zero, &minus_zero, &minus_zero};
       const std::uint32_t every_lo[trim_detail::kFusedModels] = {};
       const std::uint32_t every_hi[trim_detail::kFusedModels] = {topk::kNothing, topk::kNothing, topk::kNothing,
                                                                  topk::kNothing};
       float z = 1.0f;
-      if (trim_detail::fused_f32<V::kElect>(n_, zeros, every_lo, every_hi, weights_f_.data(), small_.data(),
-                                            &minus_zero, lambda_f, normalize_, false, 1, &z) == 0)
-        sparse.start(z);
+      bool settled = true;  // float32: the guard passed
+      if (f32)
+        settled = trim_detail::fused_f32<V::kElect>(n_, zeros, every_lo, every_hi, weights_f_.data(), small_.data(),
+                                                    &minus_zero, lambda_f, normalize_, false, 1, &z) == 0;
+      else
+        trim_detail::fused<V::kElect>(n_, zeros, every_lo, every_hi, w, &minus_zero, lambda_, normalize_, 1, &z);
+      if (settled) sparse.start(z);
     }
     for (std::size_t k0 = first; k0 < last; k0 += kBlock) {
       const std::size_t m = std::min(kBlock, last - k0);
@@ -439,7 +443,7 @@ struct TrimMerge : V {
       active::Lanes* gathered = nullptr;
       if (counts.nonzero) {
         bool counted = false;
-        if (f32 && !straddle && sparse.next()) {
+        if (!straddle && sparse.next()) {
           active::Lanes& a = active::thread_lanes();
           counted = active::gather_active(n_, x.data(), base + k0, m, a, counts.nonzero, counts.least);
           if (!counted) sparse.off();  // this CPU cannot gather
@@ -453,7 +457,7 @@ struct TrimMerge : V {
       if (!straddle && n_ <= trim_detail::kFusedModels) {
         // Small where some model may keep a nonzero key below its bound: the kept range [lo, hi),
         // the tensor's smallest nonzero key and small_ leave room for one.
-        if (!f32) {
+        if (!f32 && !gathered) {
           trim_detail::fused<V::kElect>(n_, x.data(), lo.data(), hi.data(), w, base + k0, lambda_, normalize_, m,
                                         out.data() + k0);
           continue;
@@ -492,8 +496,11 @@ struct TrimMerge : V {
             }
           };
           auto f32_active = [&](std::size_t at, std::size_t count) { return on_active(0.0f, at, count); };
-          float_guard::redo(a.count, f32_active(0, a.count), f32_active,
-                            [&](std::size_t at, std::size_t count) { on_active(0.0, at, count); });
+          if (f32)
+            float_guard::redo(a.count, f32_active(0, a.count), f32_active,
+                              [&](std::size_t at, std::size_t count) { on_active(0.0, at, count); });
+          else
+            on_active(0.0, 0, a.count);
           active::fill_base_plus_f32(base + k0, m, sparse.z, out.data() + k0);
           active::scatter(a, out.data() + k0);
           continue;
