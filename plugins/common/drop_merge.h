@@ -62,11 +62,12 @@
 // the same order) that draws each entry's uniforms itself, by the host's definition (draw), and
 // counts the kept entries as it goes. A zero entry's W is 0 kept or not, so the count takes the
 // kept nonzero entries exactly and the zeros at their expectation (as DELLA's below; the
-// report's total differs from the count of every draw only in the zeros). In float32 a sparse
-// block (at most half its entries with some nonzero d_i: RL task vectors) runs the same sweep
-// on its active entries only, gathered with their element indices, which they draw for
-// (common/active.h); the rest get base + z, z the empty merge's term: the same bits, about a
-// sixth of the draws on the benchmark (dare_ties went from 1.55x to 1.37x the floor).
+// report's total differs from the count of every draw only in the zeros). With one group (at
+// most kGroup models), in either arithmetic, a sparse block (at most half its entries with some
+// nonzero d_i: RL task vectors) runs the same sweep on its active entries only, gathered with
+// their element indices, which they draw for (common/active.h); the rest get base + z, z the
+// empty merge's term: the same bits, about a sixth of the draws on the benchmark (dare_ties went
+// from 1.55x to 1.37x the floor with BF16 output; with F32 output its CPU time fell by 43%).
 // DELLA: groups of whole rows; per row and model the entries are split (AVX-512 compress where
 // available; the draws by the same definition: RowDraws) into zeros, which take ranks 0 .. Z-1
 // in index order, and nonzero entries, ranks Z .. L-1. A zero's W is 0 whether it is kept or not, so no keep decision is made for zeros
@@ -535,23 +536,25 @@ void linear_sweep(const Group<T, In>& g, std::uint32_t from, std::size_t m, cons
   }
 }
 
-// The float32 sweep of a linear merge's only group, with float_guard's test: returns how many
-// results fail it.
-template <bool Gathered, class In>
-std::uint32_t linear_guarded_n(unsigned n, const Group<float, In>& g, std::uint32_t from, std::size_t m,
-                               const In* base, float f, float* out, std::uint32_t* counts) {
+// The sweep of a linear merge's only group (no carried sums), its entries in place or gathered
+// (g.idx): in float32 with float_guard's test, returning how many results fail it; in double,
+// exact (returns 0).
+template <class T, bool Gathered, class In>
+std::uint32_t linear_sole_n(unsigned n, const Group<T, In>& g, std::uint32_t from, std::size_t m, const In* base,
+                            T f, float* out, std::uint32_t* counts) {
+  constexpr bool G32 = std::is_same_v<T, float>;  // the guard
   switch (n) {
-    case 1: return linear_sweep_as<float, 1, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
-    case 2: return linear_sweep_as<float, 2, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
-    case 3: return linear_sweep_as<float, 3, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
-    default: return linear_sweep_as<float, 4, false, true, true, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    case 1: return linear_sweep_as<T, 1, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    case 2: return linear_sweep_as<T, 2, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    case 3: return linear_sweep_as<T, 3, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    default: return linear_sweep_as<T, 4, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
   }
 }
-template <class In>
-std::uint32_t linear_guarded(unsigned n, const Group<float, In>& g, std::uint32_t from, std::size_t m,
-                             const In* base, float f, float* out, std::uint32_t* counts) {
-  if (g.idx) return linear_guarded_n<true>(n, g, from, m, base, f, out, counts);
-  return linear_guarded_n<false>(n, g, from, m, base, f, out, counts);
+template <class T, class In>
+std::uint32_t linear_sole(unsigned n, const Group<T, In>& g, std::uint32_t from, std::size_t m, const In* base, T f,
+                          float* out, std::uint32_t* counts) {
+  if (g.idx) return linear_sole_n<T, true>(n, g, from, m, base, f, out, counts);
+  return linear_sole_n<T, false>(n, g, from, m, base, f, out, counts);
 }
 
 // Adds model j's W to one entry's election state. T = double: exactly sign_election's terms.
@@ -684,19 +687,19 @@ void ties_group(unsigned n, bool normalize, bool carry, const Group<T, In>& g, s
   }
 }
 
-// The float32 sweep of a ties merge's only group, with float_guard's test: returns how many
-// entries fail it.
-template <class In>
-std::uint32_t ties_guarded(unsigned n, bool normalize, const Group<float, In>& g, std::uint32_t from, std::size_t m,
-                           const In* base, float lambda, float* out, std::uint32_t* counts) {
+// The sweep of a ties merge's only group, as linear_sole: float32 with the guard (returns its
+// failures), or double (returns 0).
+template <class T, class In>
+std::uint32_t ties_sole(unsigned n, bool normalize, const Group<T, In>& g, std::uint32_t from, std::size_t m,
+                        const In* base, T lambda, float* out, std::uint32_t* counts) {
+  constexpr bool G32 = std::is_same_v<T, float>;  // the guard
   if (g.idx) {
     if (normalize)
-      return ties_group_n<float, true, false, true, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
-    return ties_group_n<float, false, false, true, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
+      return ties_group_n<T, true, false, G32, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
+    return ties_group_n<T, false, false, G32, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
   }
-  if (normalize)
-    return ties_group_n<float, true, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
-  return ties_group_n<float, false, false, true>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
+  if (normalize) return ties_group_n<T, true, false, G32>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
+  return ties_group_n<T, false, false, G32>(n, g, from, m, nullptr, nullptr, base, lambda, out, counts);
 }
 static_assert(kGroup == 4);
 
@@ -1169,7 +1172,7 @@ class DropMerge {
     if (carry && T::ties) sums.election.reserve(kBlock);
     const Election<V> st = carry && T::ties ? sums.election.at(0) : Election<V>{};
     active::Sparse sparse;
-    if constexpr (std::is_same_v<V, float>) sparse = sparse_start(n_);
+    if (!carry) sparse = sparse_start<V>(n_);
     for (std::size_t k0 = 0; k0 < count;) {
       // A block stops at a multiple of 2^32 in element index: its draws share hi32 (the salt).
       const std::uint64_t e0 = c.begin() + k0;
@@ -1193,11 +1196,14 @@ class DropMerge {
         std::uint32_t counts[2 * kGroup] = {};  // see Group
         const bool first = i0 == 0, last = i0 + g == n_;
         float* o = last ? out + k0 : nullptr;
+        // On sparse blocks of the only group the sweep runs on the active entries only (the same
+        // bits, common/active.h).
         if constexpr (std::is_same_v<V, float>) {
-          // One group (float32 only then): the sweep tests the guard as it goes; on sparse
-          // blocks it runs on the active entries only (the same bits, common/active.h).
+          // One group (float32 only then): the sweep tests the guard as it goes.
           if (!sweep_gathered(g, grp, m, base, out + k0, sparse, counts))
-            redo(g, grp, m, base, out + k0, sweep_guarded(g, grp, m, base, out + k0, counts));
+            redo(g, grp, m, base, out + k0, sweep_sole(g, grp, m, base, out + k0, counts));
+        } else if (sweep_gathered(g, grp, m, base, out + k0, sparse, counts)) {
+          // (double: sparse was started only without carried state)
         } else if constexpr (T::ties) {
           ties_group<V>(g, normalize_, carry, grp, keep_from_, m, first ? nullptr : &st, &st, base, fac.out_factor,
                         o, counts);
@@ -1213,10 +1219,10 @@ class DropMerge {
     }
   }
 
-  // A float32 block through the gathered sweep when it is sparse (active.h): returns false, having
-  // done nothing, when it is not (or this CPU cannot gather), for the dense sweep.
-  template <class In>
-  bool sweep_gathered(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
+  // A block of the only group through the gathered sweep when it is sparse (active.h): returns
+  // false, having done nothing, when it is not (or this CPU cannot gather), for the dense sweep.
+  template <class V, class In>
+  bool sweep_gathered(unsigned g, const Group<V, In>& grp, std::size_t m, const In* base, float* out,
                       active::Sparse& sparse, std::uint32_t* counts) const {
     if (!sparse.next()) return false;
     active::Lanes& a = active::thread_lanes();
@@ -1226,7 +1232,7 @@ class DropMerge {
       return false;
     }
     if (!sparse.worth(a.count, m)) return false;
-    Group<float, float> ga{};
+    Group<V, float> ga{};
     ga.idx = a.idx;
     ga.lo = grp.lo;
     for (unsigned j = 0; j < g; ++j) {
@@ -1238,38 +1244,43 @@ class DropMerge {
       ga.s[j] = grp.s[j];
     }
     // The inactive entries count as zeros of every model (their nonzero counts add 0).
-    redo(g, ga, a.count, a.b, a.r, sweep_guarded(g, ga, a.count, a.b, a.r, counts));
+    if constexpr (std::is_same_v<V, float>)
+      redo(g, ga, a.count, a.b, a.r, sweep_sole(g, ga, a.count, a.b, a.r, counts));
+    else
+      sweep_sole(g, ga, a.count, a.b, a.r, counts);
     active::fill_base_plus_f32(base, m, sparse.z, out);
     active::scatter(a, out);
     return true;
   }
 
-  // The inactive entries' result of the float32 sweep (active.h: base -0 and a zero task vector
-  // give r = -0 + z = z); the gathered path is on where it is a zero.
+  // The inactive entries' result of the only group's sweep in V (active.h: base -0 and a zero
+  // task vector give r = -0 + z = z); the gathered path is on where it is a zero (and, float32,
+  // passes the guard).
+  template <class V>
   active::Sparse sparse_start(unsigned g) const {
     active::Sparse sparse;
     const float minus_zero = -0.0f;
     const float* zeros[kGroup] = {&minus_zero, &minus_zero, &minus_zero, &minus_zero};
-    Group<float, float> one{};
+    Group<V, float> one{};
     for (unsigned j = 0; j < g; ++j) {
       one.x[j] = zeros[j];
-      one.c[j] = float_.c[j];
-      one.w[j] = float_.w[j];
-      one.s[j] = float_.s[j];
+      one.c[j] = factors<V>().c[j];
+      one.w[j] = factors<V>().w[j];
+      one.s[j] = factors<V>().s[j];
     }
     std::uint32_t ignored[2 * kGroup] = {};
     float z = 1.0f;
-    if (sweep_guarded(g, one, 1, &minus_zero, &z, ignored) == 0) sparse.start(z);
+    if (sweep_sole(g, one, 1, &minus_zero, &z, ignored) == 0) sparse.start(z);
     return sparse;
   }
 
-  // The float32 sweep of a DARE block's only group, testing float_guard as it goes: returns how
-  // many entries fail the test.
-  template <class In>
-  std::uint32_t sweep_guarded(unsigned g, const Group<float, In>& grp, std::size_t m, const In* base, float* out,
-                              std::uint32_t* counts) const {
-    if constexpr (T::ties) return ties_guarded(g, normalize_, grp, keep_from_, m, base, float_.out_factor, out, counts);
-    else return linear_guarded(g, grp, keep_from_, m, base, float_.out_factor, out, counts);
+  // The sweep of a DARE block's only group: in float32 testing float_guard as it goes (returns
+  // how many entries fail the test), or in double (returns 0).
+  template <class V, class In>
+  std::uint32_t sweep_sole(unsigned g, const Group<V, In>& grp, std::size_t m, const In* base, float* out,
+                           std::uint32_t* counts) const {
+    if constexpr (T::ties) return ties_sole(g, normalize_, grp, keep_from_, m, base, factors<V>().out_factor, out, counts);
+    else return linear_sole(g, grp, keep_from_, m, base, factors<V>().out_factor, out, counts);
   }
 
   // After a float32 block with `unsafe` entries failing float_guard's test: those entries (found
@@ -1302,7 +1313,7 @@ class DropMerge {
         [&](std::size_t k, std::size_t n) {
           Group<float, In> one{};
           entry(one, k, n);
-          return sweep_guarded(g, one, n, base + k, out + k, ignored);
+          return sweep_sole(g, one, n, base + k, out + k, ignored);
         },
         [&](std::size_t k, std::size_t) {
           Group<double, In> one{};
