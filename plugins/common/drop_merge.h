@@ -114,6 +114,8 @@
 #endif
 #if CONFLUX_DROP_MERGE_AVX512
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace conflux::plugins::drop_merge {
@@ -251,11 +253,17 @@ struct Sums {
 // branch on them costs more than the arithmetic; a multiply by 0 or 1 would turn an infinite W
 // into NaN).
 inline double masked(double v, bool on) {
+#if defined(__SSE2__)
+  // The mask moves to the vector register, not the value to an integer one and back.
+  const __m128d mask = _mm_castsi128_pd(_mm_cvtsi64_si128(-static_cast<long long>(on)));
+  return _mm_cvtsd_f64(_mm_and_pd(mask, _mm_set_sd(v)));
+#else
   std::uint64_t b;
   std::memcpy(&b, &v, sizeof b);
   b &= 0 - static_cast<std::uint64_t>(on);
   std::memcpy(&v, &b, sizeof b);
   return v;
+#endif
 }
 
 // ElectionTerm<double>::add without branches: adding a +0 term leaves every sum's bits as they
@@ -263,12 +271,24 @@ inline double masked(double v, bool on) {
 struct DellaCell {
   double vote, pos, neg, pos_w, neg_w;
   void add(double W, double w) {
+#if defined(__SSE2__)
+    // The selects as SSE2 masks (compare, and): no round trip of the values through integer
+    // registers, as masked() takes.
+    const __m128d Wv = _mm_set_sd(W), wv = _mm_set_sd(w), zero = _mm_setzero_pd();
+    const __m128d up = _mm_cmpgt_sd(Wv, zero), down = _mm_cmplt_sd(Wv, zero);
+    vote += W;
+    pos += _mm_cvtsd_f64(_mm_and_pd(up, Wv));
+    neg += _mm_cvtsd_f64(_mm_and_pd(down, Wv));
+    pos_w += _mm_cvtsd_f64(_mm_and_pd(up, wv));
+    neg_w += _mm_cvtsd_f64(_mm_and_pd(down, wv));
+#else
     const bool up = W > 0.0, down = W < 0.0;
     vote += W;
     pos += masked(W, up);
     neg += masked(W, down);
     pos_w += masked(w, up);
     neg_w += masked(w, down);
+#endif
   }
 };
 struct DellaSums {
