@@ -114,7 +114,7 @@
 #endif
 #if CONFLUX_DROP_MERGE_AVX512
 #include <immintrin.h>
-#elif defined(__SSE2__)
+#elif defined(__x86_64__) && defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
@@ -253,7 +253,7 @@ struct Sums {
 // branch on them costs more than the arithmetic; a multiply by 0 or 1 would turn an infinite W
 // into NaN).
 inline double masked(double v, bool on) {
-#if defined(__SSE2__)
+#if defined(__x86_64__) && defined(__SSE2__)
   // The mask moves to the vector register, not the value to an integer one and back.
   const __m128d mask = _mm_castsi128_pd(_mm_cvtsi64_si128(-static_cast<long long>(on)));
   return _mm_cvtsd_f64(_mm_and_pd(mask, _mm_set_sd(v)));
@@ -271,7 +271,7 @@ inline double masked(double v, bool on) {
 struct DellaCell {
   double vote, pos, neg, pos_w, neg_w;
   void add(double W, double w) {
-#if defined(__SSE2__)
+#if defined(__x86_64__) && defined(__SSE2__)
     // The selects as SSE2 masks (compare, and): no round trip of the values through integer
     // registers, as masked() takes.
     const __m128d Wv = _mm_set_sd(W), wv = _mm_set_sd(w), zero = _mm_setzero_pd();
@@ -1222,13 +1222,13 @@ class DropMerge {
           // One group (float32 only then): the sweep tests the guard as it goes.
           if (!sweep_gathered(g, grp, m, base, out + k0, sparse, counts))
             redo(g, grp, m, base, out + k0, sweep_sole(g, grp, m, base, out + k0, counts));
-        } else if (sweep_gathered(g, grp, m, base, out + k0, sparse, counts)) {
-          // (double: sparse was started only without carried state)
-        } else if constexpr (T::ties) {
-          ties_group<V>(g, normalize_, carry, grp, keep_from_, m, first ? nullptr : &st, &st, base, fac.out_factor,
-                        o, counts);
-        } else {
-          linear_group<V>(g, grp, keep_from_, m, first ? nullptr : acc, acc, base, fac.out_factor, o, counts);
+        } else if (!sweep_gathered(g, grp, m, base, out + k0, sparse, counts)) {
+          // (double: with carried state `sparse` is off, and every block takes this sweep)
+          if constexpr (T::ties)
+            ties_group<V>(g, normalize_, carry, grp, keep_from_, m, first ? nullptr : &st, &st, base, fac.out_factor,
+                          o, counts);
+          else
+            linear_group<V>(g, grp, keep_from_, m, first ? nullptr : acc, acc, base, fac.out_factor, o, counts);
         }
         for (unsigned j = 0; j < g; ++j) {
           kept[i0 + j].exact += counts[j];
