@@ -599,15 +599,16 @@ void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t see
   };
   std::vector<In> b(m);
   std::vector<std::vector<In>> x(n, std::vector<In>(m));
-  const float specials[] = {std::numeric_limits<float>::quiet_NaN(), -0.0f, 0.0f, std::numeric_limits<float>::infinity(),
-                            0x1p-140f};
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(), -0.0f, 0.0f,
+                            std::numeric_limits<float>::infinity(), 0x1p-140f};
   for (std::size_t k = 0; k < m; ++k) {
     const float bk = rnd(seed, k, 1) < 0.05 ? specials[k % 5] : static_cast<float>(rnd(seed, k, 2) - 0.5);
     b[k] = encode(bk);
     for (std::uint32_t i = 0; i < n; ++i) {
       float v = decode(b[k]);
       if (rnd(seed, k, 10 + i) < fill)
-        v = rnd(seed, k, 20 + i) < 0.1 ? specials[(k + i) % 5] : v + static_cast<float>(rnd(seed, k, 30 + i) - 0.5) * 0x1p-6f;
+        v = rnd(seed, k, 20 + i) < 0.1 ? specials[(k + i) % 5]
+                                       : v + static_cast<float>(rnd(seed, k, 30 + i) - 0.5) * 0x1p-6f;
       x[i][k] = encode(v);
     }
   }
@@ -982,30 +983,30 @@ TEST_F(DareDellaTest, DellaWithoutSpreadIsDare) {
 
 TEST_F(DareDellaTest, BitIdenticalAcrossThreadsAndChunksAndFollowsTheSeed) {
   for (const bool sparse : {false, true}) {
-  Scenario sc;
-  sc.sparse = sparse;
-  write_scenario(sc);
-  for (const char* strategy : kStrategies) {
-    SCOPED_TRACE(std::string(strategy) + (sparse ? ", sparse" : ""));
-    Params p{strategy};
-    p.density = 0.3;
-    p.epsilon = 0.2;
-    p.weights = {1.0, 0.5, 0.8};
-    p.seed = 1234;
-    const std::string s(strategy);
-    run(job(p, s + "_t1"), 1, 1000);
-    run(job(p, s + "_t2"), 2, 1000);
-    run(job(p, s + "_t3"), 2, 4096);
-    run(job(p, s + "_t4"), 1, 333);  // whole-row chunks round this to rows
-    run(job(p, s + "_t5"), 2, 1);    // one row (DELLA) or one element (DARE) per chunk
-    p.seed = 1235;
-    run(job(p, s + "_other"), 2, 1000);
-    const std::string first = conflux_test::read_file(dir_ / (s + "_t1") / "model.safetensors");
-    for (const char* o : {"_t2", "_t3", "_t4", "_t5"})
-      EXPECT_EQ(first, conflux_test::read_file(dir_ / (s + o) / "model.safetensors")) << o;
-    EXPECT_NE(first, conflux_test::read_file(dir_ / (s + "_other") / "model.safetensors"));
-    for (const char* o : {"_t1", "_t2", "_t3", "_t4", "_t5", "_other"}) fs::remove_all(dir_ / (s + o));
-  }
+    Scenario sc;
+    sc.sparse = sparse;
+    write_scenario(sc);
+    for (const char* strategy : kStrategies) {
+      SCOPED_TRACE(std::string(strategy) + (sparse ? ", sparse" : ""));
+      Params p{strategy};
+      p.density = 0.3;
+      p.epsilon = 0.2;
+      p.weights = {1.0, 0.5, 0.8};
+      p.seed = 1234;
+      const std::string s(strategy);
+      run(job(p, s + "_t1"), 1, 1000);
+      run(job(p, s + "_t2"), 2, 1000);
+      run(job(p, s + "_t3"), 2, 4096);
+      run(job(p, s + "_t4"), 1, 333);  // whole-row chunks round this to rows
+      run(job(p, s + "_t5"), 2, 1);    // one row (DELLA) or one element (DARE) per chunk
+      p.seed = 1235;
+      run(job(p, s + "_other"), 2, 1000);
+      const std::string first = conflux_test::read_file(dir_ / (s + "_t1") / "model.safetensors");
+      for (const char* o : {"_t2", "_t3", "_t4", "_t5"})
+        EXPECT_EQ(first, conflux_test::read_file(dir_ / (s + o) / "model.safetensors")) << o;
+      EXPECT_NE(first, conflux_test::read_file(dir_ / (s + "_other") / "model.safetensors"));
+      for (const char* o : {"_t1", "_t2", "_t3", "_t4", "_t5", "_other"}) fs::remove_all(dir_ / (s + o));
+    }
   }
 }
 

@@ -70,11 +70,12 @@
 // from 1.55x to 1.37x the floor with BF16 output; with F32 output its CPU time fell by 43%).
 // DELLA: groups of whole rows; per row and model the entries are split (AVX-512 compress where
 // available; the draws by the same definition: RowDraws) into zeros, which take ranks 0 .. Z-1
-// in index order, and nonzero entries, ranks Z .. L-1. A zero's W is 0 whether it is kept or not, so no keep decision is made for zeros
-// (the AVX-512 split does not even draw them; the portable one fills every draw, vectorized,
-// and ignores the zeros'): the kept count takes them at their expectation, sum_{r<Z} P(keep at
-// rank r), an exact integer in units of 2^-24 from the tables (sparse task vectors are mostly
-// zeros: della on the benchmark went from 1.98x to 1.71x the floor). Only a nonzero entry whose
+// in index order, and nonzero entries, ranks Z .. L-1. A zero's W is 0 whether it is kept or
+// not, so no keep decision is made for zeros (the AVX-512 split does not even draw them; the
+// portable one fills every draw, vectorized, and ignores the zeros'): the kept count takes them
+// at their expectation, sum_{r<Z} P(keep at rank r), an exact integer in units of 2^-24 from the
+// tables (sparse task vectors are mostly zeros: della on the benchmark went from 1.98x to 1.71x
+// the floor). Only a nonzero entry whose
 // draw reaches the row's lowest threshold can be kept; when few do (low keep probabilities,
 // sparse task vectors) their ranks are counted directly with vector compares, else the nonzero
 // entries are radix-sorted on the key bits that vary within the row. Kept entries' W are added,
@@ -455,8 +456,9 @@ void finish_della_sum(const In* base, DellaSums& s, std::size_t m, double f, flo
 // random stream (k0[j], salt[j]) whose draw for entry k of the block is draw(k0, salt, lo + k)
 // (the block does not cross a multiple of 2^32 in element index), survivor factor c[j]
 // (w / density or w, in T), weight w[j] and the sign of its weight s[j] (1, -1 or 0).
-// idx (the float32 guarded sweeps only): the operands are a block's active entries gathered
-// (common/active.h), entry k being the block's entry idx[k], which it draws for.
+// idx (the sweeps of a sole group only: linear_sole, ties_sole): the operands are a block's
+// active entries gathered (common/active.h), entry k being the block's entry idx[k], which it
+// draws for.
 // The sweeps add to counts[j] the entries of model j kept with a nonzero task-vector entry and
 // to counts[kGroup + j] its nonzero entries (a zero adds nothing to a merge, kept or not: the
 // plugin counts the zeros at their expectation).
@@ -564,10 +566,14 @@ std::uint32_t linear_sole_n(unsigned n, const Group<T, In>& g, std::uint32_t fro
                             T f, float* out, std::uint32_t* counts) {
   constexpr bool G32 = std::is_same_v<T, float>;  // the guard
   switch (n) {
-    case 1: return linear_sweep_as<T, 1, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
-    case 2: return linear_sweep_as<T, 2, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
-    case 3: return linear_sweep_as<T, 3, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
-    default: return linear_sweep_as<T, 4, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out, counts);
+    case 1: return linear_sweep_as<T, 1, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out,
+                                                                   counts);
+    case 2: return linear_sweep_as<T, 2, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out,
+                                                                   counts);
+    case 3: return linear_sweep_as<T, 3, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out,
+                                                                   counts);
+    default: return linear_sweep_as<T, 4, false, true, G32, Gathered>(g, from, m, nullptr, nullptr, base, f, out,
+                                                                      counts);
   }
 }
 template <class T, class In>
@@ -1217,14 +1223,11 @@ class DropMerge {
         const bool first = i0 == 0, last = i0 + g == n_;
         float* o = last ? out + k0 : nullptr;
         // On sparse blocks of the only group the sweep runs on the active entries only (the same
-        // bits, common/active.h).
-        if constexpr (std::is_same_v<V, float>) {
-          // One group (float32 only then): the sweep tests the guard as it goes.
-          if (!sweep_gathered(g, grp, m, base, out + k0, sparse, counts))
+        // bits, common/active.h; with carried state `sparse` is off).
+        if (!sweep_gathered(g, grp, m, base, out + k0, sparse, counts)) {
+          if constexpr (std::is_same_v<V, float>)  // one group (float32 only then): the guard as it goes
             redo(g, grp, m, base, out + k0, sweep_sole(g, grp, m, base, out + k0, counts));
-        } else if (!sweep_gathered(g, grp, m, base, out + k0, sparse, counts)) {
-          // (double: with carried state `sparse` is off, and every block takes this sweep)
-          if constexpr (T::ties)
+          else if constexpr (T::ties)
             ties_group<V>(g, normalize_, carry, grp, keep_from_, m, first ? nullptr : &st, &st, base, fac.out_factor,
                           o, counts);
           else
@@ -1299,8 +1302,9 @@ class DropMerge {
   template <class V, class In>
   std::uint32_t sweep_sole(unsigned g, const Group<V, In>& grp, std::size_t m, const In* base, float* out,
                            std::uint32_t* counts) const {
-    if constexpr (T::ties) return ties_sole(g, normalize_, grp, keep_from_, m, base, factors<V>().out_factor, out, counts);
-    else return linear_sole(g, grp, keep_from_, m, base, factors<V>().out_factor, out, counts);
+    const V f = factors<V>().out_factor;
+    if constexpr (T::ties) return ties_sole(g, normalize_, grp, keep_from_, m, base, f, out, counts);
+    else return linear_sole(g, grp, keep_from_, m, base, f, out, counts);
   }
 
   // After a float32 block with `unsafe` entries failing float_guard's test: those entries (found
@@ -1429,15 +1433,12 @@ class DropMerge {
     const std::uint32_t* from = tab.from.data();
     const std::uint32_t* mnz = rb.mnz;
     const std::uint32_t* idx = rb.idx;
-    // (A local count: kept.exact in memory may alias the sums' marks, a chain through memory.)
-    std::uint64_t exact = 0;
     visit_candidates(split, from[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
       const std::size_t r = zeros + rank;
       const bool keep = mnz[j] >= from[r];  // a coin flip: no branch on it
-      exact += keep ? 1 : 0;
+      kept.exact += keep ? 1 : 0;
       add(idx[j], r, keep);
     });
-    kept.exact += exact;
   }
 
   // The rank tables of rows of `len` entries: the job's, else built into `own`.

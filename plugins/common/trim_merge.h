@@ -457,56 +457,38 @@ struct TrimMerge : V {
       if (!straddle && n_ <= trim_detail::kFusedModels) {
         // Small where some model may keep a nonzero key below its bound: the kept range [lo, hi),
         // the tensor's smallest nonzero key and small_ leave room for one.
-        if (!f32 && !gathered) {
-          trim_detail::fused<V::kElect>(n_, x.data(), lo.data(), hi.data(), w, base + k0, lambda_, normalize_, m,
-                                        out.data() + k0);
-          continue;
-        }
         bool tiny = false;
         for (std::uint32_t i = 0; i < n_; ++i)
           tiny = tiny || std::max({lo[i], least[i], 1u}) < std::min(hi[i], small_[i]);
-        // [at, at + count) of the block, in float32 (returns its failures) or double.
-        auto sweep = [&](auto zero, std::size_t at, std::size_t count) -> std::uint32_t {
-          const In* xs[trim_detail::kFusedModels];
-          for (std::uint32_t i = 0; i < n_; ++i) xs[i] = x[i] + at;
-          if constexpr (std::is_same_v<decltype(zero), float>) {
-            return trim_detail::fused_f32<V::kElect>(n_, xs, lo.data(), hi.data(), weights_f_.data(), small_.data(),
-                                                     base + k0 + at, lambda_f, normalize_, tiny, count,
-                                                     out.data() + k0 + at);
-          } else {
-            trim_detail::fused<V::kElect>(n_, xs, lo.data(), hi.data(), w, base + k0 + at, lambda_, normalize_, count,
-                                          out.data() + k0 + at);
-            return 0;
-          }
-        };
-        if (gathered) {
-          // The kernels on the block's active entries only (common/active.h: the same bits).
-          active::Lanes& a = *gathered;
-          auto on_active = [&](auto zero, std::size_t at, std::size_t count) -> std::uint32_t {
-            const float* xs[trim_detail::kFusedModels];
-            for (std::uint32_t i = 0; i < n_; ++i) xs[i] = a.xs[i] + at;
+        // count entries of operands xs0 (per model), b, into r: in float32 with float_guard's
+        // per-entry fallback to double, or in double. The operands are the block's, or (sparse)
+        // its active entries gathered (common/active.h: the same bits).
+        auto run = [&](const auto* const* xs0, const auto* b, float* r, std::size_t count) {
+          using E = std::remove_cv_t<std::remove_reference_t<decltype(*b)>>;  // In, or float gathered
+          auto part = [&](auto zero, std::size_t at, std::size_t n) -> std::uint32_t {
+            const E* xs[trim_detail::kFusedModels];
+            for (std::uint32_t i = 0; i < n_; ++i) xs[i] = xs0[i] + at;
             if constexpr (std::is_same_v<decltype(zero), float>) {
-              return trim_detail::fused_f32<V::kElect>(n_, xs, lo.data(), hi.data(), weights_f_.data(),
-                                                       small_.data(), a.b + at, lambda_f, normalize_, tiny, count,
-                                                       a.r + at);
+              return trim_detail::fused_f32<V::kElect>(n_, xs, lo.data(), hi.data(), weights_f_.data(), small_.data(),
+                                                       b + at, lambda_f, normalize_, tiny, n, r + at);
             } else {
-              trim_detail::fused<V::kElect>(n_, xs, lo.data(), hi.data(), w, a.b + at, lambda_, normalize_, count,
-                                            a.r + at);
+              trim_detail::fused<V::kElect>(n_, xs, lo.data(), hi.data(), w, b + at, lambda_, normalize_, n, r + at);
               return 0;
             }
           };
-          auto f32_active = [&](std::size_t at, std::size_t count) { return on_active(0.0f, at, count); };
-          if (f32)
-            float_guard::redo(a.count, f32_active(0, a.count), f32_active,
-                              [&](std::size_t at, std::size_t count) { on_active(0.0, at, count); });
-          else
-            on_active(0.0, 0, a.count);
+          if (!f32) return static_cast<void>(part(0.0, 0, count));
+          auto f32_part = [&](std::size_t at, std::size_t n) { return part(0.0f, at, n); };
+          float_guard::redo(count, f32_part(0, count), f32_part,
+                            [&](std::size_t at, std::size_t n) { part(0.0, at, n); });
+        };
+        if (gathered) {
+          active::Lanes& a = *gathered;
+          run(a.xs, a.b, a.r, a.count);
           active::fill_base_plus_f32(base + k0, m, sparse.z, out.data() + k0);
           active::scatter(a, out.data() + k0);
-          continue;
+        } else {
+          run(x.data(), base + k0, out.data() + k0, m);
         }
-        auto f32_sweep = [&](std::size_t at, std::size_t count) { return sweep(0.0f, at, count); };
-        float_guard::redo(m, f32_sweep(0, m), f32_sweep, [&](std::size_t at, std::size_t count) { sweep(0.0, at, count); });
         continue;
       }
       // Blockwise: many models, or the block where ties straddle a boundary.
