@@ -75,13 +75,13 @@
 // portable one fills every draw, vectorized, and ignores the zeros'): the kept count takes them
 // at their expectation, sum_{r<Z} P(keep at rank r), an exact integer in units of 2^-24 from the
 // tables (sparse task vectors are mostly zeros: della on the benchmark went from 1.98x to 1.71x
-// the floor). Only a nonzero entry whose
-// draw reaches the row's lowest threshold can be kept; when few do (low keep probabilities,
-// sparse task vectors) their ranks are counted directly with vector compares, else the nonzero
-// entries are radix-sorted on the key bits that vary within the row. Kept entries' W are added,
-// model by model, into per-entry sums that are zero at rest (skipping a zero W leaves a sum's
-// bits unchanged: the sums start at +0 and never become -0). Thresholds and factors by rank come
-// from tables per row length, built once per job.
+// the floor). Only a nonzero entry whose draw reaches the row's lowest threshold can be kept;
+// when few do (low keep probabilities, sparse task vectors) their ranks are counted directly
+// with vector compares, else the nonzero entries are radix-sorted on the key bits that vary
+// within the row. Kept entries' W are added, model by model, into per-entry sums that are zero
+// at rest (skipping a zero W leaves a sum's bits unchanged: the sums start at +0 and never
+// become -0). Thresholds and factors by rank come from tables per row length, built once per
+// job.
 #pragma once
 
 #include <conflux/plugin.hpp>
