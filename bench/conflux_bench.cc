@@ -3,7 +3,7 @@
 // Generates (once) a base and N agents with conflux-synth, warms the page cache, then measures,
 // each in a fresh child process (so peak RSS is per measurement):
 //   - the floor: every input byte read once (twice for two-pass strategies) and the output
-//     written once, through the engine's own mapping, chunking, page release and writer;
+//     written once, through the engine's own reads, chunking and writer;
 //   - each strategy's merge at all threads and at one thread.
 // Measurements are interleaved in rounds (--repeat) so that drift in the machine's state touches
 // floors and merges alike. Prints seconds (best of the rounds), GB/s of bytes read + written, the

@@ -33,12 +33,14 @@ std::string shape_text(const std::vector<std::uint64_t>& shape) {
 
 std::uint64_t element_bytes(DType t) { return static_cast<std::uint64_t>(dtype_bits(t) / 8); }
 
-// Elements one task processes in a row (chunk by chunk) before releasing their input pages (see
-// Runner::release): every release costs TLB shootdowns on the other cores, so releases are
-// batched to about 2 MiB of bf16 per input, while chunks stay small enough for the cache. With
-// simple_partitioner a range is split down to this grain the same way at any thread count, so
-// reductions keep their fixed tree.
+// Elements one task processes in a row (chunk by chunk): its output is staged and written with
+// one call (every write is a system call), about 2 MiB of bf16, while chunks stay small enough
+// for the cache. With simple_partitioner a range is split down to this grain the same way at any
+// thread count, so reductions keep their fixed tree.
 constexpr std::uint64_t kTaskElements = std::uint64_t{1} << 20;
+
+// Bytes per read and write of a tensor copied unchanged.
+constexpr std::uint64_t kCopyBlock = std::uint64_t{1} << 20;
 
 std::uint64_t chunks_per_task(std::uint64_t chunk_elements) {
   return std::max<std::uint64_t>(1, kTaskElements / std::max<std::uint64_t>(1, chunk_elements));
@@ -188,7 +190,7 @@ struct Scratch {
   AlignedPtr<float> base;
   std::vector<AlignedPtr<float>> models;
   std::vector<const float*> model_ptrs;
-  std::vector<const std::uint16_t*> bf16_ptrs;  // CFX_PASS_BF16_INPUTS: into the mapped files
+  std::vector<const std::uint16_t*> bf16_ptrs;  // CFX_PASS_BF16_INPUTS: into the raw copies
   std::size_t out_capacity = 0;
   AlignedPtr<float> out;
   std::size_t staging_capacity = 0;
@@ -214,7 +216,8 @@ struct Scratch {
     }
   }
 
-  // Copied stored bytes of input `slot` (SafetensorsFile::read).
+  // The stored bytes of a chunk of input `slot` (0: the base, 1 + i: model i), read from the
+  // page cache (SafetensorsFile::read).
   std::vector<AlignedPtr<std::byte>> raw;
   std::vector<std::size_t> raw_capacity;
   std::byte* ensure_raw(std::size_t slot, std::size_t bytes) {
@@ -388,48 +391,15 @@ class Runner {
     return c;
   }
 
-  // Drops the input pages of elements [begin, end) of an item from the process once consumed.
-  // Called per task (kTaskElements), not per chunk: every release costs TLB shootdowns on the
-  // other cores, and a few MiB more in flight cost little memory.
-  void release(const PlannedItem& item, std::uint64_t begin, std::uint64_t end) const {
-    const std::uint64_t esize = element_bytes(item.in_dtype), b0 = begin * esize, b1 = end * esize;
-    auto drop = [&](const Checkpoint& c, const TensorRef& ref) {
-      c.shards()[ref.shard].release(ref.info->begin + b0, ref.info->begin + b1);
-    };
-    if (plan_.base()) drop(*plan_.base(), *item.base);
-    for (std::size_t i = 0; i < plan_.models().size(); ++i) drop(plan_.models()[i], *item.models[i]);
-  }
-
-  // A tensor-scope statistics pass is followed by another pass over the same tensor: a tensor
-  // whose inputs are small is mapped by the reduce and stays mapped until its map pass (reading
-  // mapped pages again costs only memory bandwidth), so memory stays bounded by kKeepResident
-  // per tensor in flight, whatever the model size. Larger tensors and model-scope passes are
-  // read as copies instead (SafetensorsFile::read): mapping pages in only to release them is the
-  // costlier way to read them (a fault per window, page-table updates, TLB shootdowns).
-  static constexpr std::uint64_t kKeepResident = std::uint64_t{64} << 20;
-  bool copy_for_reduce(const PlannedItem& item, std::size_t pass) const {
-    if (plugin_.passes[pass].kind == CFX_PASS_MODEL_REDUCE) return true;
-    const std::uint64_t inputs = plan_.models().size() + (plan_.base() ? 1 : 0);
-    return inputs * item.numel * element_bytes(item.in_dtype) > kKeepResident;
-  }
-
-  // Stored BF16 values are handed out as they are (CFX_PASS_BF16_INPUTS) when every input's data
-  // is 2-byte aligned (safetensors allows any offset; an odd one is converted instead).
-  bool hand_out_bf16(const PlannedItem& item, const cfx_pass& pass) const {
-    if (!(pass.flags & CFX_PASS_BF16_INPUTS) || item.in_dtype != DType::BF16) return false;
-    auto aligned = [](const Checkpoint& c, const TensorRef& ref) {
-      return reinterpret_cast<std::uintptr_t>(c.view(ref).bytes.data()) % alignof(std::uint16_t) == 0;
-    };
-    if (plan_.base() && !aligned(*plan_.base(), *item.base)) return false;
-    for (std::size_t i = 0; i < plan_.models().size(); ++i)
-      if (!aligned(plan_.models()[i], *item.models[i])) return false;
-    return true;
-  }
-
-  // Converts the chunk's inputs to float32, or points at the stored BF16 values: in the mapped
-  // files, or (copied) in per-thread copies read from the page cache (SafetensorsFile::read).
+  // Reads the chunk's inputs into per-thread copies (SafetensorsFile::read: pread from the page
+  // cache, nothing mapped) and converts them to float32, or points at the stored BF16 values in
+  // the copies (CFX_PASS_BF16_INPUTS; the copies are aligned whatever the file's offsets).
+  // Copies, not mapped pages: faulting pages in and releasing them again (page-table updates,
+  // TLB shootdowns) is the costlier way to read a model once, several times costlier in VMs
+  // whose page faults exit to the hypervisor; the copy stays in cache for the plugin, and page
+  // cache pages read this way never count in the process's RSS.
   void load(const PlannedItem& item, std::uint64_t begin, std::uint64_t count, const cfx_pass& pass, Scratch& s,
-            cfx_chunk& chunk, const cfx_tensor& t, bool copied = false) {
+            cfx_chunk& chunk, const cfx_tensor& t) {
     const std::size_t n_models = plan_.models().size();
     const std::uint64_t esize = element_bytes(item.in_dtype);
     const std::uint64_t b0 = begin * esize, b1 = (begin + count) * esize;
@@ -442,12 +412,11 @@ class Runner {
     if (opt_.progress) opt_.progress->bytes_done += (n_models + (plan_.base() ? 1 : 0)) * (b1 - b0);
     // The stored bytes of input `slot` (0: the base, 1 + i: model i).
     auto bytes = [&](const Checkpoint& c, const TensorRef& ref, std::size_t slot) -> const std::byte* {
-      if (!copied) return c.view(ref).bytes.data() + b0;
       std::byte* dst = s.ensure_raw(slot, static_cast<std::size_t>(b1 - b0));
       c.shards()[ref.shard].read(ref.info->begin + b0, ref.info->begin + b1, dst);
       return dst;
     };
-    if (hand_out_bf16(item, pass)) {
+    if ((pass.flags & CFX_PASS_BF16_INPUTS) && item.in_dtype == DType::BF16) {
       auto at = [&](const Checkpoint& c, const TensorRef& ref, std::size_t slot) {
         return reinterpret_cast<const std::uint16_t*>(bytes(c, ref, slot));
       };
@@ -487,11 +456,6 @@ class Runner {
       const PlannedItem& item = r_.plan_.items()[item_index];
       const std::uint64_t size = r_.chunk_size(t, pass);
       Scratch& s = r_.scratch_.local();
-      // Inputs whose pages would be released right after this pass are copied instead of mapped;
-      // a speculative execution maps and releases them as a map pass does (when the guess holds,
-      // as it usually does where a strategy makes one, this is the tensor's only read).
-      const bool large = r_.copy_for_reduce(item, pass_);
-      const bool release = large && speculate_, copied = large && !speculate_;
       const std::uint64_t out_esize = element_bytes(item.out_dtype);
       const std::uint64_t first = range.begin() * size;
       std::byte* staged =
@@ -507,7 +471,7 @@ class Runner {
         r_.check_cancel();
         const std::uint64_t begin = c * size, count = std::min(size, t.numel - begin);
         cfx_chunk chunk{};
-        r_.load(item, begin, count, pass, s, chunk, t, copied);
+        r_.load(item, begin, count, pass, s, chunk, t);
         std::uint32_t written = 0;
         if (speculate_) {
           chunk.out = s.ensure_out(static_cast<std::size_t>(count));
@@ -524,7 +488,6 @@ class Runner {
         run_end = begin + count;
       }
       flush();
-      if (release) r_.release(item, first, std::min(range.end() * size, t.numel));
     }
     void join(ReduceBody& rhs) {
       const cfx_tensor* t = &r_.tensors_[k_];
@@ -605,8 +568,6 @@ class Runner {
             if (filled != chunks)
               throw MergeError(declared + "only " + std::to_string(filled) + " of its " + std::to_string(chunks) +
                                " chunks wrote output");
-            // Large tensors' pages went task by task (ReduceBody); the resident ones go now.
-            if (!copy_for_reduce(item, p)) release(item, 0, t.numel);
             ++speculated_;
             return;  // the remaining passes of this tensor are skipped
           }
@@ -639,22 +600,22 @@ class Runner {
       }
       out_.write_at(item_index, first * out_esize, {staged, (last - first) * out_esize});
       bytes_written_ += (last - first) * out_esize;
-      release(item, first, last);
     }, tbb::simple_partitioner());
   }
 
-  // A non-floating tensor goes to the output unchanged, from the reference input.
+  // A non-floating tensor goes to the output unchanged, from the reference input, through a
+  // per-thread copy (as load reads).
   void copy_tensor(std::size_t item_index) {
     const PlannedItem& item = plan_.items()[item_index];
     const Checkpoint& c = plan_.base() ? *plan_.base() : plan_.models().front();
     const TensorRef& ref = item.base ? *item.base : *item.models.front();
-    const TensorView v = c.view(ref);
-    constexpr std::uint64_t kBlock = 1 << 20;
-    for (std::uint64_t off = 0; off < v.bytes.size(); off += kBlock) {
+    const std::uint64_t bytes = ref.info->nbytes();
+    std::byte* buf = scratch_.local().ensure_staging(static_cast<std::size_t>(std::min(kCopyBlock, bytes)));
+    for (std::uint64_t off = 0; off < bytes; off += kCopyBlock) {
       check_cancel();
-      const std::uint64_t n = std::min<std::uint64_t>(kBlock, v.bytes.size() - off);
-      out_.write_at(item_index, off, v.bytes.subspan(off, n));
-      c.shards()[ref.shard].release(ref.info->begin + off, ref.info->begin + off + n);
+      const std::uint64_t n = std::min(kCopyBlock, bytes - off);
+      c.shards()[ref.shard].read(ref.info->begin + off, ref.info->begin + off + n, buf);
+      out_.write_at(item_index, off, {buf, n});
       bytes_read_ += n;
       bytes_written_ += n;
       if (opt_.progress) opt_.progress->bytes_done += n;
@@ -701,36 +662,18 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
   const std::size_t n_models = plan.models().size();
   const std::uint64_t size = std::max<std::uint64_t>(1, options.chunk_elements);
 
-  // Touches every byte of a range once (one load per cache line, the same memory traffic as
-  // reading it all), then releases its pages as the engine does.
-  auto consume = [&](const Checkpoint& ck, const TensorRef& ref, std::uint64_t b0, std::uint64_t b1) {
-    const TensorView v = ck.view(ref);
-    std::uint64_t acc = 0;
-    for (std::uint64_t b = b0; b < b1; b += 64) acc += static_cast<std::uint64_t>(v.bytes[b]);
-    sink.fetch_add(acc, std::memory_order_relaxed);
-    read += b1 - b0;
-  };
-  // Released per task, as the engine does.
-  auto release = [&](const PlannedItem& item, std::uint64_t begin, std::uint64_t end) {
-    const std::uint64_t e = element_bytes(item.in_dtype);
-    auto drop = [&](const Checkpoint& ck, const TensorRef& ref) {
-      ck.shards()[ref.shard].release(ref.info->begin + begin * e, ref.info->begin + end * e);
-    };
-    if (!item.merged) return drop(plan.base() ? *plan.base() : plan.models().front(), item.base ? *item.base : *item.models.front());
-    if (plan.base()) drop(*plan.base(), *item.base);
-    for (std::size_t m = 0; m < n_models; ++m) drop(plan.models()[m], *item.models[m]);
-  };
-
-
-  // Reads a range as the engine's statistics passes over a whole model do: a copy from the page
-  // cache (SafetensorsFile::read), nothing mapped.
-  auto copy = [&](Scratch& s, const Checkpoint& ck, const TensorRef& ref, std::uint64_t b0, std::uint64_t b1) {
-    std::byte* dst = s.ensure_raw(0, static_cast<std::size_t>(b1 - b0));
+  // Reads a range as the engine does (a copy from the page cache into input slot `slot`'s
+  // buffer, SafetensorsFile::read) and touches each cache line of the copy once, as a strategy
+  // reads its inputs.
+  auto copy = [&](Scratch& s, std::size_t slot, const Checkpoint& ck, const TensorRef& ref, std::uint64_t b0,
+                  std::uint64_t b1) {
+    std::byte* dst = s.ensure_raw(slot, static_cast<std::size_t>(b1 - b0));
     ck.shards()[ref.shard].read(ref.info->begin + b0, ref.info->begin + b1, dst);
     std::uint64_t acc = 0;
     for (std::uint64_t b = 0; b < b1 - b0; b += 64) acc += static_cast<std::uint64_t>(dst[b]);
     sink.fetch_add(acc, std::memory_order_relaxed);
     read += b1 - b0;
+    return dst;
   };
 
   arena.execute([&] {
@@ -744,8 +687,8 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
           Scratch& s = scratch.local();
           for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
             const std::uint64_t b0 = c * size * e, b1 = std::min(item.numel, (c + 1) * size) * e;
-            if (plan.base()) copy(s, *plan.base(), *item.base, b0, b1);
-            for (std::size_t m = 0; m < n_models; ++m) copy(s, plan.models()[m], *item.models[m], b0, b1);
+            if (plan.base()) copy(s, 0, *plan.base(), *item.base, b0, b1);
+            for (std::size_t m = 0; m < n_models; ++m) copy(s, 1 + m, plan.models()[m], *item.models[m], b0, b1);
           }
         }, tbb::simple_partitioner());
       });
@@ -761,27 +704,24 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
         if (!item.merged) {
           const Checkpoint& ck = plan.base() ? *plan.base() : plan.models().front();
           const TensorRef& ref = item.base ? *item.base : *item.models.front();
-          out.write_at(i, first * in_esize, ck.view(ref).bytes.subspan(first * in_esize, (last - first) * in_esize));
-          consume(ck, ref, first * in_esize, last * in_esize);
-          written += (last - first) * in_esize;
-          release(item, first, last);
+          const std::uint64_t b0 = first * in_esize, b1 = last * in_esize;
+          out.write_at(i, b0, {copy(s, 0, ck, ref, b0, b1), b1 - b0});
+          written += b1 - b0;
           return;
         }
         std::byte* staged = s.ensure_staging(static_cast<std::size_t>((last - first) * out_esize));
         for (std::uint64_t c = r.begin(); c != r.end(); ++c) {
           const std::uint64_t begin = c * size, count = std::min(size, item.numel - begin);
           const std::uint64_t b0 = begin * in_esize, b1 = (begin + count) * in_esize;
-          if (plan.base()) consume(*plan.base(), *item.base, b0, b1);
-          for (std::size_t m = 1; m < n_models; ++m) consume(plan.models()[m], *item.models[m], b0, b1);
+          if (plan.base()) copy(s, 0, *plan.base(), *item.base, b0, b1);
+          for (std::size_t m = 1; m < n_models; ++m) copy(s, 1 + m, plan.models()[m], *item.models[m], b0, b1);
           // The first model is converted and written: the write path of a merge.
-          const TensorView v = plan.models().front().view(*item.models.front());
-          to_f32(item.in_dtype, v.bytes.data() + b0, s.out.get(), static_cast<std::size_t>(count));
-          read += b1 - b0;
+          const std::byte* x = copy(s, 1, plan.models().front(), *item.models.front(), b0, b1);
+          to_f32(item.in_dtype, x, s.out.get(), static_cast<std::size_t>(count));
           from_f32(item.out_dtype, s.out.get(), staged + (begin - first) * out_esize, static_cast<std::size_t>(count));
         }
         out.write_at(i, first * out_esize, {staged, (last - first) * out_esize});
         written += (last - first) * out_esize;
-        release(item, first, last);
       }, tbb::simple_partitioner());
     });
   });

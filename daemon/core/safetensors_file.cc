@@ -1,3 +1,4 @@
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -46,6 +47,8 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
     } catch (const bip::interprocess_exception& e) {
       throw Error(Errc::io, path, std::string("cannot map: ") + e.what());
     }
+    // The engine streams the data with pread (read): a larger readahead window for it.
+    ::posix_fadvise(f.map_->file.get_mapping_handle().handle, 0, 0, POSIX_FADV_SEQUENTIAL);
     // The size is re-read from the mapping: the file may have changed since stat().
     f.file_size_ = f.map_->region.get_size();
     f.base_ = static_cast<const std::byte*>(f.map_->region.get_address());
@@ -81,37 +84,6 @@ TensorView SafetensorsFile::view(const TensorInfo& t) const {
 
 std::span<const std::byte> SafetensorsFile::header_bytes() const {
   return {base_ + 8, layout_.header_size};
-}
-
-namespace {
-
-// The kernel maps file pages in aligned windows of fault_around_bytes (64 KiB by default) on a
-// fault: touching one page of a window maps every cached page of it, including pages released
-// just before. Releasing whole windows makes the last reader of a window always unmap it.
-constexpr std::uintptr_t kReleaseAlign = 64 * 1024;
-
-}  // namespace
-
-void SafetensorsFile::advise_sequential() const {
-  if (map_) ::madvise(map_->region.get_address(), map_->region.get_size(), MADV_SEQUENTIAL);
-}
-
-void SafetensorsFile::release(std::uint64_t begin, std::uint64_t end) const {
-  if (!map_ || begin >= end) return;
-  const std::uint64_t data_size = file_size_ - layout_.data_offset();
-  end = std::min(end, data_size);
-  if (begin >= end) return;
-  // Widen to whole windows (see kReleaseAlign), clipped to the mapping: pages shared with a
-  // neighbouring range still in use are faulted back in from the page cache, whereas narrowing
-  // would leave pages mapped for the life of the mapping.
-  const auto map_lo = reinterpret_cast<std::uintptr_t>(map_->region.get_address());
-  const std::uintptr_t map_hi = map_lo + map_->region.get_size();
-  const auto first = reinterpret_cast<std::uintptr_t>(base_ + layout_.data_offset() + begin);
-  const auto last = reinterpret_cast<std::uintptr_t>(base_ + layout_.data_offset() + end);
-  const std::uintptr_t lo = std::max(map_lo, first & ~(kReleaseAlign - 1));
-  std::uintptr_t hi = std::min(map_hi, (last + kReleaseAlign - 1) & ~(kReleaseAlign - 1));
-  hi = (hi + ::sysconf(_SC_PAGESIZE) - 1) & ~static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE) - 1);
-  ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
 void SafetensorsFile::read(std::uint64_t begin, std::uint64_t end, std::byte* dst) const {

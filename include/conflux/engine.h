@@ -8,10 +8,10 @@
 // is converted to float32 (task vectors against the base when the pass asks), handed to the
 // plugin, and for the map pass the float32 result is rounded to the output dtype and written by
 // offset. Reductions fold their partials with tbb::parallel_deterministic_reduce (a fixed split
-// tree), so results are bit-identical at any thread count. Consumed input pages are released
-// from the process (madvise) so memory stays at threads x chunk x models, whatever the model
-// size (a tensor of at most 64 MiB of inputs stays mapped between its statistics pass and its
-// map pass). Non-floating tensors are copied from the base (or the first model) unchanged.
+// tree), so results are bit-identical at any thread count. Inputs are read chunk by chunk into
+// per-thread copies (pread from the page cache; nothing is mapped in but the headers), so memory
+// stays at threads x chunk x models, whatever the model size. Non-floating tensors are copied
+// from the base (or the first model) unchanged.
 #pragma once
 
 #include <atomic>
@@ -118,11 +118,10 @@ MergeResult run_merge(const MergePlan& plan, const LoadedPlugin& plugin, const P
                       CheckpointWriter& out, const EngineOptions& options);
 
 // The I/O floor of a merge, measured through the same path: reads every input byte of the plan
-// `input_reads` times (a strategy with a model-scope reduce pass reads its inputs twice; the
-// extra reads copy from the page cache, as the engine's statistics passes over a whole model do)
-// and writes the output once (the last read goes through the same mappings, chunk by chunk,
-// releasing pages the same way; the first model's values, converted to the output dtype). What a
-// merge costs beyond this is the merge itself.
+// `input_reads` times (a strategy with a model-scope reduce pass reads its inputs twice; each
+// read copies chunks from the page cache as the engine does) and writes the output once
+// (the first model's values, converted to the output dtype, staged and written per task as the
+// engine does). What a merge costs beyond this is the merge itself.
 MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const EngineOptions& options,
                       unsigned input_reads = 1);
 

@@ -99,7 +99,8 @@ struct TensorView {
   double element(std::size_t i) const;
 };
 
-// A read-only memory-mapped .safetensors file, validated on open. Movable, not copyable.
+// A read-only memory-mapped .safetensors file, validated on open (the mapping serves the header
+// and views; read copies tensor data). Movable, not copyable.
 // Thread-safe for concurrent reads.
 class SafetensorsFile {
  public:
@@ -125,17 +126,11 @@ class SafetensorsFile {
   // The raw N header bytes (for hashing into a manifest).
   std::span<const std::byte> header_bytes() const;
 
-  // Page-cache hints for streaming: expect sequential reads of the whole file; drop the pages of
-  // data bytes [begin, end) (relative to the data buffer) from this process's resident set once
-  // consumed. Both are advisory and never fail.
-  void advise_sequential() const;
-  void release(std::uint64_t begin, std::uint64_t end) const;
-
   // Copies data bytes [begin, end) (relative to the data buffer) to dst with pread, from the page
-  // cache, without mapping them into this process: for a pass whose pages would be released right
-  // after (a statistics pass over a large tensor or the whole model), a copy is cheaper than
-  // mapping pages in and out again, and leaves the resident set alone. Throws Error naming the
-  // file on a failed or short read (a file truncated under the merge).
+  // cache, without mapping them into this process: how the engine reads tensor data (cheaper
+  // than faulting mapped pages in and releasing them again, and it leaves the resident set
+  // alone; open advises the kernel of sequential reads). Throws Error naming the file on a
+  // failed or short read (a file truncated under the merge).
   void read(std::uint64_t begin, std::uint64_t end, std::byte* dst) const;
 
  private:

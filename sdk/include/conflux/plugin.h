@@ -221,7 +221,7 @@ enum cfx_pass_flags {
   CFX_PASS_OUTPUT_DELTA = 1u << 1, /* MAP: out holds a delta; the host adds the base */
   CFX_PASS_WHOLE_ROWS = 1u << 2,   /* chunks start and end on row boundaries (row_length) */
   /* ABI 1.2: BF16 tensors may arrive as stored (cfx_chunk.bf16_models), without the host's
-     conversion to float32: the plugin reads the input once, straight from the mapped file.
+     conversion to float32: the plugin reads the stored values, once.
      Not combinable with TASK_VECTORS or OUTPUT_DELTA. Hosts before 1.2 refuse the flag. */
   CFX_PASS_BF16_INPUTS = 1u << 3,
   /* ABI 1.3, TENSOR_REDUCE only: in its first execution on a tensor the reduce may also compute
