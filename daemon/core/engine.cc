@@ -231,6 +231,13 @@ struct Scratch {
     }
     return raw[slot].get();
   }
+  // Reads bytes [b0, b1) of a tensor's data into input slot `slot`'s buffer: how the engine reads
+  // (SafetensorsFile::read, from the page cache).
+  std::byte* read(std::size_t slot, const Checkpoint& c, const TensorRef& ref, std::uint64_t b0, std::uint64_t b1) {
+    std::byte* dst = ensure_raw(slot, static_cast<std::size_t>(b1 - b0));
+    c.shards()[ref.shard].read(ref.info->begin + b0, ref.info->begin + b1, dst);
+    return dst;
+  }
 
   float* ensure_out(std::size_t n) {
     if (out_capacity < n) {
@@ -412,9 +419,7 @@ class Runner {
     if (opt_.progress) opt_.progress->bytes_done += (n_models + (plan_.base() ? 1 : 0)) * (b1 - b0);
     // The stored bytes of input `slot` (0: the base, 1 + i: model i).
     auto bytes = [&](const Checkpoint& c, const TensorRef& ref, std::size_t slot) -> const std::byte* {
-      std::byte* dst = s.ensure_raw(slot, static_cast<std::size_t>(b1 - b0));
-      c.shards()[ref.shard].read(ref.info->begin + b0, ref.info->begin + b1, dst);
-      return dst;
+      return s.read(slot, c, ref, b0, b1);
     };
     if ((pass.flags & CFX_PASS_BF16_INPUTS) && item.in_dtype == DType::BF16) {
       auto at = [&](const Checkpoint& c, const TensorRef& ref, std::size_t slot) {
@@ -610,12 +615,11 @@ class Runner {
     const Checkpoint& c = plan_.base() ? *plan_.base() : plan_.models().front();
     const TensorRef& ref = item.base ? *item.base : *item.models.front();
     const std::uint64_t bytes = ref.info->nbytes();
-    std::byte* buf = scratch_.local().ensure_staging(static_cast<std::size_t>(std::min(kCopyBlock, bytes)));
+    Scratch& s = scratch_.local();
     for (std::uint64_t off = 0; off < bytes; off += kCopyBlock) {
       check_cancel();
       const std::uint64_t n = std::min(kCopyBlock, bytes - off);
-      c.shards()[ref.shard].read(ref.info->begin + off, ref.info->begin + off + n, buf);
-      out_.write_at(item_index, off, {buf, n});
+      out_.write_at(item_index, off, {s.read(0, c, ref, off, off + n), n});
       bytes_read_ += n;
       bytes_written_ += n;
       if (opt_.progress) opt_.progress->bytes_done += n;
@@ -662,13 +666,11 @@ MergeResult run_floor(const MergePlan& plan, CheckpointWriter& out, const Engine
   const std::size_t n_models = plan.models().size();
   const std::uint64_t size = std::max<std::uint64_t>(1, options.chunk_elements);
 
-  // Reads a range as the engine does (a copy from the page cache into input slot `slot`'s
-  // buffer, SafetensorsFile::read) and touches each cache line of the copy once, as a strategy
-  // reads its inputs.
+  // Reads a range as the engine does (Scratch::read) and touches each cache line of the copy
+  // once, as a strategy reads its inputs.
   auto copy = [&](Scratch& s, std::size_t slot, const Checkpoint& ck, const TensorRef& ref, std::uint64_t b0,
                   std::uint64_t b1) {
-    std::byte* dst = s.ensure_raw(slot, static_cast<std::size_t>(b1 - b0));
-    ck.shards()[ref.shard].read(ref.info->begin + b0, ref.info->begin + b1, dst);
+    std::byte* dst = s.read(slot, ck, ref, b0, b1);
     std::uint64_t acc = 0;
     for (std::uint64_t b = 0; b < b1 - b0; b += 64) acc += static_cast<std::uint64_t>(dst[b]);
     sink.fetch_add(acc, std::memory_order_relaxed);

@@ -9,9 +9,9 @@
 // plugin, and for the map pass the float32 result is rounded to the output dtype and written by
 // offset. Reductions fold their partials with tbb::parallel_deterministic_reduce (a fixed split
 // tree), so results are bit-identical at any thread count. Inputs are read chunk by chunk into
-// per-thread copies (pread from the page cache; nothing is mapped in but the headers), so memory
-// stays at threads x chunk x models, whatever the model size. Non-floating tensors are copied
-// from the base (or the first model) unchanged.
+// per-thread copies (pread from the page cache; only the headers are read through the mapping),
+// so memory stays at threads x chunk x models, whatever the model size. Non-floating tensors are
+// copied from the base (or the first model) unchanged.
 #pragma once
 
 #include <atomic>
