@@ -655,7 +655,8 @@ void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t see
 TEST(ActiveEntries, GatherMatchesTheDefinition) {
   std::uint64_t seed = 1;
   for (std::uint32_t n = 1; n <= 4; ++n)
-    for (const std::size_t m : {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{17}, std::size_t{512},
+    for (const std::size_t m : {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{17}, std::size_t{31}, std::size_t{32}, std::size_t{33},
+                                std::size_t{63}, std::size_t{512},
                                 std::size_t{1000}, std::size_t{1024}})
       for (const double fill : {0.0, 0.03, 0.3, 1.0}) {
         check_gather<float>(n, m, fill, ++seed);

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "inputs.h"
 
@@ -77,47 +78,153 @@ inline void put(const In* const* x, const In* b, std::size_t k, Lanes& out) {
 }
 
 #ifdef CONFLUX_PLUGINS_AVX512_LOADS
+// Whether this CPU compresses 16-bit lanes (AVX512-VBMI2), for the BF16 gather's wide steps.
+inline bool have_vbmi2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi2") != 0 && __builtin_cpu_supports("avx512bw") != 0;
+  }();
+  return yes;
+}
+
+// A gather in progress: the active entries stored so far, and per model its nonzero count and
+// the lanes' smallest nonzero keys.
+template <std::uint32_t N>
+struct GatherState {
+  __m512i low[N];
+  std::uint32_t n = 0, nz[kMaxModels] = {};
+};
+
+// Model i's task-vector keys (float32 bits without the sign) of 16 entries, folded into the
+// state; returns the entries where it is nonzero (d != 0, or a NaN).
+template <std::uint32_t N>
+__attribute__((target("avx512f,popcnt"), always_inline)) inline __mmask16 fold_keys(GatherState<N>& g, std::uint32_t i,
+                                                                                     __m512 x, __m512 b) {
+  const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(x, b)), _mm512_set1_epi32(0x7FFFFFFF));
+  const __mmask16 on = _mm512_test_epi32_mask(key, key);
+  g.low[i] = _mm512_mask_min_epu32(g.low[i], on, g.low[i], key);
+  g.nz[i] += static_cast<std::uint32_t>(__builtin_popcount(on));
+  return on;
+}
+
+// Entries [k, k + 16): float32 lanes, each stored array compressed to its active entries.
+template <std::uint32_t N, class In>
+__attribute__((target("avx512f,popcnt"), always_inline)) inline void step16(const In* const* x, const In* b, std::size_t k,
+                                                                            Lanes& out, GatherState<N>& g) {
+  const __m512 bk = load16(b + k);
+  __m512 xv[N];
+  unsigned any = 0;
+  for (std::uint32_t i = 0; i < N; ++i) {
+    xv[i] = load16(x[i] + k);
+    any |= fold_keys(g, i, xv[i], bk);
+  }
+  if (any == 0) return;
+  const auto mask = static_cast<__mmask16>(any);
+  const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k)),
+                                      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  _mm512_storeu_si512(out.idx + g.n, _mm512_maskz_compress_epi32(mask, at));
+  _mm512_storeu_ps(out.b + g.n, _mm512_maskz_compress_ps(mask, bk));
+  for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + g.n, _mm512_maskz_compress_ps(mask, xv[i]));
+  g.n += static_cast<std::uint32_t>(__builtin_popcount(any));
+}
+
+#define CONFLUX_GATHER_WIDE_TARGET target("avx512f,avx512bw,avx512vbmi2,popcnt")
+
+// The low and high 16 of 32 16-bit lanes, zero-extended to 32 bits, and as float32 lanes from
+// stored BF16. (The zero-masking forms with every lane on, as load16's.)
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512i low16(__m512i v) {
+  return _mm512_maskz_cvtepu16_epi32(static_cast<__mmask16>(0xFFFF),
+                                     _mm512_maskz_extracti64x4_epi64(static_cast<__mmask8>(0xF), v, 0));
+}
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512i high16(__m512i v) {
+  return _mm512_maskz_cvtepu16_epi32(static_cast<__mmask16>(0xFFFF),
+                                     _mm512_maskz_extracti64x4_epi64(static_cast<__mmask8>(0xF), v, 1));
+}
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512 bf16_as_f32(__m512i wide) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(static_cast<__mmask16>(0xFFFF), wide, 16));
+}
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512 widen_low(__m512i v) {
+  return bf16_as_f32(low16(v));
+}
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512 widen_high(__m512i v) {
+  return bf16_as_f32(high16(v));
+}
+
+// Entries [k, k + 32) of BF16 inputs: compressed as stored 16-bit values, one compress per array
+// instead of two (the compresses are most of a sparse gather's cost), and widened after.
+// Indices fit 16 bits (k < kMaxBlock).
+template <std::uint32_t N>
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void step32(const std::uint16_t* const* x,
+                                                                              const std::uint16_t* b, std::size_t k,
+                                                                              Lanes& out, GatherState<N>& g) {
+  const __m512i rb = _mm512_loadu_si512(b + k);
+  const __m512 b0 = widen_low(rb), b1 = widen_high(rb);
+  __m512i rx[N];
+  std::uint32_t any = 0;
+  for (std::uint32_t i = 0; i < N; ++i) {
+    rx[i] = _mm512_loadu_si512(x[i] + k);
+    any |= fold_keys(g, i, widen_low(rx[i]), b0);
+    any |= std::uint32_t{fold_keys(g, i, widen_high(rx[i]), b1)} << 16;
+  }
+  if (any == 0) return;
+  const std::uint32_t count = static_cast<std::uint32_t>(__builtin_popcount(any));
+  const __m512i at = _mm512_add_epi16(
+      _mm512_set1_epi16(static_cast<short>(k)),
+      _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                       5, 4, 3, 2, 1, 0));
+  const __m512i idx = _mm512_maskz_compress_epi16(any, at);
+  const __m512i cb = _mm512_maskz_compress_epi16(any, rb);
+  __m512i cx[N];
+  for (std::uint32_t i = 0; i < N; ++i) cx[i] = _mm512_maskz_compress_epi16(any, rx[i]);
+  // The low 16 always (the arrays' spare lanes take what is past the count), the high 16 where
+  // more than 16 are active.
+  _mm512_storeu_si512(out.idx + g.n, low16(idx));
+  _mm512_storeu_ps(out.b + g.n, widen_low(cb));
+  for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + g.n, widen_low(cx[i]));
+  if (count > 16) {
+    _mm512_storeu_si512(out.idx + g.n + 16, high16(idx));
+    _mm512_storeu_ps(out.b + g.n + 16, widen_high(cb));
+    for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + g.n + 16, widen_high(cx[i]));
+  }
+  g.n += count;
+}
+
+template <std::uint32_t N, class In>
+__attribute__((target("avx512f,popcnt"))) std::size_t gather16(const In* const* x, const In* b, std::size_t k,
+                                                               std::size_t m, Lanes& out, GatherState<N>& g) {
+  for (; k + 16 <= m; k += 16) step16<N>(x, b, k, out, g);
+  return k;
+}
+
+template <std::uint32_t N>
+__attribute__((CONFLUX_GATHER_WIDE_TARGET)) std::size_t gather32(const std::uint16_t* const* x, const std::uint16_t* b,
+                                                                 std::size_t m, Lanes& out, GatherState<N>& g) {
+  std::size_t k = 0;
+  for (; k + 32 <= m; k += 32) step32<N>(x, b, k, out, g);
+  return k;
+}
+
 template <std::uint32_t N, class In>
 __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x, const In* b, std::size_t m,
                                                                Lanes& out, std::uint32_t* nonzero,
                                                                std::uint32_t* least) {
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i step = _mm512_set1_epi32(16);
-  __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i low[N];
-  for (std::uint32_t i = 0; i < N; ++i) low[i] = _mm512_set1_epi32(-1);
-  std::uint32_t n = 0, nz[kMaxModels] = {};
+  GatherState<N> g;
+  for (std::uint32_t i = 0; i < N; ++i) g.low[i] = _mm512_set1_epi32(-1);
   std::size_t k = 0;
-  for (; k + 16 <= m; k += 16, at = _mm512_add_epi32(at, step)) {
-    const __m512 bk = load16(b + k);
-    __m512 xv[N];
-    unsigned any = 0;
-    for (std::uint32_t i = 0; i < N; ++i) {
-      xv[i] = load16(x[i] + k);
-      const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(xv[i], bk)), magnitude);
-      const __mmask16 on = _mm512_test_epi32_mask(key, key);  // d != 0, or a NaN
-      low[i] = _mm512_mask_min_epu32(low[i], on, low[i], key);
-      nz[i] += static_cast<std::uint32_t>(__builtin_popcount(on));
-      any |= on;
-    }
-    if (any == 0) continue;
-    const auto mask = static_cast<__mmask16>(any);
-    _mm512_storeu_si512(out.idx + n, _mm512_maskz_compress_epi32(mask, at));
-    _mm512_storeu_ps(out.b + n, _mm512_maskz_compress_ps(mask, bk));
-    for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + n, _mm512_maskz_compress_ps(mask, xv[i]));
-    n += static_cast<std::uint32_t>(__builtin_popcount(any));
-  }
-  out.count = n;
+  if constexpr (std::is_same_v<In, std::uint16_t>)
+    if (have_vbmi2()) k = gather32<N>(x, b, m, out, g);
+  k = gather16<N>(x, b, k, m, out, g);
   std::uint32_t lows[kMaxModels];
   for (std::uint32_t i = 0; i < N; ++i) {  // (GCC 12's _mm512_reduce_min_epu32 trips -Wuninitialized)
     alignas(64) std::uint32_t lane[16];
-    _mm512_store_si512(lane, low[i]);
+    _mm512_store_si512(lane, g.low[i]);
     lows[i] = *std::min_element(lane, lane + 16);
   }
+  out.count = g.n;
   for (; k < m; ++k)
-    if (active_at<N>(x, b, k, nz, lows)) put<N>(x, b, k, out);
+    if (active_at<N>(x, b, k, g.nz, lows)) put<N>(x, b, k, out);
   for (std::uint32_t i = 0; i < N; ++i) {
-    nonzero[i] += nz[i];
+    nonzero[i] += g.nz[i];
     least[i] = std::min(least[i], lows[i]);
   }
 }
