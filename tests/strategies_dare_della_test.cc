@@ -631,6 +631,9 @@ void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t see
     if (any) idx.push_back(static_cast<std::uint32_t>(k));
   }
   auto lanes = std::make_unique<act::Lanes>();
+  std::memset(lanes->idx, 0xA5, sizeof lanes->idx);  // what an earlier block left
+  std::memset(lanes->b, 0xA5, sizeof lanes->b);
+  std::memset(lanes->x, 0xA5, sizeof lanes->x);
   std::vector<std::uint32_t> got_nonzero(n, 7), got_least(n, 0xFFFFFFFFu);  // counts add to 7
   if (!act::gather_active(n, xs.data(), b.data(), m, *lanes, got_nonzero.data(), got_least.data())) {
     EXPECT_FALSE(conflux::plugins::have_avx512()) << "the gather must run on an AVX-512 CPU";
@@ -645,6 +648,20 @@ void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t see
       const float xv = decode(x[i][idx[j]]);
       EXPECT_EQ(std::memcmp(&lanes->x[i][j], &xv, sizeof xv), 0) << "lane " << j << ", model " << i;
     }
+  }
+  // The padding to whole vectors: zero entries (index 0, +0 values).
+  auto bits = [](float v) {
+    std::uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    return u;
+  };
+  ASSERT_LE(lanes->padded(), act::Lanes::kRoom);
+  EXPECT_EQ(lanes->padded() % 16, 0u);
+  EXPECT_LT(lanes->padded() - lanes->count, 16u);
+  for (std::size_t j = lanes->count; j < lanes->padded(); ++j) {
+    EXPECT_EQ(lanes->idx[j], 0u) << "padding lane " << j;
+    EXPECT_EQ(bits(lanes->b[j]), 0u) << "padding lane " << j;
+    for (std::uint32_t i = 0; i < n; ++i) EXPECT_EQ(bits(lanes->x[i][j]), 0u) << "padding lane " << j;
   }
   for (std::uint32_t i = 0; i < n; ++i) {
     EXPECT_EQ(got_nonzero[i], nonzero[i] + 7) << "model " << i;

@@ -30,9 +30,14 @@ inline constexpr std::uint32_t kMaxModels = 4;  // models per call, at most
 
 // The active entries of one block, in index order: entry j is the block's entry idx[j], with
 // base b[j] and model values x[i][j] (float32). r: room for the results of a kernel run on them.
+// Past the count, up to padded(), the lanes hold zeros (index 0, base and values +0: an entry
+// with nothing to merge), so a vectorized kernel can run whole vectors, padded() entries, with
+// no scalar remainder (the gathered blocks are short: the remainder was half a kernel's time);
+// the results past the count are not used.
 struct Lanes {
   static constexpr std::size_t kRoom = kMaxBlock + 16;
   std::uint32_t count = 0;
+  std::uint32_t padded() const { return (count + 15) & ~15u; }
   alignas(64) std::uint32_t idx[kRoom];
   alignas(64) float b[kRoom];
   alignas(64) float x[kMaxModels][kRoom];
@@ -223,6 +228,10 @@ __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x,
   out.count = g.n;
   for (; k < m; ++k)
     if (active_at<N>(x, b, k, g.nz, lows)) put<N>(x, b, k, out);
+  const __m512i zero = _mm512_setzero_si512();  // the padding (Lanes::padded)
+  _mm512_storeu_si512(out.idx + out.count, zero);
+  _mm512_storeu_si512(out.b + out.count, zero);
+  for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_si512(out.x[i] + out.count, zero);
   for (std::uint32_t i = 0; i < N; ++i) {
     nonzero[i] += g.nz[i];
     least[i] = std::min(least[i], lows[i]);

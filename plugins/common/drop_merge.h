@@ -1266,11 +1266,12 @@ class DropMerge {
       ga.w[j] = grp.w[j];
       ga.s[j] = grp.s[j];
     }
-    // The inactive entries count as zeros of every model (their nonzero counts add 0).
+    // The inactive entries count as zeros of every model (their nonzero counts add 0), and so
+    // do the padding's (Lanes::padded: whole vectors).
     if constexpr (std::is_same_v<V, float>)
-      redo(g, ga, a.count, a.b, a.r, sweep_sole(g, ga, a.count, a.b, a.r, counts));
+      redo(g, ga, a.padded(), a.b, a.r, sweep_sole(g, ga, a.padded(), a.b, a.r, counts));
     else
-      sweep_sole(g, ga, a.count, a.b, a.r, counts);
+      sweep_sole(g, ga, a.padded(), a.b, a.r, counts);
     active::fill_base_plus_f32(base, m, sparse.z, out);
     active::scatter(a, out);
     return true;

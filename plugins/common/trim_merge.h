@@ -483,7 +483,7 @@ struct TrimMerge : V {
         };
         if (gathered) {
           active::Lanes& a = *gathered;
-          run(a.xs, a.b, a.r, a.count);
+          run(a.xs, a.b, a.r, a.padded());
           active::fill_base_plus_f32(base + k0, m, sparse.z, out.data() + k0);
           active::scatter(a, out.data() + k0);
         } else {
