@@ -62,12 +62,25 @@ AlignedPtr<T> aligned_array(std::size_t n) {
   return AlignedPtr<T>(static_cast<T*>(p));
 }
 
+// CONFLUX_POISON_STATS=1: the partials' bytes that plugins initialise themselves are filled with
+// 0xA5 (cfx_pass.instance_stats_unzeroed), for the plugins' tests.
+bool poison_stats() {
+  static const bool yes = [] {
+    const char* v = std::getenv("CONFLUX_POISON_STATS");
+    return v && std::strcmp(v, "1") == 0;
+  }();
+  return yes;
+}
+
 // Reduce partials of one size, recycled: a partial can be a MiB (a radix histogram per model),
 // a reduce makes one per leaf task, and a fresh allocation that large is a fresh mapping whose
-// every page faults in and is zeroed by the kernel and then by us. Recycled ones are zeroed once.
+// every page faults in and is zeroed by the kernel and then by us. Recycled ones are zeroed once,
+// past the `unzeroed` bytes the plugin initialises itself (cfx_pass.instance_stats_unzeroed),
+// which `poison` fills with 0xA5 instead.
 class PartialPool {
  public:
-  explicit PartialPool(std::size_t bytes) : bytes_(bytes) {}
+  PartialPool(std::size_t bytes, std::size_t unzeroed, bool poison)
+      : bytes_(bytes), unzeroed_(unzeroed), poison_(poison) {}
 
   // A zero-filled partial that goes back to the pool when the lease ends.
   class Lease {
@@ -101,8 +114,9 @@ class PartialPool {
         free_.pop_back();
       }
     }
-    if (p) std::memset(p.get(), 0, bytes_);
+    if (p) std::memset(p.get() + unzeroed_, 0, bytes_ - unzeroed_);
     else p = aligned_array<std::byte>(bytes_);
+    if (poison_) std::memset(p.get(), 0xA5, unzeroed_);
     return Lease(this, std::move(p));
   }
 
@@ -112,7 +126,8 @@ class PartialPool {
     free_.push_back(std::move(p));
   }
 
-  std::size_t bytes_;
+  std::size_t bytes_, unzeroed_;
+  bool poison_;
   std::mutex mutex_;
   std::vector<AlignedPtr<std::byte>> free_;
 };
@@ -340,8 +355,15 @@ class Runner {
       if (pass.kind != CFX_PASS_MAP && enabled_.back() && (size == 0 || size > (std::uint64_t{1} << 30)))
         throw MergeError("strategy '" + plugin_.id() + "' declares reduce statistics of " + std::to_string(size) +
                          " bytes (must be 1 byte to 1 GiB)");
-      stats_sizes_.push_back(size);
-      pools_.push_back(std::make_unique<PartialPool>(pass.kind == CFX_PASS_MAP ? 0 : static_cast<std::size_t>(size)));
+      std::uint64_t unzeroed = 0;
+      if (pass.kind != CFX_PASS_MAP && pass.instance_stats_unzeroed) unzeroed = pass.instance_stats_unzeroed(instance_);
+      if (pass.kind != CFX_PASS_MAP && enabled_.back() && (unzeroed > size || unzeroed % 16 != 0))
+        throw MergeError("strategy '" + plugin_.id() + "' leaves " + std::to_string(unzeroed) +
+                         " bytes of its reduce statistics of " + std::to_string(size) +
+                         " bytes unzeroed (must be a multiple of 16, at most the size)");
+      if (pass.kind == CFX_PASS_MAP || !enabled_.back()) unzeroed = 0;
+      pools_.push_back(std::make_unique<PartialPool>(pass.kind == CFX_PASS_MAP ? 0 : static_cast<std::size_t>(size),
+                                                     static_cast<std::size_t>(unzeroed), poison_stats()));
     }
     for (const cfx_pass& pass : plugin_.passes)
       if ((pass.flags & (CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA)) && !plan_.base())
@@ -531,7 +553,7 @@ class Runner {
 
   void model_reduce(std::size_t pass) {
     const cfx_pass& p = plugin_.passes[pass];
-    auto total = aligned_array<std::byte>(stats_sizes_[pass]);
+    PartialPool::Lease total = pools_[pass]->take();
     // Tensors are reduced a batch at a time (in parallel) and folded into the total in tensor
     // order: deterministic, and only a batch of partials is alive, whatever their size.
     constexpr std::size_t kBatch = 8;
@@ -639,7 +661,6 @@ class Runner {
   cfx_context ctx_;
   cfx_job job_{};
   void* instance_ = nullptr;
-  std::vector<std::uint64_t> stats_sizes_;
   std::vector<std::unique_ptr<PartialPool>> pools_;  // per pass
   std::vector<bool> enabled_;  // per pass, as the plugin decided for this job
   std::unique_ptr<tbb::task_arena> arena_;

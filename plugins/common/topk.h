@@ -449,8 +449,15 @@ class Selector {
   // 0's share kept apart so that combine and done need only the touched bins.)
   // Then, for speculation, per source its nonzero count (two words, low first), the count of
   // chunks that speculated, and 1 once a chunk built histograms (a partial of speculated chunks
-  // only has none to combine).
-  std::size_t stats_words() const { return spec_offset() + 2 * std::size_t{sources_} + 2; }
+  // only has none to combine); then 1 once the low round's histograms are zeroed.
+  std::size_t stats_words() const { return low_flag() + 1; }
+
+  // Words at the start of a partial the host need not zero (cfx_pass.instance_stats_unzeroed):
+  // the histograms and flags. Only their touched bins are ever read, and the bins are zeroed as
+  // they are first touched (cover), the low round's histograms when it starts on the partial:
+  // zeroing about 320 KiB per source for every partial cost more than a sparse tensor's whole
+  // statistics, which touch none of it when its chunks speculate.
+  std::size_t stats_unzeroed_words() const { return meta_offset(); }
 
   // Float32 or stored BF16 inputs (the pass has CFX_PASS_BF16_INPUTS). True: the chunk
   // speculated (see SPECULATION), and its merge with every nonzero entry kept is in the
@@ -489,16 +496,17 @@ class Selector {
         std::uint32_t* im = into.data() + meta_offset() + 3 * std::size_t{i};
         im[2] += fm[2];
         if (fm[1] == 0) continue;  // no nonzero key
+        cover(into.data(), i, fm[0], fm[1]);
         const std::size_t h = std::size_t{i} * kHiBins;
         kernels::add_words(into.data() + h + fm[0], from.data() + h + fm[0], fm[1] - fm[0]);
         auto* ib = reinterpret_cast<std::uint8_t*>(into.data() + impure_offset(i));
         const auto* fb = reinterpret_cast<const std::uint8_t*>(from.data() + impure_offset(i));
         kernels::or_bytes(ib + fm[0], fb + fm[0], fm[1] - fm[0]);
-        im[0] = im[1] == 0 ? fm[0] : std::min(im[0], fm[0]);
-        im[1] = std::max(im[1], fm[1]);
       }
       return;
     }
+    if (from[low_flag()] == 0) return;  // (every partial has seen a chunk: not expected)
+    zero_low(ts, into.data());
     for (std::uint32_t j = 0; j < per_tensor_; ++j)
       if (ts.targets[j].phase == Phase::low)
         kernels::add_words(into.data() + std::size_t{j} * kLoBins, from.data() + std::size_t{j} * kLoBins, kLoBins);
@@ -551,8 +559,13 @@ class Selector {
           const std::uint32_t* hist = stats.data() + std::size_t{s.source} * kHiBins;
           const auto* impure = reinterpret_cast<const std::uint8_t*>(stats.data() + impure_offset(s.source));
           const std::uint32_t* meta = stats.data() + meta_offset() + 3 * std::size_t{s.source};
-          // Bin 0 with the zeros; no bin at or above meta[1] (the end of the touched bins) holds any.
-          auto count = [&](std::uint32_t bin) -> std::uint64_t { return hist[bin] + (bin == 0 ? meta[2] : 0u); };
+          // Bin 0 with the zeros; no bin outside [meta[0], meta[1]) (the touched bins) holds any,
+          // and only the touched bins' words are set (cover).
+          auto touched = [&](std::uint32_t bin) { return bin >= meta[0] && bin < meta[1]; };
+          auto count = [&](std::uint32_t bin) -> std::uint64_t {
+            return (touched(bin) ? hist[bin] : 0u) + (bin == 0 ? meta[2] : 0u);
+          };
+          auto is_impure = [&](std::uint32_t bin) { return touched(bin) && impure[bin] != 0; };
           std::uint32_t b = meta[1] > 0 ? meta[1] - 1 : 0;
           std::uint64_t above = 0;
           while (above + count(b) < s.m) above += count(b--);  // stops: the bins sum to numel >= m
@@ -560,9 +573,9 @@ class Selector {
           s.need = s.m - above;
           if (s.need == count(b)) {
             finish(s, b << 15);
-          } else if (from_windows(ts, *t, j, s, b, count(b), impure[b] != 0)) {
+          } else if (from_windows(ts, *t, j, s, b, count(b), is_impure(b))) {
             // settled, or its tie counts known, from the chunks' windows (WINDOWS)
-          } else if (impure[b] == 0) {
+          } else if (!is_impure(b)) {
             start_ties(ts, *t, s, b << 15, count(b));
           } else {
             s.bin = b;
@@ -574,6 +587,8 @@ class Selector {
           break;
         }
         case Phase::low: {
+          if (stats[low_flag()] == 0)
+            throw sdk::Error("internal: tensor '" + std::string(t->name) + "': a low round saw no chunk");
           const std::uint32_t* hist = stats.data() + std::size_t{j} * kLoBins;
           std::uint32_t b = kLoBins - 1;
           std::uint64_t above = 0;
@@ -781,14 +796,13 @@ class Selector {
         meta[2] += zeros;
         std::uint32_t lo = 0xFFFFFFFFu, hi = 0;
         kernels::key_range(sc.keys.data(), nz, lo, hi);
+        if (nz) cover(partial.data(), i, lo >> 15, (hi >> 15) + 1);
         kernels::hist_high(sc.keys.data(), nz, sc.a.get(), sc.b.get(), impure);
         for (std::uint32_t j = 0; j < per_tensor_; ++j)
           if (ts.targets[j].source == i && ts.targets[j].phase == Phase::high)
             record_window(ts.targets[j], c, sc, nz, zeros, nz ? hi >> 15 : 0, windows->targets[j]);
         if (nz == 0) continue;
         kernels::fold(hist, sc.a.get(), sc.b.get(), lo >> 15, hi >> 15);  // the chunk's arrays are zero again
-        meta[0] = meta[1] == 0 ? lo >> 15 : std::min(meta[0], lo >> 15);
-        meta[1] = std::max(meta[1], (hi >> 15) + 1);
         std::atomic<std::uint32_t>& least = ts.least[i];  // the tensor's smallest nonzero key
         for (std::uint32_t was = least.load(std::memory_order_relaxed);
              lo < was && !least.compare_exchange_weak(was, lo, std::memory_order_relaxed);) {
@@ -803,6 +817,7 @@ class Selector {
       if (ts.window_bytes <= kWindowBudget) ts.windows.push_back(std::move(windows));
       return false;
     }
+    zero_low(ts, partial.data());
     for (std::uint32_t j = 0; j < per_tensor_; ++j) {
       State& s = ts.targets[j];
       const In* x = models[s.source];
@@ -924,6 +939,39 @@ class Selector {
   }
   std::size_t meta_offset() const { return std::size_t{sources_} * (kHiBins + kImpureWords); }
   std::size_t spec_offset() const { return meta_offset() + 3 * std::size_t{sources_}; }
+  std::size_t low_flag() const { return spec_offset() + 2 * std::size_t{sources_} + 2; }
+
+  // Source i's bins [first, end) join the touched range of its histogram and flags in `partial`
+  // (meta: [meta[0], meta[1]), end 0 for none): the bins it gains are zeroed first, since the
+  // words outside the range hold whatever the memory held (stats_unzeroed_words).
+  void cover(std::uint32_t* partial, std::uint32_t i, std::uint32_t first, std::uint32_t end) const {
+    std::uint32_t* meta = partial + meta_offset() + 3 * std::size_t{i};
+    std::uint32_t* hist = partial + std::size_t{i} * kHiBins;
+    auto* impure = reinterpret_cast<std::uint8_t*>(partial + impure_offset(i));
+    auto clear = [&](std::uint32_t a, std::uint32_t z) {
+      if (a >= z) return;
+      std::memset(hist + a, 0, (z - a) * sizeof(std::uint32_t));
+      std::memset(impure + a, 0, z - a);
+    };
+    if (meta[1] == 0) {
+      clear(first, end);
+      meta[0] = first;
+      meta[1] = end;
+      return;
+    }
+    clear(first, meta[0]);
+    clear(meta[1], end);
+    meta[0] = std::min(meta[0], first);
+    meta[1] = std::max(meta[1], end);
+  }
+
+  // The low round's histograms of the open targets zeroed in `partial`, once (low_flag).
+  void zero_low(const TensorState& ts, std::uint32_t* partial) const {
+    if (partial[low_flag()] != 0) return;
+    for (std::uint32_t j = 0; j < per_tensor_; ++j)
+      if (ts.targets[j].phase == Phase::low) std::memset(partial + std::size_t{j} * kLoBins, 0, kLoBins * sizeof(std::uint32_t));
+    partial[low_flag()] = 1;
+  }
   static std::uint64_t read_u64(const std::uint32_t* w) { return w[0] | (std::uint64_t{w[1]} << 32); }
   static void add_u64(std::uint32_t* w, std::uint64_t v) {
     const std::uint64_t sum = read_u64(w) + v;

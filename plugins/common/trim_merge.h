@@ -356,6 +356,7 @@ struct TrimMerge : V {
   // The selection pass runs only when some tensor has something to trim.
   bool selecting() const { return selector_.active(); }
   std::size_t stats_count(std::uint32_t) const { return selector_.stats_words(); }
+  std::size_t stats_unzeroed(std::uint32_t) const { return selector_.stats_unzeroed_words(); }
   // A chunk the selection speculates on (topk.h, SPECULATION) is merged here, every nonzero
   // entry kept: what the map computes when the selection turns out to keep them all.
   void reduce(const sdk::Chunk& c, sdk::Span<std::uint32_t> partial) {

@@ -14,7 +14,7 @@ static int map(void* instance, const cfx_chunk* chunk, float* out) {
   return 0;
 }
 
-static const cfx_pass passes[1] = {{sizeof(cfx_pass), CFX_PASS_MAP, 0, 0, 0, 0, 0, 0, map, 0, 0}};
+static const cfx_pass passes[1] = {{sizeof(cfx_pass), CFX_PASS_MAP, 0, 0, 0, 0, 0, 0, map, 0, 0, 0}};
 
 static const cfx_plugin descriptor = {
     sizeof(cfx_plugin), CFX_ABI_MAJOR + 1, 0, "bad_abi", "1.0.0", "built for the next ABI major",

@@ -51,8 +51,8 @@ MAYBE_UNUSED static int reduce_done(void* instance, const cfx_tensor* tensor, co
 
 #define PARAM(name, def, flags, lo, hi) \
   {sizeof(cfx_param_spec), CFX_PARAM_FLOAT, (flags), 0, (name), "a parameter", (def), 0, (lo), (hi), 0}
-#define MAP_PASS {sizeof(cfx_pass), CFX_PASS_MAP, 0, 0, 0, 0, 0, 0, map, 0, 0}
-#define REDUCE_PASS(c) {sizeof(cfx_pass), CFX_PASS_TENSOR_REDUCE, 0, 0, 8, reduce, (c), reduce_done, 0, 0, 0}
+#define MAP_PASS {sizeof(cfx_pass), CFX_PASS_MAP, 0, 0, 0, 0, 0, 0, map, 0, 0, 0}
+#define REDUCE_PASS(c) {sizeof(cfx_pass), CFX_PASS_TENSOR_REDUCE, 0, 0, 8, reduce, (c), reduce_done, 0, 0, 0, 0}
 
 #if BAD_SCHEMA_CASE == 1
 #define ID "bad_default_range"

@@ -26,7 +26,7 @@ CFX_TEST_ASSERT(offsetof(cfx_plugin, abi_major) == 4 && offsetof(cfx_plugin, abi
 CFX_TEST_ASSERT(offsetof(cfx_host, abi_major) == 4 && offsetof(cfx_host, abi_minor) == 6);
 CFX_TEST_ASSERT(CFX_ABI_MAJOR == 1);
 
-/* LP64 (x86-64 and AArch64 Linux): the whole ABI 1.3 layout. */
+/* LP64 (x86-64 and AArch64 Linux): the whole ABI 1.4 layout. */
 #if defined(__LP64__)
 CFX_TEST_ASSERT(sizeof(cfx_param_spec) == 72);
 CFX_TEST_ASSERT(offsetof(cfx_param_spec, name) == 16);
@@ -55,7 +55,7 @@ CFX_TEST_ASSERT(offsetof(cfx_job, has_base) == 24);
 CFX_TEST_ASSERT(offsetof(cfx_job, params) == 32);
 CFX_TEST_ASSERT(offsetof(cfx_job, seed) == 40);
 CFX_TEST_ASSERT(offsetof(cfx_job, model_names) == 64);
-CFX_TEST_ASSERT(sizeof(cfx_pass) == 72);
+CFX_TEST_ASSERT(sizeof(cfx_pass) == 80); /* 72 before ABI 1.4 */
 CFX_TEST_ASSERT(offsetof(cfx_pass, stats_size) == 16);
 CFX_TEST_ASSERT(offsetof(cfx_pass, reduce) == 24);
 CFX_TEST_ASSERT(offsetof(cfx_pass, combine) == 32);
@@ -63,6 +63,7 @@ CFX_TEST_ASSERT(offsetof(cfx_pass, reduce_done) == 40);
 CFX_TEST_ASSERT(offsetof(cfx_pass, map) == 48);
 CFX_TEST_ASSERT(offsetof(cfx_pass, instance_stats_size) == 56);
 CFX_TEST_ASSERT(offsetof(cfx_pass, enabled) == 64);
+CFX_TEST_ASSERT(offsetof(cfx_pass, instance_stats_unzeroed) == 72);
 CFX_TEST_ASSERT(sizeof(cfx_plugin) == 96);
 CFX_TEST_ASSERT(offsetof(cfx_plugin, id) == 8);
 CFX_TEST_ASSERT(offsetof(cfx_plugin, param_count) == 32);

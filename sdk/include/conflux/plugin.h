@@ -24,7 +24,9 @@
  *   floating-point tensor through the plugin's passes, in the order the plugin declares them:
  *     - CFX_PASS_MAP:           for each chunk, the plugin writes the output values.
  *     - CFX_PASS_TENSOR_REDUCE: for each chunk, the plugin folds statistics into a partial
- *                               (host-allocated, zeroed, `stats_size` bytes); the host combines
+ *                               (host-allocated, zeroed, `stats_size` bytes; ABI 1.4: a
+ *                               leading part may be left for the plugin to initialise, see
+ *                               instance_stats_unzeroed); the host combines
  *                               partials in a fixed tree order independent of thread count, then
  *                               calls `reduce_done` with the tensor's statistics. The plugin may
  *                               ask to repeat the pass on that tensor (e.g. a radix select).
@@ -76,7 +78,7 @@ extern "C" {
 #endif
 
 #define CFX_ABI_MAJOR 1
-#define CFX_ABI_MINOR 3
+#define CFX_ABI_MINOR 4
 
 /* The one symbol a plugin exports. */
 #define CFX_PLUGIN_ENTRY_SYMBOL "conflux_plugin_entry"
@@ -245,7 +247,8 @@ typedef struct cfx_pass {
   uint32_t kind;       /* cfx_pass_kind */
   uint32_t flags;      /* cfx_pass_flags */
   uint32_t reserved;
-  uint64_t stats_size; /* REDUCE: bytes of one partial (host-allocated, zero-filled, 16-aligned) */
+  uint64_t stats_size; /* REDUCE: bytes of one partial (host-allocated, zero-filled, 16-aligned;
+                          see instance_stats_unzeroed) */
 
   /* REDUCE: fold the chunk into `partial`. */
   int (*reduce)(void* instance, const cfx_chunk* chunk, void* partial);
@@ -265,6 +268,15 @@ typedef struct cfx_pass {
      statistics pass that the job's parameters make unnecessary). Called once after create().
      The map pass cannot be skipped. */
   int32_t (*enabled)(void* instance);
+  /* REDUCE, optional (ABI 1.4): when set, how many bytes at the start of each partial the host
+     does not zero-fill (a multiple of 16, at most the partial's size; called once after
+     create()). They hold whatever an earlier use of the memory left: the plugin initialises
+     what it uses of them, and keeps track of that in the zero-filled rest. For statistics of
+     which a chunk touches little, e.g. a histogram of which each chunk fills a range of bins,
+     where zero-filling every partial would cost more than the reduce itself. With
+     CONFLUX_POISON_STATS=1 in its environment the host fills those bytes with 0xA5 instead, so
+     that a plugin's tests show any use of them before it initialises them. */
+  uint64_t (*instance_stats_unzeroed)(void* instance);
 } cfx_pass;
 
 /* ---------------------------------------------------------------------------------------------

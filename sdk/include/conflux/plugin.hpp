@@ -21,7 +21,9 @@
 // Reduce passes: `sdk::reduce_pass<S, T, Pass, &S::reduce, &S::combine, &S::done>(kind, flags)`, where
 // Pass is the pass's position in the list (handed to S::stats_count),
 // T is a trivially copyable element type and the partial is an array of S::stats_count(pass)
-// elements of T (a static or member function; defaults to 1 when absent):
+// elements of T (a static or member function; defaults to 1 when absent), all zero when the
+// pass starts on it, except its first S::stats_unzeroed(pass) elements where S has that
+// function (cfx_pass.instance_stats_unzeroed: a multiple of 16 bytes):
 //   void reduce(const sdk::Chunk&, Span<T> partial);
 //   void combine(const cfx_tensor* tensor, Span<T> into, Span<const T> from);
 //   bool done(const cfx_tensor* tensor, Span<const T> stats);   // true: repeat the pass
@@ -312,6 +314,12 @@ template <class S>
 struct has_stats_count<S, std::void_t<decltype(std::declval<S&>().stats_count(std::uint32_t{0}))>> : std::true_type {};
 
 template <class S, class = void>
+struct has_stats_unzeroed : std::false_type {};
+template <class S>
+struct has_stats_unzeroed<S, std::void_t<decltype(std::declval<S&>().stats_unzeroed(std::uint32_t{0}))>>
+    : std::true_type {};
+
+template <class S, class = void>
 struct has_params : std::false_type {};
 template <class S>
 struct has_params<S, std::void_t<decltype(S::params)>> : std::true_type {};
@@ -372,6 +380,10 @@ constexpr cfx_pass reduce_pass(cfx_pass_kind kind, std::uint32_t flags = 0) {
   p.instance_stats_size = [](void* inst) -> std::uint64_t {
     return sizeof(T) * detail::stats_count<S, T>(detail::self<S>(inst)->strategy, Pass);
   };
+  if constexpr (detail::has_stats_unzeroed<S>::value)
+    p.instance_stats_unzeroed = [](void* inst) -> std::uint64_t {
+      return sizeof(T) * detail::self<S>(inst)->strategy.stats_unzeroed(Pass);
+    };
   p.reduce = [](void* inst, const cfx_chunk* c, void* partial) -> int {
     auto* i = detail::self<S>(inst);
     const std::size_t n = detail::stats_count<S, T>(i->strategy, Pass);
