@@ -580,10 +580,12 @@ void split_stored_bf16(const float* x, const float* base, const dm::RowDraws& dr
 }
 
 // The gather of a block's active entries (common/active.h, the sparse paths of DARE and the
-// trimming strategies) against a scalar reading of its definition: entries with some nonzero
-// float32 task-vector entry (NaN included, -0 not) in index order with their values bit for
-// bit, each model's nonzero count and smallest nonzero key; for float32 and BF16 inputs, 1-4
-// models, full blocks and tails, sparse and dense blocks.
+// trimming strategies) against a scalar reading of its definition: every entry with some nonzero
+// float32 task-vector entry (NaN included, -0 not), in index order with their values bit for
+// bit, and besides them only entries whose stored values differ from the base's bitwise (+0
+// against -0: the BF16 gather decides on the stored bits); each model's nonzero count and
+// smallest nonzero key; for float32 and BF16 inputs, 1-4 models, full blocks and tails, sparse
+// and dense blocks.
 template <class In>
 void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t seed) {
   namespace act = conflux::plugins::active;
@@ -616,8 +618,10 @@ void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t see
   for (const auto& v : x) xs.push_back(v.data());
   // The reference.
   std::vector<std::uint32_t> idx, nonzero(n, 0), least(n, 0xFFFFFFFFu);
+  std::vector<bool> may(m, false);  // not active, but stored bits differ: may be gathered
   for (std::size_t k = 0; k < m; ++k) {
     bool any = false;
+    for (std::uint32_t i = 0; i < n; ++i) may[k] = may[k] || std::memcmp(&x[i][k], &b[k], sizeof(In)) != 0;
     for (std::uint32_t i = 0; i < n; ++i) {
       const float d = decode(x[i][k]) - decode(b[k]);
       std::uint32_t key;
@@ -639,15 +643,27 @@ void check_gather(std::uint32_t n, std::size_t m, double fill, std::uint64_t see
     EXPECT_FALSE(conflux::plugins::have_avx512()) << "the gather must run on an AVX-512 CPU";
     return;
   }
-  ASSERT_EQ(lanes->count, idx.size());
-  for (std::size_t j = 0; j < idx.size(); ++j) {
-    ASSERT_EQ(lanes->idx[j], idx[j]) << "lane " << j;
-    const float bv = decode(b[idx[j]]);
+  std::size_t next = 0, extra = 0;  // the next active entry expected; others gathered
+  for (std::size_t j = 0; j < lanes->count; ++j) {
+    const std::uint32_t k = lanes->idx[j];
+    ASSERT_LT(k, m) << "lane " << j;
+    ASSERT_TRUE(j == 0 || k > lanes->idx[j - 1]) << "lane " << j << ": not in index order";
+    if (next < idx.size() && k == idx[next]) {
+      ++next;
+    } else {
+      ASSERT_TRUE(may[k]) << "lane " << j << ": entry " << k << " has no task vector entry to gather";
+      ++extra;
+    }
+    const float bv = decode(b[k]);
     EXPECT_EQ(std::memcmp(&lanes->b[j], &bv, sizeof bv), 0) << "lane " << j;
     for (std::uint32_t i = 0; i < n; ++i) {
-      const float xv = decode(x[i][idx[j]]);
+      const float xv = decode(x[i][k]);
       EXPECT_EQ(std::memcmp(&lanes->x[i][j], &xv, sizeof xv), 0) << "lane " << j << ", model " << i;
     }
+  }
+  ASSERT_EQ(next, idx.size()) << "active entry " << (next < idx.size() ? idx[next] : 0) << " was not gathered";
+  if (std::is_same_v<In, float>) {
+    EXPECT_EQ(extra, 0u) << "float32 inputs gather exactly the active entries";
   }
   // The padding to whole vectors: zero entries (index 0, +0 values).
   auto bits = [](float v) {

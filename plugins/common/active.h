@@ -54,9 +54,9 @@ inline Lanes& thread_lanes() {
   return lanes;
 }
 
-// Entry k's task-vector entries: whether any is nonzero, model i's nonzero flag added to
-// nonzero[i], and its magnitude's key (the float32 bits without the sign) folded into least[i]
-// where it is nonzero.
+// Entry k's task-vector entries: whether any is nonzero (d != 0, or a NaN), model i's nonzero
+// flag added to nonzero[i], and its magnitude's key (the float32 bits without the sign) folded
+// into least[i] where it is nonzero.
 template <std::uint32_t N, class In>
 inline bool active_at(const In* const* x, const In* b, std::size_t k, std::uint32_t* nonzero, std::uint32_t* least) {
   bool any = false;
@@ -66,7 +66,7 @@ inline bool active_at(const In* const* x, const In* b, std::size_t k, std::uint3
     std::uint32_t key;
     std::memcpy(&key, &d, sizeof key);
     key &= 0x7FFFFFFFu;
-    const bool nz = key != 0;  // d != 0, or a NaN
+    const bool nz = key != 0;
     nonzero[i] += nz ? 1u : 0u;
     if (nz && key < least[i]) least[i] = key;
     any = any || nz;
@@ -92,24 +92,24 @@ inline bool have_vbmi2() {
   return yes;
 }
 
-// A gather in progress: the active entries stored so far, and per model its nonzero count and
-// the lanes' smallest nonzero keys.
+// A gather in progress: per model its nonzero count and the lanes' smallest nonzero keys, folded
+// from the gathered entries as they are stored (every nonzero entry of the block is gathered, so
+// these are the block's counts, taken on the compressed registers at a fraction of its width).
 template <std::uint32_t N>
 struct GatherState {
   __m512i low[N];
-  std::uint32_t n = 0, nz[kMaxModels] = {};
+  std::uint32_t nz[kMaxModels] = {};
 };
 
-// Model i's task-vector keys (float32 bits without the sign) of 16 entries, folded into the
-// state; returns the entries where it is nonzero (d != 0, or a NaN).
+// Model i's task-vector keys (float32 bits without the sign) of 16 gathered lanes, folded into
+// the state (lanes past the gathered ones hold zeros: key 0, not counted).
 template <std::uint32_t N>
-__attribute__((target("avx512f,popcnt"), always_inline)) inline __mmask16 fold_keys(GatherState<N>& g, std::uint32_t i,
-                                                                                     __m512 x, __m512 b) {
+__attribute__((target("avx512f,popcnt"), always_inline)) inline void fold_keys(GatherState<N>& g, std::uint32_t i,
+                                                                               __m512 x, __m512 b) {
   const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(x, b)), _mm512_set1_epi32(0x7FFFFFFF));
   const __mmask16 on = _mm512_test_epi32_mask(key, key);
   g.low[i] = _mm512_mask_min_epu32(g.low[i], on, g.low[i], key);
   g.nz[i] += static_cast<std::uint32_t>(__builtin_popcount(on));
-  return on;
 }
 
 // Entries [k, k + 16): float32 lanes, each stored array compressed to its active entries.
@@ -121,16 +121,23 @@ __attribute__((target("avx512f,popcnt"), always_inline)) inline void step16(cons
   unsigned any = 0;
   for (std::uint32_t i = 0; i < N; ++i) {
     xv[i] = load16(x[i] + k);
-    any |= fold_keys(g, i, xv[i], bk);
+    const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(xv[i], bk)), _mm512_set1_epi32(0x7FFFFFFF));
+    any |= _mm512_test_epi32_mask(key, key);
   }
   if (any == 0) return;
   const auto mask = static_cast<__mmask16>(any);
   const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k)),
                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  _mm512_storeu_si512(out.idx + g.n, _mm512_maskz_compress_epi32(mask, at));
-  _mm512_storeu_ps(out.b + g.n, _mm512_maskz_compress_ps(mask, bk));
-  for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + g.n, _mm512_maskz_compress_ps(mask, xv[i]));
-  g.n += static_cast<std::uint32_t>(__builtin_popcount(any));
+  const std::uint32_t n = out.count;
+  _mm512_storeu_si512(out.idx + n, _mm512_maskz_compress_epi32(mask, at));
+  const __m512 cb = _mm512_maskz_compress_ps(mask, bk);
+  _mm512_storeu_ps(out.b + n, cb);
+  for (std::uint32_t i = 0; i < N; ++i) {
+    const __m512 cx = _mm512_maskz_compress_ps(mask, xv[i]);
+    _mm512_storeu_ps(out.x[i] + n, cx);
+    fold_keys(g, i, cx, cb);
+  }
+  out.count = n + static_cast<std::uint32_t>(__builtin_popcount(any));
 }
 
 #define CONFLUX_GATHER_WIDE_TARGET target("avx512f,avx512bw,avx512vbmi2,popcnt")
@@ -145,9 +152,6 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512i high16
   return _mm512_maskz_cvtepu16_epi32(static_cast<__mmask16>(0xFFFF),
                                      _mm512_maskz_extracti64x4_epi64(static_cast<__mmask8>(0xF), v, 1));
 }
-__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512 bf16_as_f32(__m512i wide) {
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(static_cast<__mmask16>(0xFFFF), wide, 16));
-}
 __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512 widen_low(__m512i v) {
   return bf16_as_f32(low16(v));
 }
@@ -157,19 +161,22 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512 widen_h
 
 // Entries [k, k + 32) of BF16 inputs: compressed as stored 16-bit values, one compress per array
 // instead of two (the compresses are most of a sparse gather's cost), and widened after.
-// Indices fit 16 bits (k < kMaxBlock).
+// Indices fit 16 bits (k < kMaxBlock). Which entries go is decided on the stored bits, without
+// widening: d_i = x_i - b is nonzero (or a NaN) exactly where the two are not equal numbers, so
+// every such entry has x_i != b bitwise, or b (then x_i too) an Inf or NaN, where the difference
+// is a NaN. The test also takes entries whose task vectors are all zero (+0 against -0): their
+// merge is computed from their own operands like any other, and fold_keys counts them out.
 template <std::uint32_t N>
 __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void step32(const std::uint16_t* const* x,
                                                                               const std::uint16_t* b, std::size_t k,
                                                                               Lanes& out, GatherState<N>& g) {
   const __m512i rb = _mm512_loadu_si512(b + k);
-  const __m512 b0 = widen_low(rb), b1 = widen_high(rb);
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  __mmask32 any = _mm512_cmpeq_epi16_mask(_mm512_and_si512(rb, exponent), exponent);  // b: Inf or NaN
   __m512i rx[N];
-  std::uint32_t any = 0;
   for (std::uint32_t i = 0; i < N; ++i) {
     rx[i] = _mm512_loadu_si512(x[i] + k);
-    any |= fold_keys(g, i, widen_low(rx[i]), b0);
-    any |= std::uint32_t{fold_keys(g, i, widen_high(rx[i]), b1)} << 16;
+    any |= _mm512_cmpneq_epi16_mask(rx[i], rb);
   }
   if (any == 0) return;
   const std::uint32_t count = static_cast<std::uint32_t>(__builtin_popcount(any));
@@ -183,15 +190,26 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void step32(co
   for (std::uint32_t i = 0; i < N; ++i) cx[i] = _mm512_maskz_compress_epi16(any, rx[i]);
   // The low 16 always (the arrays' spare lanes take what is past the count), the high 16 where
   // more than 16 are active.
-  _mm512_storeu_si512(out.idx + g.n, low16(idx));
-  _mm512_storeu_ps(out.b + g.n, widen_low(cb));
-  for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + g.n, widen_low(cx[i]));
-  if (count > 16) {
-    _mm512_storeu_si512(out.idx + g.n + 16, high16(idx));
-    _mm512_storeu_ps(out.b + g.n + 16, widen_high(cb));
-    for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + g.n + 16, widen_high(cx[i]));
+  const std::uint32_t n = out.count;
+  _mm512_storeu_si512(out.idx + n, low16(idx));
+  const __m512 b0 = widen_low(cb);
+  _mm512_storeu_ps(out.b + n, b0);
+  for (std::uint32_t i = 0; i < N; ++i) {
+    const __m512 x0 = widen_low(cx[i]);
+    _mm512_storeu_ps(out.x[i] + n, x0);
+    fold_keys(g, i, x0, b0);
   }
-  g.n += count;
+  if (count > 16) {
+    _mm512_storeu_si512(out.idx + n + 16, high16(idx));
+    const __m512 b1 = widen_high(cb);
+    _mm512_storeu_ps(out.b + n + 16, b1);
+    for (std::uint32_t i = 0; i < N; ++i) {
+      const __m512 x1 = widen_high(cx[i]);
+      _mm512_storeu_ps(out.x[i] + n + 16, x1);
+      fold_keys(g, i, x1, b1);
+    }
+  }
+  out.count = n + count;
 }
 
 template <std::uint32_t N, class In>
@@ -213,6 +231,7 @@ template <std::uint32_t N, class In>
 __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x, const In* b, std::size_t m,
                                                                Lanes& out, std::uint32_t* nonzero,
                                                                std::uint32_t* least) {
+  out.count = 0;
   GatherState<N> g;
   for (std::uint32_t i = 0; i < N; ++i) g.low[i] = _mm512_set1_epi32(-1);
   std::size_t k = 0;
@@ -225,13 +244,13 @@ __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x,
     _mm512_store_si512(lane, g.low[i]);
     lows[i] = *std::min_element(lane, lane + 16);
   }
-  out.count = g.n;
   for (; k < m; ++k)
     if (active_at<N>(x, b, k, g.nz, lows)) put<N>(x, b, k, out);
   const __m512i zero = _mm512_setzero_si512();  // the padding (Lanes::padded)
   _mm512_storeu_si512(out.idx + out.count, zero);
   _mm512_storeu_si512(out.b + out.count, zero);
   for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_si512(out.x[i] + out.count, zero);
+  if (!nonzero) return;
   for (std::uint32_t i = 0; i < N; ++i) {
     nonzero[i] += g.nz[i];
     least[i] = std::min(least[i], lows[i]);
@@ -240,10 +259,12 @@ __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x,
 #endif
 
 // Gathers the active entries of the block [0, m) of n models (x[i], b: float32 or stored BF16,
-// common/inputs.h) into `out`, adds each model's nonzero entries to nonzero[i] and folds the
-// smallest key (float32 bits without the sign, as topk.h's) of its nonzero entries into
-// least[i] (unchanged where it has none). Returns false (and does nothing) where this CPU has no
-// AVX-512, or for more than kMaxModels models or kMaxBlock entries.
+// common/inputs.h) into `out` (for BF16 inputs possibly also entries whose task vectors are all
+// zero but whose stored values differ from the base's, +0 against -0: step32), adds each model's
+// nonzero entries to nonzero[i] and folds the smallest key (float32 bits without the sign, as
+// topk.h's) of its nonzero entries into least[i] (unchanged where it has none; both skipped
+// where nonzero is null). Returns false (and does nothing) where this CPU has no AVX-512, or for
+// more than kMaxModels models or kMaxBlock entries.
 template <class In>
 inline bool gather_active(std::uint32_t n, const In* const* x, const In* b, std::size_t m, Lanes& out,
                           std::uint32_t* nonzero, std::uint32_t* least) {

@@ -1249,8 +1249,8 @@ class DropMerge {
                       active::Sparse& sparse, std::uint32_t* counts) const {
     if (!sparse.next()) return false;
     active::Lanes& a = active::thread_lanes();
-    std::uint32_t nonzero[active::kMaxModels] = {}, least[active::kMaxModels] = {};
-    if (!active::gather_active(g, grp.x, base, m, a, nonzero, least)) {
+    // (The gather's counts are not needed: the sweep counts what it keeps.)
+    if (!active::gather_active<In>(g, grp.x, base, m, a, nullptr, nullptr)) {
       sparse.off();
       return false;
     }

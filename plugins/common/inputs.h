@@ -41,10 +41,13 @@ inline bool have_avx512() {
 // BF16 (to 32 bits, shifted into the high half). The zero-masking forms with every lane on: GCC
 // 12 warns that the plain forms' undefined source "may be used uninitialized".
 __attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// 16 BF16 values zero-extended to 32-bit lanes, as float32 (the value's bits in the high half).
+__attribute__((target("avx512f"))) inline __m512 bf16_as_f32(__m512i wide) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(static_cast<__mmask16>(0xFFFF), wide, 16));
+}
 __attribute__((target("avx512f"))) inline __m512 load16(const std::uint16_t* p) {
   const auto all = static_cast<__mmask16>(0xFFFF);
-  const __m512i wide = _mm512_maskz_cvtepu16_epi32(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all, wide, 16));
+  return bf16_as_f32(_mm512_maskz_cvtepu16_epi32(all, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 }
 #endif
 
