@@ -59,6 +59,9 @@ struct Case {
   std::vector<RawParam> params;
   unsigned input_reads = 1;  // of the floor it is compared with
   unsigned max_models = 0;   // 0: all agents
+  // Reads of its inputs the strategy makes (per-tensor statistics before any output: 2), when
+  // more than input_reads: it is also compared with the floor of that many reads.
+  unsigned own_reads = 0;
 };
 
 std::vector<Case> all_cases() {
@@ -71,12 +74,12 @@ std::vector<Case> all_cases() {
       {"ties", "ties", {param("density", 0.2)}, 1, 0},
       {"dare_linear", "dare_linear", {param("density", 0.2)}, 1, 0},
       {"dare_ties", "dare_ties", {param("density", 0.2)}, 1, 0},
-      {"breadcrumbs", "breadcrumbs", {param("density", 0.2)}, 1, 0},
-      {"breadcrumbs_ties", "breadcrumbs_ties", {param("density", 0.2)}, 1, 0},
+      {"breadcrumbs", "breadcrumbs", {param("density", 0.2)}, 1, 0, 2},
+      {"breadcrumbs_ties", "breadcrumbs_ties", {param("density", 0.2)}, 1, 0, 2},
       {"della", "della", {param("density", 0.2)}, 1, 0},
       {"della_linear", "della_linear", {param("density", 0.2)}, 1, 0},
-      {"slerp", "slerp", {param("t", 0.5)}, 1, 1},  // base + one model: exactly two checkpoints
-      {"model_stock", "model_stock", {}, 1, 0},
+      {"slerp", "slerp", {param("t", 0.5)}, 1, 1, 2},  // base + one model: exactly two checkpoints
+      {"model_stock", "model_stock", {}, 1, 0, 2},
   };
 }
 
@@ -273,19 +276,23 @@ int main(int argc, char** argv) {
               out.parent_path().c_str());
   // reads: the bytes the run read over the bytes of the base and the models (how many times it
   // read them; 0.75 for a merge of 3 models that does not read the base, as linear).
-  std::printf("%-20s %7s %9s %8s %6s %12s %10s\n", "case", "threads", "seconds", "GB/s", "reads", "ratio/floor",
-              "peak RSS");
+  // own floor: for a strategy that must read its inputs more often than its floor does, the
+  // ratio to the floor of as many reads (its I/O alone takes that floor's time).
+  std::printf("%-20s %7s %9s %8s %6s %12s %10s %10s\n", "case", "threads", "seconds", "GB/s", "reads", "ratio/floor",
+              "peak RSS", "own floor");
   const double model_bytes = static_cast<double>(base.data_bytes());
   auto row = [model_bytes](const std::string& label, unsigned t, unsigned models, const Measurement& m,
-                           double floor_s) {
+                           double floor_s, double own_floor_s) {
     if (!m.ok) {
       std::printf("%-20s %7u  failed: %s\n", label.c_str(), t, m.error.c_str());
       return;
     }
     const double gbps = static_cast<double>(m.bytes_read + m.bytes_written) / m.seconds / 1e9;
     const double reads = static_cast<double>(m.bytes_read) / (model_bytes * (models + 1));
-    std::printf("%-20s %7u %9.3f %8.2f %6.2f %12.2f %10s\n", label.c_str(), t, m.seconds, gbps, reads,
-                floor_s > 0 ? m.seconds / floor_s : 0.0, mib(m.peak_rss).c_str());
+    char own[32] = "";
+    if (own_floor_s > 0) std::snprintf(own, sizeof own, "%.2f", m.seconds / own_floor_s);
+    std::printf("%-20s %7u %9.3f %8.2f %6.2f %12.2f %10s %10s\n", label.c_str(), t, m.seconds, gbps, reads,
+                floor_s > 0 ? m.seconds / floor_s : 0.0, mib(m.peak_rss).c_str(), own);
     std::fflush(stdout);
   };
 
@@ -296,6 +303,7 @@ int main(int argc, char** argv) {
     std::string label;
     unsigned threads = 0;
     std::string floor_key;  // the floor a merge is compared with; empty for a floor itself
+    std::string own_key;    // the floor of the strategy's own reads, if that is another one
     unsigned models = 0;
     std::function<Measurement()> run;
     Measurement best;
@@ -307,14 +315,19 @@ int main(int argc, char** argv) {
   for (unsigned t : thread_counts)
     for (const Case& c : cases) {
       const unsigned n = c.max_models ? std::min(c.max_models, agents) : agents;
-      const std::string key = std::to_string(n) + "x" + std::to_string(c.input_reads) + "@" + std::to_string(t);
-      if (!floor_slot.count(key)) {
-        floor_slot[key] = slots.size();
-        slots.push_back({"floor (" + std::to_string(n) + "m, " + std::to_string(c.input_reads) + " read" +
-                             (c.input_reads > 1 ? "s" : "") + ")",
-                         t, "", n, floor_run(n, c.input_reads, t), {}});
-      }
-      slots.push_back({c.label, t, key, n, merge_run(c, t), {}});
+      auto floor_key = [&](unsigned reads) {
+        const std::string key = std::to_string(n) + "x" + std::to_string(reads) + "@" + std::to_string(t);
+        if (!floor_slot.count(key)) {
+          floor_slot[key] = slots.size();
+          slots.push_back({"floor (" + std::to_string(n) + "m, " + std::to_string(reads) + " read" +
+                               (reads > 1 ? "s" : "") + ")",
+                           t, "", "", n, floor_run(n, reads, t), {}});
+        }
+        return key;
+      };
+      const std::string key = floor_key(c.input_reads);
+      const std::string own = c.own_reads > c.input_reads ? floor_key(c.own_reads) : "";
+      slots.push_back({c.label, t, key, own, n, merge_run(c, t), {}});
     }
   for (unsigned round = 1; round <= repeat; ++round) {
     std::fprintf(stderr, "round %u/%u ...\n", round, repeat);
@@ -334,7 +347,9 @@ int main(int argc, char** argv) {
     for (const Slot& s : slots) {
       if (s.threads != t) continue;
       const Slot& f = s.floor_key.empty() ? s : slots[floor_slot[s.floor_key]];
-      row(s.label, t, s.models, s.best, f.best.ok ? f.best.seconds : 0.0);
+      double own = 0;
+      if (!s.own_key.empty() && slots[floor_slot[s.own_key]].best.ok) own = slots[floor_slot[s.own_key]].best.seconds;
+      row(s.label, t, s.models, s.best, f.best.ok ? f.best.seconds : 0.0, own);
     }
   fs::remove_all(out);
   return 0;
