@@ -411,11 +411,12 @@ struct TrimMerge : V {
     std::vector<const In*> x(n_);
     std::vector<std::uint32_t> lo(n_), hi(n_);
     last = std::min(last, out.size());
-    // A speculating stripe may gather its blocks' active entries (common/active.h) as it counts
-    // them: with the inactive entries' result from the kernel itself, float32 or double (base -0
-    // and a zero task vector give r = -0 + z = z).
+    // A block without a straddling tie may run on its active entries gathered (common/active.h;
+    // a speculating stripe's gather also counts them): with the inactive entries' result from the
+    // kernel itself, float32 or double (base -0 and a zero task vector give r = -0 + z = z; a zero
+    // task-vector entry merges to nothing whether the trim keeps it or not).
     active::Sparse sparse;
-    if (counts.nonzero && n_ <= trim_detail::kFusedModels && n_ <= active::kMaxModels) {
+    if (n_ <= trim_detail::kFusedModels && n_ <= active::kMaxModels) {
       const float minus_zero = -0.0f;
       const float* zeros[trim_detail::kFusedModels] = {&minus_zero, &minus_zero, &minus_zero, &minus_zero};
       const std::uint32_t every_lo[trim_detail::kFusedModels] = {};
@@ -439,17 +440,17 @@ struct TrimMerge : V {
         hi[i] = drop[i].U;
         straddle = straddle || keep[i].quota > 0 || drop[i].quota > 0;
       }
-      // A speculating stripe's block: counted first (by the gather where the block's sparse
-      // merge can use it, else by the selection's kernel).
+      // Gathered where the block is sparse; a speculating stripe's block is counted first (by
+      // the gather, else by the selection's kernel).
       active::Lanes* gathered = nullptr;
+      bool counted = false;
+      if (!straddle && sparse.next()) {
+        active::Lanes& a = active::thread_lanes();
+        counted = active::gather_active(n_, x.data(), base + k0, m, a, counts.nonzero, counts.least);
+        if (!counted) sparse.off();  // this CPU cannot gather
+        else if (sparse.worth(a.count, m)) gathered = &a;
+      }
       if (counts.nonzero) {
-        bool counted = false;
-        if (!straddle && sparse.next()) {
-          active::Lanes& a = active::thread_lanes();
-          counted = active::gather_active(n_, x.data(), base + k0, m, a, counts.nonzero, counts.least);
-          if (!counted) sparse.off();  // this CPU cannot gather
-          else if (sparse.worth(a.count, m)) gathered = &a;
-        }
         if (!counted)
           for (std::uint32_t i = 0; i < n_; ++i)
             counts.nonzero[i] += topk::kernels::count_nonzero(x[i], base + k0, m, counts.least[i]);
