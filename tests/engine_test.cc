@@ -706,6 +706,32 @@ TEST_F(SpeculativeOutputTest, AFinalOutputWithMissingChunksFailsAndPublishesNoth
   for (const auto& name : entries(dir_.path())) EXPECT_FALSE(name.starts_with(".")) << name;
 }
 
+// ABI 1.4: a pass may leave the head of its partials for itself to initialise
+// (instance_stats_unzeroed); the host refuses a count it could not honour, before any tensor is
+// read, and publishes nothing.
+TEST_F(SpeculativeOutputTest, UnzeroedStatisticsOutsideThePartialOrUnalignedAreRefused) {
+  auto with_unzeroed = [&](std::int64_t bytes, const std::string& out) {
+    JobConfig j = probe("never", out);
+    RawParam p;
+    p.key = "unzeroed";
+    p.kind = RawParam::Kind::integer;
+    p.integer = bytes;
+    p.number = static_cast<double>(bytes);
+    j.params.push_back(p);
+    return j;
+  };
+  conflux_test::expect_error<MergeError>([&] { run(with_unzeroed(8, "u8"), 2, 1000); },
+                                         {"speculate_probe", "leaves 8 bytes", "statistics of 64 bytes unzeroed",
+                                          "multiple of 16"});
+  conflux_test::expect_error<MergeError>([&] { run(with_unzeroed(80, "u80"), 2, 1000); },
+                                         {"speculate_probe", "leaves 80 bytes", "at most the size"});
+  EXPECT_FALSE(fs::exists(dir_ / "u8"));
+  EXPECT_FALSE(fs::exists(dir_ / "u80"));
+  // 0 (the default) is the host zeroing everything, as before ABI 1.4.
+  run(with_unzeroed(0, "u0"), 2, 1000);
+  expect_model0_plus("u0", 1.0f);
+}
+
 TEST_F(SpeculativeOutputTest, AFinalOutputOnARepeatedExecutionFails) {
   conflux_test::expect_error<MergeError>([&] { run(probe("repeat", "repeat"), 2, 1000); },
                                          {"speculate_probe", "final", "the pass cannot write output here"});

@@ -350,20 +350,22 @@ class Runner {
     }
     for (const cfx_pass& pass : plugin_.passes) {
       enabled_.push_back(!pass.enabled || pass.enabled(instance_) != 0);
-      std::uint64_t size = pass.stats_size;
-      if (pass.kind != CFX_PASS_MAP && pass.instance_stats_size) size = pass.instance_stats_size(instance_);
-      if (pass.kind != CFX_PASS_MAP && enabled_.back() && (size == 0 || size > (std::uint64_t{1} << 30)))
-        throw MergeError("strategy '" + plugin_.id() + "' declares reduce statistics of " + std::to_string(size) +
-                         " bytes (must be 1 byte to 1 GiB)");
-      std::uint64_t unzeroed = 0;
-      if (pass.kind != CFX_PASS_MAP && pass.instance_stats_unzeroed) unzeroed = pass.instance_stats_unzeroed(instance_);
-      if (pass.kind != CFX_PASS_MAP && enabled_.back() && (unzeroed > size || unzeroed % 16 != 0))
-        throw MergeError("strategy '" + plugin_.id() + "' leaves " + std::to_string(unzeroed) +
-                         " bytes of its reduce statistics of " + std::to_string(size) +
-                         " bytes unzeroed (must be a multiple of 16, at most the size)");
-      if (pass.kind == CFX_PASS_MAP || !enabled_.back()) unzeroed = 0;
-      pools_.push_back(std::make_unique<PartialPool>(pass.kind == CFX_PASS_MAP ? 0 : static_cast<std::size_t>(size),
-                                                     static_cast<std::size_t>(unzeroed), poison_stats()));
+      // The partials of a reduce pass that runs (a map's, or a disabled pass's, are never used).
+      const bool reduce = pass.kind != CFX_PASS_MAP && enabled_.back();
+      std::uint64_t size = 0, unzeroed = 0;
+      if (reduce) {
+        size = pass.instance_stats_size ? pass.instance_stats_size(instance_) : pass.stats_size;
+        if (size == 0 || size > (std::uint64_t{1} << 30))
+          throw MergeError("strategy '" + plugin_.id() + "' declares reduce statistics of " + std::to_string(size) +
+                           " bytes (must be 1 byte to 1 GiB)");
+        if (pass.instance_stats_unzeroed) unzeroed = pass.instance_stats_unzeroed(instance_);
+        if (unzeroed > size || unzeroed % 16 != 0)
+          throw MergeError("strategy '" + plugin_.id() + "' leaves " + std::to_string(unzeroed) +
+                           " bytes of its reduce statistics of " + std::to_string(size) +
+                           " bytes unzeroed (must be a multiple of 16, at most the size)");
+      }
+      pools_.push_back(std::make_unique<PartialPool>(static_cast<std::size_t>(size), static_cast<std::size_t>(unzeroed),
+                                                     poison_stats()));
     }
     for (const cfx_pass& pass : plugin_.passes)
       if ((pass.flags & (CFX_PASS_TASK_VECTORS | CFX_PASS_OUTPUT_DELTA)) && !plan_.base())

@@ -10,6 +10,10 @@
      "repeat" nothing written; the first execution asks for a repeat, the second declares the
               output final: the host must refuse (only a first execution can write output).
      "never"  nothing written, nothing declared: the map writes the output.
+   The integer parameter `unzeroed` (default 0) is what the pass's instance_stats_unzeroed (ABI
+   1.4) returns, against statistics of 64 bytes (instance_stats_size): engine_test checks that
+   the host refuses a value that is not a multiple of 16 or exceeds the size (a valid nonzero one
+   would leave the probe's count unzeroed: the probe does not initialise it).
    At least one model, base optional. Raw C ABI. */
 #include <conflux/plugin.h>
 
@@ -21,20 +25,30 @@ enum mode { MODE_ALL, MODE_SOME, MODE_REPEAT, MODE_NEVER };
 
 typedef struct instance {
   enum mode mode;
+  uint64_t unzeroed;
   int* rounds; /* per tensor: executions of the reduce pass done (reduce_done calls) */
 } instance;
 
 static const char* const modes[] = {"all", "some", "repeat", "never"};
 static const cfx_param_spec params[] = {{
-    .struct_size = sizeof(cfx_param_spec),
-    .type = CFX_PARAM_STRING,
-    .flags = 0,
-    .choice_count = 4,
-    .name = "mode",
-    .doc = "what the speculative pass does: all, some, repeat or never",
-    .default_string = "all",
-    .choices = modes,
-}};
+                                             .struct_size = sizeof(cfx_param_spec),
+                                             .type = CFX_PARAM_STRING,
+                                             .flags = 0,
+                                             .choice_count = 4,
+                                             .name = "mode",
+                                             .doc = "what the speculative pass does: all, some, repeat or never",
+                                             .default_string = "all",
+                                             .choices = modes,
+                                         },
+                                         {
+                                             .struct_size = sizeof(cfx_param_spec),
+                                             .type = CFX_PARAM_INT,
+                                             .flags = CFX_PARAM_HAS_MIN,
+                                             .name = "unzeroed",
+                                             .doc = "what instance_stats_unzeroed returns",
+                                             .default_number = 0,
+                                             .min = 0,
+                                         }};
 
 static int create(const cfx_job* job, void** out) {
   instance* self = calloc(1, sizeof *self);
@@ -45,6 +59,7 @@ static int create(const cfx_job* job, void** out) {
   }
   for (int m = 0; m < 4; ++m)
     if (strcmp(job->params[0].string, modes[m]) == 0) self->mode = (enum mode)m;
+  self->unzeroed = (uint64_t)job->params[1].number;
   self->rounds = calloc(job->tensor_count + 1, sizeof *self->rounds);
   if (!self->rounds) { /* a failed create is not destroyed */
     free(self);
@@ -95,6 +110,13 @@ static int reduce_done(void* p, const cfx_tensor* tensor, const void* stats, int
   return 0;
 }
 
+static uint64_t stats_size(void* p) {
+  (void)p;
+  return 64;
+}
+
+static uint64_t stats_unzeroed(void* p) { return ((const instance*)p)->unzeroed; }
+
 static int map(void* p, const cfx_chunk* chunk, float* out) {
   (void)p;
   for (uint64_t k = 0; k < chunk->count; ++k) out[k] = chunk->models[0][k] + 1.0f;
@@ -108,7 +130,9 @@ static const cfx_pass passes[] = {
      .stats_size = 8,
      .reduce = reduce,
      .combine = combine,
-     .reduce_done = reduce_done},
+     .reduce_done = reduce_done,
+     .instance_stats_size = stats_size,
+     .instance_stats_unzeroed = stats_unzeroed},
     {.struct_size = sizeof(cfx_pass), .kind = CFX_PASS_MAP, .map = map},
 };
 
@@ -119,7 +143,7 @@ static const cfx_plugin descriptor = {
     .id = "speculate_probe",
     .version = "1.0.0",
     .description = "Declares speculative outputs final, rightly or not (test plugin)",
-    .param_count = 1,
+    .param_count = 2,
     .pass_count = 2,
     .params = params,
     .passes = passes,
