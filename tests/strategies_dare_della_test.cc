@@ -552,8 +552,17 @@ Row make_row(std::size_t len, double nonzero, int kind, std::uint64_t seed) {
       if (kind == 2 && rnd(seed, k, 5) < 0.1) x = rnd(seed, k, 6) < 0.5 ? INFINITY : NAN;
     }
     if (kind == 2 && rnd(seed, k, 7) < 0.05) x = -b;  // exact cancellations of sign
+    float bk = b;
+    if (kind == 2 && rnd(seed, k, 8) < 0.04) {
+      // Stored bits that differ with a zero task vector (+0 against -0), and equal special
+      // values whose difference is a NaN (nonzero).
+      const float pairs[][2] = {{0.0f, -0.0f}, {-0.0f, 0.0f}, {INFINITY, INFINITY}, {NAN, NAN}, {-INFINITY, 1.0f}};
+      const auto& p = pairs[static_cast<std::size_t>(rnd(seed, k, 9) * 5) % 5];
+      bk = p[0];
+      x = p[1];
+    }
     r.x.push_back(x);
-    r.base.push_back(b);
+    r.base.push_back(bk);
   }
   return r;
 }
@@ -757,6 +766,8 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
   if (dm::have_avx512()) {
     float_splits.emplace_back("avx512", dm::split_row_avx512<float>);
     bf16_splits.emplace_back("avx512, stored bf16", split_stored_bf16<dm::split_row_avx512<std::uint16_t>>);
+    if (conflux::plugins::active::have_vbmi2())
+      bf16_splits.emplace_back("avx512-vbmi2, stored bf16", split_stored_bf16<dm::split_row_vbmi2>);
   }
 #endif
   std::uint64_t seed = 0, rows = 0, counted = 0;

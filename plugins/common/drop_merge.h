@@ -803,11 +803,13 @@ __attribute__((target("avx512f"))) inline __m512i fmix32_avx512(__m512i h) {
 }
 
 // split_row_scalar with AVX-512 compress (sparse task vectors: most entries are zeros, and the
-// scalar split's dependency chain through the counts costs more than the rest of the row), then
-// the draws of the nonzero entries only, from their indices (fmix32 on 16 lanes).
+// scalar split's dependency chain costs more than the rest of the row), then the draws of the
+// nonzero entries only, from their indices (fmix32 on 16 lanes). _from: entries [k, n) of the
+// row, the split so far holding nz entries (split_row_vbmi2 takes the first ones).
 template <class In>
-__attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, const In* base, const RowDraws& draws,
-                                                                std::size_t n, RowSplit& s) {
+__attribute__((target("avx512f"))) inline void split_row_avx512_from(const In* x, const In* base,
+                                                                     const RowDraws& draws, std::size_t n,
+                                                                     RowSplit& s, std::size_t k, std::size_t nz) {
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i k0 = _mm512_set1_epi32(static_cast<int>(draws.k0));
@@ -815,7 +817,6 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   const __m512i salt_lo = _mm512_set1_epi32(static_cast<int>(draws.salt_lo));
   const __m512i salt_hi = _mm512_set1_epi32(static_cast<int>(draws.salt_hi));
   const __m512i cut = _mm512_set1_epi32(static_cast<int>(draws.cut));
-  std::size_t nz = 0, k = 0;
   for (; k + 16 <= n; k += 16) {
     // The model's input one 4 KiB page (bf16) ahead: a row is read from each model in turn, a
     // few KiB of each, and the hardware prefetchers stop at page boundaries (measured: 6-9% less
@@ -846,6 +847,59 @@ __attribute__((target("avx512f"))) inline void split_row_avx512(const In* x, con
   for (std::size_t j = nz; j < nz + tail.nonzero; ++j) s.idx[j] += static_cast<std::uint32_t>(k);
   s.nonzero = nz + tail.nonzero;
   set_varying(s);
+}
+
+template <class In>
+inline void split_row_avx512(const In* x, const In* base, const RowDraws& draws, std::size_t n, RowSplit& s) {
+  split_row_avx512_from(x, base, draws, n, s, 0, 0);
+}
+
+// 16 of the compressed entries of split_row_vbmi2 (stored 16-bit values x and b, their offsets
+// in the block at, the block at element k; lanes past the compressed ones are zeros): their
+// keys and row indices, less any whose task vector is zero after all (+0 against -0).
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void split_half(__m512i x, __m512i b, __m512i at,
+                                                                                  std::size_t k, unsigned count,
+                                                                                  RowSplit& s, std::size_t& nz) {
+  const __m512 d = _mm512_sub_ps(bf16_as_f32(x), bf16_as_f32(b));
+  const __m512i key = _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i index = _mm512_add_epi32(at, _mm512_set1_epi32(static_cast<int>(k)));
+  const __mmask16 on = _mm512_test_epi32_mask(key, key);
+  if (on == static_cast<__mmask16>((1u << count) - 1)) {  // every one nonzero: as they are
+    _mm512_storeu_si512(s.key + nz, key);
+    _mm512_storeu_si512(s.idx + nz, index);
+  } else {
+    _mm512_storeu_si512(s.key + nz, _mm512_maskz_compress_epi32(on, key));
+    _mm512_storeu_si512(s.idx + nz, _mm512_maskz_compress_epi32(on, index));
+  }
+  nz += static_cast<unsigned>(__builtin_popcount(on));
+}
+
+// split_row_avx512 for stored BF16 on AVX512-VBMI2 CPUs: 32 entries per step, picked on the
+// stored bits (as common/active.h's gather: every entry with a nonzero d_i = x - b differs from
+// the base bitwise, or has an Inf or NaN base) and compressed as 16-bit values, then widened and
+// subtracted: a fraction of the full-width widening on sparse task vectors.
+__attribute__((CONFLUX_GATHER_WIDE_TARGET)) inline void split_row_vbmi2(const std::uint16_t* x,
+                                                                        const std::uint16_t* base,
+                                                                        const RowDraws& draws, std::size_t n,
+                                                                        RowSplit& s) {
+  using active::high16;
+  using active::low16;
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  const __m512i lanes = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
+                                         12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  std::size_t nz = 0, k = 0;
+  for (; k + 32 <= n; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(x + k + 2048), _MM_HINT_T0);  // as split_row_avx512
+    const __m512i rx = _mm512_loadu_si512(x + k), rb = _mm512_loadu_si512(base + k);
+    const __mmask32 cand =
+        _mm512_cmpneq_epi16_mask(rx, rb) | _mm512_cmpeq_epi16_mask(_mm512_and_si512(rb, exponent), exponent);
+    const auto count = static_cast<unsigned>(__builtin_popcount(cand));
+    const __m512i cx = _mm512_maskz_compress_epi16(cand, rx), cb = _mm512_maskz_compress_epi16(cand, rb);
+    const __m512i at = _mm512_maskz_compress_epi16(cand, lanes);
+    split_half(low16(cx), low16(cb), low16(at), k, std::min(count, 16u), s, nz);
+    if (count > 16) split_half(high16(cx), high16(cb), high16(at), k, count - 16, s, nz);
+  }
+  split_row_avx512_from(x, base, draws, n, s, k, nz);
 }
 
 // The candidates of a row: positions j (ascending) of the nonzero entries with mnz[j] >= from,
@@ -892,6 +946,8 @@ template <class In>
 inline void split_row(const In* x, const In* base, const RowDraws& draws, std::size_t n, std::uint32_t* draw,
                       RowSplit& s) {
 #if CONFLUX_DROP_MERGE_AVX512
+  if constexpr (std::is_same_v<In, std::uint16_t>)
+    if (have_avx512() && active::have_vbmi2()) return split_row_vbmi2(x, base, draws, n, s);
   if (have_avx512()) return split_row_avx512(x, base, draws, n, s);
 #endif
   fill_draws(draws, n, draw);
