@@ -8,7 +8,9 @@
 // Measurements are interleaved in rounds (--repeat) so that drift in the machine's state touches
 // floors and merges alike. Prints seconds (best of the rounds), GB/s of bytes read + written, the
 // reads (bytes read over the bytes of the base and the models: 2.00 for a strategy that reads
-// every input twice), the ratio to the best floor of the same kind and thread count, and peak RSS.
+// every input twice), the ratio to the best floor of the same kind and thread count, peak RSS
+// and, for strategies held to a floor of fewer reads than they make, the ratio to the floor of
+// their own reads ("own floor").
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>

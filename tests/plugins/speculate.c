@@ -30,25 +30,27 @@ typedef struct instance {
 } instance;
 
 static const char* const modes[] = {"all", "some", "repeat", "never"};
-static const cfx_param_spec params[] = {{
-                                             .struct_size = sizeof(cfx_param_spec),
-                                             .type = CFX_PARAM_STRING,
-                                             .flags = 0,
-                                             .choice_count = 4,
-                                             .name = "mode",
-                                             .doc = "what the speculative pass does: all, some, repeat or never",
-                                             .default_string = "all",
-                                             .choices = modes,
-                                         },
-                                         {
-                                             .struct_size = sizeof(cfx_param_spec),
-                                             .type = CFX_PARAM_INT,
-                                             .flags = CFX_PARAM_HAS_MIN,
-                                             .name = "unzeroed",
-                                             .doc = "what instance_stats_unzeroed returns",
-                                             .default_number = 0,
-                                             .min = 0,
-                                         }};
+static const cfx_param_spec params[] = {
+    {
+        .struct_size = sizeof(cfx_param_spec),
+        .type = CFX_PARAM_STRING,
+        .flags = 0,
+        .choice_count = 4,
+        .name = "mode",
+        .doc = "what the speculative pass does: all, some, repeat or never",
+        .default_string = "all",
+        .choices = modes,
+    },
+    {
+        .struct_size = sizeof(cfx_param_spec),
+        .type = CFX_PARAM_INT,
+        .flags = CFX_PARAM_HAS_MIN,
+        .name = "unzeroed",
+        .doc = "what instance_stats_unzeroed returns",
+        .default_number = 0,
+        .min = 0,
+    },
+};
 
 static int create(const cfx_job* job, void** out) {
   instance* self = calloc(1, sizeof *self);
