@@ -159,20 +159,28 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __m512 widen_h
   return bf16_as_f32(high16(v));
 }
 
+// Which of 32 stored BF16 values are an Inf or a NaN. With the bitwise x != b, this finds every
+// entry whose task-vector entry d = x - b may be nonzero without widening: d is nonzero (or a
+// NaN) exactly where the two are not equal numbers, so x != b bitwise, or b (then x too) is an
+// Inf or NaN, where the difference is a NaN. (+0 against -0 is picked too: callers that need
+// the exact set test the widened d.)
+__attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __mmask32 inf_or_nan16(__m512i b) {
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  return _mm512_cmpeq_epi16_mask(_mm512_and_si512(b, exponent), exponent);
+}
+
 // Entries [k, k + 32) of BF16 inputs: compressed as stored 16-bit values, one compress per array
 // instead of two (the compresses are most of a sparse gather's cost), and widened after.
-// Indices fit 16 bits (k < kMaxBlock). Which entries go is decided on the stored bits, without
-// widening: d_i = x_i - b is nonzero (or a NaN) exactly where the two are not equal numbers, so
-// every such entry has x_i != b bitwise, or b (then x_i too) an Inf or NaN, where the difference
-// is a NaN. The test also takes entries whose task vectors are all zero (+0 against -0): their
-// merge is computed from their own operands like any other, and fold_keys counts them out.
+// Indices fit 16 bits (k < kMaxBlock). Which entries go is decided on the stored bits
+// (inf_or_nan16), without widening; entries whose task vectors are all zero but stored as +0
+// against -0 go too: their merge is computed from their own operands like any other, and
+// fold_keys counts them out.
 template <std::uint32_t N>
 __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void step32(const std::uint16_t* const* x,
                                                                               const std::uint16_t* b, std::size_t k,
                                                                               Lanes& out, GatherState<N>& g) {
   const __m512i rb = _mm512_loadu_si512(b + k);
-  const __m512i exponent = _mm512_set1_epi16(0x7F80);
-  __mmask32 any = _mm512_cmpeq_epi16_mask(_mm512_and_si512(rb, exponent), exponent);  // b: Inf or NaN
+  __mmask32 any = inf_or_nan16(rb);
   __m512i rx[N];
   for (std::uint32_t i = 0; i < N; ++i) {
     rx[i] = _mm512_loadu_si512(x[i] + k);

@@ -877,24 +877,22 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void split_hal
 }
 
 // split_row_avx512 for stored BF16 on AVX512-VBMI2 CPUs: 32 entries per step, picked on the
-// stored bits (as common/active.h's gather: every entry with a nonzero d_i = x - b differs from
-// the base bitwise, or has an Inf or NaN base) and compressed as 16-bit values, then widened and
-// subtracted: a fraction of the full-width widening on sparse task vectors.
+// stored bits (common/active.h, inf_or_nan16) and compressed as 16-bit values, then widened and
+// subtracted (split_half drops the +0/-0 pairs): a fraction of the full-width widening on sparse
+// task vectors.
 __attribute__((CONFLUX_GATHER_WIDE_TARGET)) inline void split_row_vbmi2(const std::uint16_t* x,
                                                                         const std::uint16_t* base,
                                                                         const RowDraws& draws, std::size_t n,
                                                                         RowSplit& s) {
   using active::high16;
   using active::low16;
-  const __m512i exponent = _mm512_set1_epi16(0x7F80);
   const __m512i lanes = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
                                          12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   std::size_t nz = 0, k = 0;
   for (; k + 32 <= n; k += 32) {
     _mm_prefetch(reinterpret_cast<const char*>(x + k + 2048), _MM_HINT_T0);  // as split_row_avx512
     const __m512i rx = _mm512_loadu_si512(x + k), rb = _mm512_loadu_si512(base + k);
-    const __mmask32 cand =
-        _mm512_cmpneq_epi16_mask(rx, rb) | _mm512_cmpeq_epi16_mask(_mm512_and_si512(rb, exponent), exponent);
+    const __mmask32 cand = _mm512_cmpneq_epi16_mask(rx, rb) | active::inf_or_nan16(rb);
     const auto count = static_cast<unsigned>(__builtin_popcount(cand));
     const __m512i cx = _mm512_maskz_compress_epi16(cand, rx), cb = _mm512_maskz_compress_epi16(cand, rb);
     const __m512i at = _mm512_maskz_compress_epi16(cand, lanes);
