@@ -92,37 +92,41 @@ inline bool have_vbmi2() {
   return yes;
 }
 
-// A gather in progress: per model its nonzero count and the lanes' smallest nonzero keys, folded
-// from the gathered entries as they are stored (every nonzero entry of the block is gathered, so
-// these are the block's counts, taken on the compressed registers at a fraction of its width).
-template <std::uint32_t N>
+// A gather in progress: per model its nonzero count and the lanes' smallest nonzero keys (kept
+// only with Count: a caller that counts for itself, as DARE's sweep, skips that work).
+template <std::uint32_t N, bool Count>
 struct GatherState {
   __m512i low[N];
   std::uint32_t nz[kMaxModels] = {};
 };
 
-// Model i's task-vector keys (float32 bits without the sign) of 16 gathered lanes, folded into
-// the state (lanes past the gathered ones hold zeros: key 0, not counted).
-template <std::uint32_t N>
-__attribute__((target("avx512f,popcnt"), always_inline)) inline void fold_keys(GatherState<N>& g, std::uint32_t i,
-                                                                               __m512 x, __m512 b) {
+// Model i's task-vector keys (float32 bits without the sign) of 16 lanes, folded into the state
+// with Count (lanes past the gathered ones hold zeros: key 0, not counted); returns the lanes
+// where it is nonzero (d != 0, or a NaN).
+template <std::uint32_t N, bool Count>
+__attribute__((target("avx512f,popcnt"), always_inline)) inline __mmask16 fold_keys(GatherState<N, Count>& g,
+                                                                                     std::uint32_t i, __m512 x,
+                                                                                     __m512 b) {
   const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(x, b)), _mm512_set1_epi32(0x7FFFFFFF));
   const __mmask16 on = _mm512_test_epi32_mask(key, key);
-  g.low[i] = _mm512_mask_min_epu32(g.low[i], on, g.low[i], key);
-  g.nz[i] += static_cast<std::uint32_t>(__builtin_popcount(on));
+  if constexpr (Count) {
+    g.low[i] = _mm512_mask_min_epu32(g.low[i], on, g.low[i], key);
+    g.nz[i] += static_cast<std::uint32_t>(__builtin_popcount(on));
+  }
+  return on;
 }
 
-// Entries [k, k + 16): float32 lanes, each stored array compressed to its active entries.
-template <std::uint32_t N, class In>
+// Entries [k, k + 16): float32 lanes, each stored array compressed to its active entries (the
+// keys folded at full width: one vector either way).
+template <std::uint32_t N, bool Count, class In>
 __attribute__((target("avx512f,popcnt"), always_inline)) inline void step16(const In* const* x, const In* b, std::size_t k,
-                                                                            Lanes& out, GatherState<N>& g) {
+                                                                            Lanes& out, GatherState<N, Count>& g) {
   const __m512 bk = load16(b + k);
   __m512 xv[N];
   unsigned any = 0;
   for (std::uint32_t i = 0; i < N; ++i) {
     xv[i] = load16(x[i] + k);
-    const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(xv[i], bk)), _mm512_set1_epi32(0x7FFFFFFF));
-    any |= _mm512_test_epi32_mask(key, key);
+    any |= fold_keys(g, i, xv[i], bk);
   }
   if (any == 0) return;
   const auto mask = static_cast<__mmask16>(any);
@@ -130,13 +134,8 @@ __attribute__((target("avx512f,popcnt"), always_inline)) inline void step16(cons
                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   const std::uint32_t n = out.count;
   _mm512_storeu_si512(out.idx + n, _mm512_maskz_compress_epi32(mask, at));
-  const __m512 cb = _mm512_maskz_compress_ps(mask, bk);
-  _mm512_storeu_ps(out.b + n, cb);
-  for (std::uint32_t i = 0; i < N; ++i) {
-    const __m512 cx = _mm512_maskz_compress_ps(mask, xv[i]);
-    _mm512_storeu_ps(out.x[i] + n, cx);
-    fold_keys(g, i, cx, cb);
-  }
+  _mm512_storeu_ps(out.b + n, _mm512_maskz_compress_ps(mask, bk));
+  for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_ps(out.x[i] + n, _mm512_maskz_compress_ps(mask, xv[i]));
   out.count = n + static_cast<std::uint32_t>(__builtin_popcount(any));
 }
 
@@ -174,11 +173,12 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline __mmask32 inf_
 // Indices fit 16 bits (k < kMaxBlock). Which entries go is decided on the stored bits
 // (inf_or_nan16), without widening; entries whose task vectors are all zero but stored as +0
 // against -0 go too: their merge is computed from their own operands like any other, and
-// fold_keys counts them out.
-template <std::uint32_t N>
+// fold_keys counts them out. The counts are folded from the compressed lanes (every nonzero
+// entry is among them): a vector or two instead of two per model.
+template <std::uint32_t N, bool Count>
 __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void step32(const std::uint16_t* const* x,
                                                                               const std::uint16_t* b, std::size_t k,
-                                                                              Lanes& out, GatherState<N>& g) {
+                                                                              Lanes& out, GatherState<N, Count>& g) {
   const __m512i rb = _mm512_loadu_si512(b + k);
   __mmask32 any = inf_or_nan16(rb);
   __m512i rx[N];
@@ -205,7 +205,7 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void step32(co
   for (std::uint32_t i = 0; i < N; ++i) {
     const __m512 x0 = widen_low(cx[i]);
     _mm512_storeu_ps(out.x[i] + n, x0);
-    fold_keys(g, i, x0, b0);
+    if constexpr (Count) fold_keys(g, i, x0, b0);
   }
   if (count > 16) {
     _mm512_storeu_si512(out.idx + n + 16, high16(idx));
@@ -214,38 +214,38 @@ __attribute__((CONFLUX_GATHER_WIDE_TARGET, always_inline)) inline void step32(co
     for (std::uint32_t i = 0; i < N; ++i) {
       const __m512 x1 = widen_high(cx[i]);
       _mm512_storeu_ps(out.x[i] + n + 16, x1);
-      fold_keys(g, i, x1, b1);
+      if constexpr (Count) fold_keys(g, i, x1, b1);
     }
   }
   out.count = n + count;
 }
 
-template <std::uint32_t N, class In>
+template <std::uint32_t N, bool Count, class In>
 __attribute__((target("avx512f,popcnt"))) std::size_t gather16(const In* const* x, const In* b, std::size_t k,
-                                                               std::size_t m, Lanes& out, GatherState<N>& g) {
-  for (; k + 16 <= m; k += 16) step16<N>(x, b, k, out, g);
+                                                               std::size_t m, Lanes& out, GatherState<N, Count>& g) {
+  for (; k + 16 <= m; k += 16) step16(x, b, k, out, g);
   return k;
 }
 
-template <std::uint32_t N>
+template <std::uint32_t N, bool Count>
 __attribute__((CONFLUX_GATHER_WIDE_TARGET)) std::size_t gather32(const std::uint16_t* const* x, const std::uint16_t* b,
-                                                                 std::size_t m, Lanes& out, GatherState<N>& g) {
+                                                                 std::size_t m, Lanes& out, GatherState<N, Count>& g) {
   std::size_t k = 0;
-  for (; k + 32 <= m; k += 32) step32<N>(x, b, k, out, g);
+  for (; k + 32 <= m; k += 32) step32(x, b, k, out, g);
   return k;
 }
 
-template <std::uint32_t N, class In>
+template <std::uint32_t N, bool Count, class In>
 __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x, const In* b, std::size_t m,
                                                                Lanes& out, std::uint32_t* nonzero,
                                                                std::uint32_t* least) {
   out.count = 0;
-  GatherState<N> g;
+  GatherState<N, Count> g;
   for (std::uint32_t i = 0; i < N; ++i) g.low[i] = _mm512_set1_epi32(-1);
   std::size_t k = 0;
   if constexpr (std::is_same_v<In, std::uint16_t>)
-    if (have_vbmi2()) k = gather32<N>(x, b, m, out, g);
-  k = gather16<N>(x, b, k, m, out, g);
+    if (have_vbmi2()) k = gather32(x, b, m, out, g);
+  k = gather16(x, b, k, m, out, g);
   std::uint32_t lows[kMaxModels];
   for (std::uint32_t i = 0; i < N; ++i) {  // (GCC 12's _mm512_reduce_min_epu32 trips -Wuninitialized)
     alignas(64) std::uint32_t lane[16];
@@ -258,7 +258,7 @@ __attribute__((target("avx512f,popcnt"))) void gather_avx512(const In* const* x,
   _mm512_storeu_si512(out.idx + out.count, zero);
   _mm512_storeu_si512(out.b + out.count, zero);
   for (std::uint32_t i = 0; i < N; ++i) _mm512_storeu_si512(out.x[i] + out.count, zero);
-  if (!nonzero) return;
+  if constexpr (!Count) return;
   for (std::uint32_t i = 0; i < N; ++i) {
     nonzero[i] += g.nz[i];
     least[i] = std::min(least[i], lows[i]);
@@ -278,12 +278,16 @@ inline bool gather_active(std::uint32_t n, const In* const* x, const In* b, std:
                           std::uint32_t* nonzero, std::uint32_t* least) {
 #ifdef CONFLUX_PLUGINS_AVX512_LOADS
   if (!have_avx512() || n == 0 || n > kMaxModels || m > kMaxBlock) return false;
-  switch (n) {
-    case 1: gather_avx512<1>(x, b, m, out, nonzero, least); break;
-    case 2: gather_avx512<2>(x, b, m, out, nonzero, least); break;
-    case 3: gather_avx512<3>(x, b, m, out, nonzero, least); break;
-    default: gather_avx512<4>(x, b, m, out, nonzero, least); break;
-  }
+  auto run = [&](auto count) {
+    switch (n) {
+      case 1: return gather_avx512<1, count.value>(x, b, m, out, nonzero, least);
+      case 2: return gather_avx512<2, count.value>(x, b, m, out, nonzero, least);
+      case 3: return gather_avx512<3, count.value>(x, b, m, out, nonzero, least);
+      default: return gather_avx512<4, count.value>(x, b, m, out, nonzero, least);
+    }
+  };
+  if (nonzero) run(std::true_type{});
+  else run(std::false_type{});
   return true;
 #else
   (void)n, (void)x, (void)b, (void)m, (void)out, (void)nonzero, (void)least;
