@@ -860,10 +860,16 @@ TEST(DellaRowKernels, SplitsAndRanksMatchAStableSort) {
           }
           // The plugins' choice: at least every entry that may be kept, each once.
           std::fill(seen.begin(), seen.end(), 0);
-          dm::visit_candidates(s, from[len - 1], cand.data(), a.data(), b.data(), [&](std::size_t r, std::uint32_t j) {
-            expect_rank(r, j);
-            ++seen[j];
-          });
+          std::vector<std::uint32_t> cand_rank(len + 16);
+          const std::size_t c =
+              dm::rank_candidates(s, from[len - 1], cand.data(), cand_rank.data(), a.data(), b.data());
+          for (std::size_t e = 0; e < c; ++e) {
+            if (e > 0) {
+              EXPECT_LT(cand[e - 1], cand[e]) << "candidates in ascending order";
+            }
+            expect_rank(cand_rank[e], cand[e]);
+            ++seen.at(cand[e]);
+          }
           for (std::size_t j = 0; j < s.nonzero; ++j) {
             EXPECT_LE(seen[j], 1);
             if (mnz[j] >= from[len - 1]) {

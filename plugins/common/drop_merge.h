@@ -78,10 +78,10 @@
 // the floor). Only a nonzero entry whose draw reaches the row's lowest threshold can be kept;
 // when few do (low keep probabilities, sparse task vectors) their ranks are counted directly
 // with vector compares, else the nonzero entries are radix-sorted on the key bits that vary
-// within the row. Kept entries' W are added, model by model, into per-entry sums that are zero
-// at rest (skipping a zero W leaves a sum's bits unchanged: the sums start at +0 and never
-// become -0). Thresholds and factors by rank come from tables per row length, built once per
-// job.
+// within the row. Kept entries' W are added, model by model, into the sums of a cell per entry
+// with a kept term (DellaPool: packed, zero at rest; skipping a zero W leaves a sum's bits
+// unchanged: the sums start at +0 and never become -0). Thresholds and factors by rank come
+// from tables per row length, built once per job.
 #pragma once
 
 #include <conflux/plugin.hpp>
@@ -248,10 +248,6 @@ struct Sums {
   ElectionStore<V> election;
 };
 
-// DELLA's per-entry state for a group of rows (double). Sparse task vectors leave most entries
-// without a kept term, so the state is one record per entry (a term touches one cache line, not
-// five arrays), a bit per entry marks those that got a term, and the finish computes only the
-// marked ones from the state; every other entry's output is the base plus the empty merge.
 // v where on, else +0: a select on the bits (keep decisions and signs are coin flips, and a
 // branch on them costs more than the arithmetic; a multiply by 0 or 1 would turn an infinite W
 // into NaN).
@@ -269,10 +265,32 @@ inline double masked(double v, bool on) {
 #endif
 }
 
-// ElectionTerm<double>::add without branches: adding a +0 term leaves every sum's bits as they
-// are (the sums start at +0 and never become -0), so a dropped entry (W = +0) changes nothing.
-struct DellaCell {
-  double vote, pos, neg, pos_w, neg_w;
+// elect<double, Normalize> (below) for one entry at a time: a divisor of 1 (one agreeing model
+// of weight 1, the common case in sparse task vectors) skips the division's latency. The same
+// bits: x / 1 is x for every x that is not a signaling NaN, and the sums are results of
+// arithmetic.
+template <bool Normalize>
+inline double elect_one(double vote, double pos, double neg, double pos_w, double neg_w) {
+  const bool up = vote >= 0.0;  // a zero vote counts as +
+  const double sum = up ? pos : neg;
+  if constexpr (Normalize) {
+    const double div = up ? pos_w : neg_w;
+    if (div == 1.0) return sum;
+    return div != 0.0 ? sum / div : 0.0;
+  } else {
+    return sum;
+  }
+}
+
+// DELLA's state for one entry of a group of rows (double) that got a kept term: the sums of the
+// election (DellaVotes) or of the linear merge (DellaAcc), and the entry k it belongs to.
+// merged() is the entry's merged task vector (the output is base + factor * merged); a cell of
+// zeros gives the empty merge's.
+// ElectionTerm<double>::add without branches on the signs (coin flips): the selects as masks.
+template <bool Normalize>
+struct DellaVotes {
+  double vote = 0, pos = 0, neg = 0, pos_w = 0, neg_w = 0;
+  std::uint32_t k = 0;
   void add(double W, double w) {
 #if defined(__x86_64__) && defined(__SSE2__)
     // The selects as SSE2 masks (compare, and): no round trip of the values through integer
@@ -293,31 +311,68 @@ struct DellaCell {
     neg_w += masked(w, down);
 #endif
   }
+  double merged() const { return elect_one<Normalize>(vote, pos, neg, pos_w, neg_w); }
 };
-struct DellaSums {
-  std::vector<DellaCell> cell;        // ties
-  std::vector<double> acc;            // linear
-  std::vector<std::uint64_t> touched;  // bit k: entry k got a kept term
-  void reserve(std::size_t m, bool ties) {
-    if (ties && cell.size() < m) cell.resize(m, DellaCell{0, 0, 0, 0, 0});
-    if (!ties && acc.size() < m) acc.resize(m, 0.0);
-    if (touched.size() < (m + 63) / 64) touched.resize((m + 63) / 64, 0);
+struct DellaAcc {
+  double acc = 0;
+  std::uint32_t k = 0;
+  void add(double W, double) { acc += W; }
+  double merged() const { return acc; }
+};
+
+// The cells of a group of rows. Sparse task vectors leave most entries without a kept term, so
+// an entry gets a cell at its first kept term, the next of a pool used in order (slot[k]: its
+// cell, 0 for none), and the finish visits the used cells only. The used cells are packed and
+// stay in the nearest cache; a dense array of the row's sums (40 bytes an entry) did not, and
+// its loads were the largest stall in della's profile. Both arrays are zero at rest: the
+// finish clears what the group used.
+template <class Cell>
+struct DellaPool {
+  std::vector<Cell> cell;           // 1 .. used; cell 0 is never used
+  std::vector<std::uint32_t> slot;  // by entry of the group
+  std::uint32_t used = 0;
+  void reserve(std::size_t m) {
+    if (slot.size() < m) {
+      slot.resize(m, 0);
+      cell.resize(m + 1);
+    }
   }
-  void mark(std::size_t k, bool on) { touched[k >> 6] |= static_cast<std::uint64_t>(on) << (k & 63); }
+  // Adds W (weight w) to entry k's cell.
+  void add(std::uint32_t k, double W, double w) {
+    std::uint32_t s = slot[k];
+    const bool fresh = s == 0;  // rarely false in sparse task vectors: no branch on it
+    s = fresh ? used + 1 : s;
+    used += fresh ? 1 : 0;
+    slot[k] = s;
+    Cell& c = cell[s];
+    c.k = k;
+    c.add(W, w);
+  }
 };
 
 // Working memory of one map call, reused by later calls (allocating it per chunk made the
 // allocator hand memory back to the system and fault it in again: page faults and TLB
 // shootdowns cost more than some kernels).
 struct Scratch {
-  std::vector<std::uint32_t> key, idx, mnz, cand, draw;
+  std::vector<std::uint32_t> key, idx, mnz, cand, rank, draw;
   std::vector<std::uint64_t> a, b;
   // DARE: state carried between groups of models (overwritten by the first group).
   Sums<float> carry_f;
   Sums<double> carry_d;
-  // DELLA (double): sums the rows' kept entries are added into, zero at rest (the finish clears
-  // what it finds marked in `touched`).
-  DellaSums rest;
+  // DELLA (double): the cells the rows' kept entries are added into (zero at rest).
+  DellaPool<DellaVotes<true>> votes;
+  DellaPool<DellaVotes<false>> votes_unnormalized;
+  DellaPool<DellaAcc> accs;
+
+  template <class Cell>
+  DellaPool<Cell>& cells() {
+    if constexpr (std::is_same_v<Cell, DellaAcc>)
+      return accs;
+    else if constexpr (std::is_same_v<Cell, DellaVotes<true>>)
+      return votes;
+    else
+      return votes_unnormalized;
+  }
 
   template <class V>
   Sums<V>& carry() {
@@ -415,38 +470,20 @@ CONFLUX_MULTIVERSION void fill_base_plus(const In* __restrict base, std::size_t 
   for (std::size_t k = 0; k < m; ++k) out[k] = static_cast<float>(static_cast<double>(value(base, k)) + z);
 }
 
-// Calls f(k) for each marked entry k < m, in index order, and clears the marks.
-template <class F>
-inline void for_marked(std::uint64_t* touched, std::size_t m, F&& f) {
-  for (std::size_t w = 0; w < (m + 63) / 64; ++w) {
-    for (std::uint64_t bits = touched[w]; bits != 0; bits &= bits - 1)
-      f(w * 64 + static_cast<std::size_t>(__builtin_ctzll(bits)));
-    touched[w] = 0;
+// DELLA's finish of a group of m entries (double): out[k] = base[k] + factor * merged, rounded
+// once, the bits of finish_election / finish_sum over the dense state. The entries without a
+// cell from the base alone, then those with one from their cell; the pool is zero again after.
+template <class Cell, class In>
+void finish_della(const In* base, DellaPool<Cell>& p, std::size_t m, double factor, float* out) {
+  fill_base_plus(base, m, factor * Cell{}.merged(), out);
+  for (std::uint32_t s = 1; s <= p.used; ++s) {
+    Cell& c = p.cell[s];
+    const std::uint32_t k = c.k;
+    out[k] = static_cast<float>(static_cast<double>(value(base, k)) + factor * c.merged());
+    p.slot[k] = 0;
+    c = Cell{};
   }
-}
-
-// DELLA's finish of a group of m entries (double), the bits of finish_election / finish_sum over
-// the dense state: the unmarked entries from the base alone, then the marked ones from their
-// state, which is zero again after.
-template <bool Normalize, class In>
-void finish_della_election(const In* base, DellaSums& s, std::size_t m, double lambda, float* out) {
-  fill_base_plus(base, m, lambda * elect<double, Normalize>(0.0, 0.0, 0.0, 0.0, 0.0), out);
-  DellaCell* cell = s.cell.data();
-  for_marked(s.touched.data(), m, [&](std::size_t k) {
-    DellaCell& c = cell[k];
-    out[k] = static_cast<float>(static_cast<double>(value(base, k)) +
-                                lambda * elect<double, Normalize>(c.vote, c.pos, c.neg, c.pos_w, c.neg_w));
-    c = DellaCell{0, 0, 0, 0, 0};
-  });
-}
-template <class In>
-void finish_della_sum(const In* base, DellaSums& s, std::size_t m, double f, float* out) {
-  fill_base_plus(base, m, f * 0.0, out);
-  double* acc = s.acc.data();
-  for_marked(s.touched.data(), m, [&](std::size_t k) {
-    out[k] = static_cast<float>(static_cast<double>(value(base, k)) + f * acc[k]);
-    acc[k] = 0.0;
-  });
+  p.used = 0;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -922,22 +959,42 @@ __attribute__((target("avx512f"))) inline std::size_t candidates_avx512(const st
 // The rank of nonzero entry j among key[0, n) (ascending key, equal keys by position): the
 // entries before j with a key <= key[j] (< key[j] + 1) and those after it with a smaller key.
 // key is padded to a multiple of 16 with 0xFFFFFFFF (above every magnitude key: never counted).
+// The counts are added in a vector, per lane (a masked add per 16 keys), and summed once at the
+// end: a mask's trip through a general register and popcnt per 16 keys cost twice the time.
 __attribute__((target("avx512f"))) inline std::size_t rank_avx512(const std::uint32_t* key, std::size_t n,
                                                                  std::size_t j) {
   const __m512i below_or_equal = _mm512_set1_epi32(static_cast<int>(key[j] + 1));  // key[j] < 2^31
   const __m512i below = _mm512_set1_epi32(static_cast<int>(key[j]));
+  const __m512i one = _mm512_set1_epi32(1);
   const std::size_t tj = j & ~std::size_t{15};
-  unsigned count = 0;
+  __m512i count = _mm512_setzero_si512();
   for (std::size_t t = 0; t < tj; t += 16)
-    count += static_cast<unsigned>(__builtin_popcount(_mm512_cmplt_epu32_mask(_mm512_loadu_si512(key + t), below_or_equal)));
+    count = _mm512_mask_add_epi32(count, _mm512_cmplt_epu32_mask(_mm512_loadu_si512(key + t), below_or_equal),
+                                  count, one);
   const __m512i v = _mm512_loadu_si512(key + tj);
   const auto before = static_cast<__mmask16>((1u << (j - tj)) - 1);
-  count += static_cast<unsigned>(__builtin_popcount(static_cast<unsigned>(
-      _mm512_mask_cmplt_epu32_mask(before, v, below_or_equal) |
-      _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~before), v, below))));
+  count = _mm512_mask_add_epi32(count,
+                                _mm512_mask_cmplt_epu32_mask(before, v, below_or_equal) |
+                                    _mm512_mask_cmplt_epu32_mask(static_cast<__mmask16>(~before), v, below),
+                                count, one);
   for (std::size_t t = tj + 16; t < n; t += 16)
-    count += static_cast<unsigned>(__builtin_popcount(_mm512_cmplt_epu32_mask(_mm512_loadu_si512(key + t), below)));
-  return count;
+    count = _mm512_mask_add_epi32(count, _mm512_cmplt_epu32_mask(_mm512_loadu_si512(key + t), below), count, one);
+  // The lanes' sum (zero-masked extracts: GCC 12's _mm512_reduce_add_epi32 and cast trip
+  // -Wmaybe-uninitialized).
+  const __m256i s8 = _mm256_add_epi32(_mm512_maskz_extracti64x4_epi64(static_cast<__mmask8>(0xFF), count, 0),
+                                      _mm512_maskz_extracti64x4_epi64(static_cast<__mmask8>(0xFF), count, 1));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  return static_cast<std::size_t>(static_cast<std::uint32_t>(_mm_cvtsi128_si32(s4)));
+}
+
+// rank[e] = rank_avx512(key, n, cand[e]) for e < c (one call: the loop keeps its state in
+// registers).
+__attribute__((target("avx512f"))) inline void ranks_avx512(const std::uint32_t* key, std::size_t n,
+                                                           const std::uint32_t* cand, std::size_t c,
+                                                           std::uint32_t* rank) {
+  for (std::size_t e = 0; e < c; ++e) rank[e] = static_cast<std::uint32_t>(rank_avx512(key, n, cand[e]));
 }
 #endif
 
@@ -1014,21 +1071,24 @@ void radix_ranks(const RowSplit& s, std::uint64_t* a, std::uint64_t* b, Visit&& 
   }
 }
 
-// Calls visit(rank, j) (rank among the nonzero entries, as radix_ranks) for every nonzero entry
-// j of a split row that may be kept: at least those with mnz[j] >= from_min, the lowest keep
-// threshold of the row (the others are dropped whatever their rank). With one magnitude the
-// rank is the position. With AVX-512 and few candidates (keep probabilities are low: most
-// entries can be ruled out by their uniform alone), the candidates' ranks are counted directly
-// (a vector compare per 16 entries and candidate) instead of sorting the row. cand holds
-// nonzero + 16 entries, a and b nonzero.
-template <class Visit>
-void visit_candidates(RowSplit& s, std::uint32_t from_min, std::uint32_t* cand, std::uint64_t* a, std::uint64_t* b,
-                      Visit&& visit) {
+// The ranks of every nonzero entry of a split row that may be kept: at least those with
+// mnz[j] >= from_min, the lowest keep threshold of the row (the others are dropped whatever
+// their rank). Returns how many, c: candidate e is entry cand[e] (ascending), of rank rank[e]
+// among the nonzero entries (as radix_ranks). With one magnitude the rank is the position. With
+// AVX-512 and few candidates (keep probabilities are low: most entries can be ruled out by their
+// uniform alone), the candidates' ranks are counted directly (a vector compare per 16 entries
+// and candidate) instead of sorting the row. cand and rank hold nonzero + 16 entries, a and b
+// nonzero.
+inline std::size_t rank_candidates(RowSplit& s, std::uint32_t from_min, std::uint32_t* cand, std::uint32_t* rank,
+                                   std::uint64_t* a, std::uint64_t* b) {
   const std::size_t n = s.nonzero;
-  if (n == 0) return;
-  if (n == 1 || s.varying == 0) {
-    for (std::size_t j = 0; j < n; ++j) visit(j, static_cast<std::uint32_t>(j));
-    return;
+  auto every_entry = [&] {
+    for (std::size_t j = 0; j < n; ++j) cand[j] = static_cast<std::uint32_t>(j);
+  };
+  if (n <= 1 || s.varying == 0) {
+    every_entry();
+    std::copy_n(cand, n, rank);
+    return n;
   }
 #if CONFLUX_DROP_MERGE_AVX512
   if (have_avx512()) {
@@ -1036,14 +1096,15 @@ void visit_candidates(RowSplit& s, std::uint32_t from_min, std::uint32_t* cand, 
     // Counting costs c * n / 16 vector steps; the radix sort some 10 scalar steps per entry.
     if (c * ((n + 15) / 16) <= 8 * n) {
       std::fill_n(s.key + n, 16, 0xFFFFFFFFu);  // padding: above every key
-      for (std::size_t e = 0; e < c; ++e) visit(rank_avx512(s.key, n, cand[e]), cand[e]);
-      return;
+      ranks_avx512(s.key, n, cand, c, rank);
+      return c;
     }
   }
 #endif
   (void)from_min;
-  (void)cand;
-  radix_ranks(s, a, b, visit);
+  every_entry();
+  radix_ranks(s, a, b, [&](std::size_t r, std::uint32_t j) { rank[j] = static_cast<std::uint32_t>(r); });
+  return n;
 }
 
 // DELLA's keep thresholds and survivor factors by rank for rows of L entries:
@@ -1409,81 +1470,71 @@ class DropMerge {
   }
 
   // DELLA with a spread (in double): groups of whole rows, each row of each model through
-  // della_row into the group's sums, then the group's finish.
+  // della_row, its kept entries into the group's cells, then the group's finish.
   template <class In>
   void run_della(const sdk::Chunk& c, const In* const* models, const In* base_in, std::size_t len,
                  const std::vector<std::uint64_t>& keys, std::vector<KeptCount>& kept, float* out) const {
+    if constexpr (!T::ties)
+      run_della_as<DellaAcc>(c, models, base_in, len, keys, kept, out);
+    else if (normalize_)
+      run_della_as<DellaVotes<true>>(c, models, base_in, len, keys, kept, out);
+    else
+      run_della_as<DellaVotes<false>>(c, models, base_in, len, keys, kept, out);
+  }
+  template <class Cell, class In>
+  void run_della_as(const sdk::Chunk& c, const In* const* models, const In* base_in, std::size_t len,
+                    const std::vector<std::uint64_t>& keys, std::vector<KeptCount>& kept, float* out) const {
     using V = double;
     const Factors<V>& fac = double_;
     std::unique_ptr<RankTables> own;
     const RankTables& tab = tables_for(len, own);
     const std::size_t count = c.count();
     const std::size_t group = std::max<std::size_t>(1, kRowGroup / len) * len;
-    const std::size_t cap = std::min(group, count);
     const ScratchPool::Lease lease = pool_.get();
     Scratch& s = *lease;
-    RowBuffers rb{at_least(s.key, len + 16), at_least(s.idx, len + 16), at_least(s.mnz, len + 16),
-                  at_least(s.cand, len + 16), at_least(s.draw, len), at_least(s.a, len), at_least(s.b, len)};
-    // The sums are zero at rest: the finish clears what the group added (nothing in between
-    // throws), so no pass clears them. A dropped entry adds nothing (its W is +0, which leaves
-    // every sum's bits as they are: they start at +0 and never become -0), so only kept ones do.
-    DellaSums& sums = s.rest;
-    sums.reserve(cap, T::ties);
+    RowBuffers rb{at_least(s.key, len + 16),  at_least(s.idx, len + 16), at_least(s.mnz, len + 16),
+                  at_least(s.cand, len + 16), at_least(s.rank, len + 16), at_least(s.draw, len),
+                  at_least(s.a, len),         at_least(s.b, len)};
+    // The cells are zero at rest: the finish clears what the group used (nothing in between
+    // throws). A dropped entry adds nothing, so only the kept ones take a cell.
+    DellaPool<Cell>& cells = s.cells<Cell>();
+    cells.reserve(std::min(group, count));
     for (std::size_t g0 = 0; g0 < count; g0 += group) {
       const std::size_t m = std::min(group, count - g0);
-      // Row by row, and each row through the models in order (every entry still takes its
-      // models' terms in model order): a row's sums stay in the nearest cache while its models
-      // add to them.
+      // Row by row, and each row through the models in order (every entry takes its models'
+      // terms in model order): a row's cells stay in the nearest cache while its models add.
       for (std::size_t r0 = 0; r0 < m; r0 += len) {
         for (std::uint32_t i = 0; i < n_; ++i) {
-          const V* cv = tab.factors(i);
           const In* x = models[i] + g0 + r0;
           const In* base = base_in + g0 + r0;
-          const RowDraws draws(keys[i], c.begin() + g0 + r0);
-          if constexpr (T::ties) {
-            DellaCell* cell = sums.cell.data() + r0;
-            const V wi = fac.w[i];
-            const float si = fac.s[i];
-            (void)si;  // double: the sign of W itself decides
-            della_row(x, base, draws, tab, len, rb, kept[i], [&](std::uint32_t k, std::size_t r, bool keep) {
-              cell[k].add(masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep), wi);
-              sums.mark(r0 + k, keep);
-            });
-          } else {
-            double* row_acc = sums.acc.data() + r0;
-            della_row(x, base, draws, tab, len, rb, kept[i], [&](std::uint32_t k, std::size_t r, bool keep) {
-              row_acc[k] += masked(cv[r] * static_cast<V>(value(x, k) - value(base, k)), keep);
-              sums.mark(r0 + k, keep);
-            });
+          const std::size_t n = della_row(x, base, RowDraws(keys[i], c.begin() + g0 + r0), tab, len, rb, kept[i]);
+          // W = (w_i / q_r) * d, or w_i * d without rescale (double: the sign of W decides).
+          const V* cv = tab.factors(i);
+          const V wi = fac.w[i];
+          for (std::size_t e = 0; e < n; ++e) {
+            const std::uint32_t k = rb.cand[e];
+            cells.add(static_cast<std::uint32_t>(r0) + k,
+                      cv[rb.rank[e]] * static_cast<V>(value(x, k) - value(base, k)), wi);
           }
         }
       }
-      const In* base = base_in + g0;
-      if constexpr (T::ties) {
-        if (normalize_)
-          finish_della_election<true>(base, sums, m, fac.out_factor, out + g0);
-        else
-          finish_della_election<false>(base, sums, m, fac.out_factor, out + g0);
-      } else {
-        finish_della_sum(base, sums, m, fac.out_factor, out + g0);
-      }
+      finish_della(base_in + g0, cells, m, fac.out_factor, out + g0);
     }
   }
 
-  // Scratch arrays of one row (see RowSplit, visit_candidates).
+  // Scratch arrays of one row (see RowSplit, rank_candidates).
   struct RowBuffers {
     std::uint32_t *key, *idx, *mnz;
-    std::uint32_t *cand, *draw;
+    std::uint32_t *cand, *rank, *draw;
     std::uint64_t *a, *b;
   };
 
   // One row of one model (task vector x - base, the model's draws for the row, rank tables):
-  // adds its kept entries to `kept`, and calls add(k, r, keep) for every nonzero entry k that
-  // may be kept (rank r in the row; keep: whether it is) to add its W (+0 unless kept) into the
-  // sums.
-  template <class In, class Add>
-  static void della_row(const In* x, const In* base, const RowDraws& draws, const RankTables& tab, std::size_t len,
-                        const RowBuffers& rb, KeptCount& kept, Add&& add) {
+  // adds its kept entries to `kept` and returns how many there are, n: kept entry e < n is
+  // entry rb.cand[e] of the row, of rank rb.rank[e] in the row, in ascending entry order.
+  template <class In>
+  static std::size_t della_row(const In* x, const In* base, const RowDraws& draws, const RankTables& tab,
+                               std::size_t len, const RowBuffers& rb, KeptCount& kept) {
     RowSplit split{rb.key, rb.idx, rb.mnz};
     split_row(x, base, draws, len, rb.draw, split);
     // Zeros take ranks 0 .. zeros-1 in index order (their W is 0 kept or not), the nonzero
@@ -1491,14 +1542,21 @@ class DropMerge {
     const std::size_t zeros = len - split.nonzero;
     kept.zero_units += tab.zero_units[zeros];
     const std::uint32_t* from = tab.from.data();
-    const std::uint32_t* mnz = rb.mnz;
-    const std::uint32_t* idx = rb.idx;
-    visit_candidates(split, from[len - 1], rb.cand, rb.a, rb.b, [&](std::size_t rank, std::uint32_t j) {
-      const std::size_t r = zeros + rank;
-      const bool keep = mnz[j] >= from[r];  // a coin flip: no branch on it
-      kept.exact += keep ? 1 : 0;
-      add(idx[j], r, keep);
-    });
+    std::uint32_t* cand = rb.cand;
+    std::uint32_t* rank = rb.rank;
+    const std::size_t c = rank_candidates(split, from[len - 1], cand, rank, rb.a, rb.b);
+    // The kept candidates, compacted in place (entry of the row, rank in the row) without a
+    // branch on the keep decisions (coin flips).
+    std::size_t n = 0;
+    for (std::size_t e = 0; e < c; ++e) {
+      const std::uint32_t j = cand[e];
+      const auto r = static_cast<std::uint32_t>(zeros) + rank[e];
+      cand[n] = rb.idx[j];
+      rank[n] = r;
+      n += rb.mnz[j] >= from[r] ? 1 : 0;
+    }
+    kept.exact += n;
+    return n;
   }
 
   // The rank tables of rows of `len` entries: the job's, else built into `own`.
