@@ -36,13 +36,24 @@
 // only on the tensor's values and shape, never on how the host cut it into chunks. Memory: three
 // doubles per row of the tensors being processed. The statistics kernel may fuse a product and
 // its sum (FMA): the product of two floats is exact in double, so that changes no bit.
+// SPECULATION (one read of the inputs). Checkpoints merged with slerp usually share their
+// pretraining, so most tensors are near-parallel and take the linear branch, whose coefficients
+// (1 - t, t) need no statistics. The statistics pass therefore also computes a chunk's linear
+// output (CFX_PASS_SPECULATIVE_OUTPUT, first execution) when each of the chunk's rows is
+// near-parallel on its own (|cos| of the row > 0.9995, or a zero-norm row): the output of the
+// map pass's linear branch, bit for bit. When the tensor turns out linear (near-parallel or zero
+// norm) and every chunk wrote its output, that output is final and the map pass is skipped (the
+// report's "one_read"); otherwise the map pass runs as without speculation. Whether a tensor
+// is finished in one read depends only on its rows, never on chunking or threads. A tensor
+// with a spherical row costs nothing more: its chunks with such a row do not speculate.
 // Both passes take BF16 tensors as stored (CFX_PASS_BF16_INPUTS: read straight from the mapped
 // files, no conversion sweep by the host); a BF16 value widens to float32 exactly, so the kernels,
 // templated on the input type, give the same bits as from float32 copies.
 //
 // REPORT (conflux-manifest.json, "report"): t, which checkpoints are v0 and v1, how many tensors
-// were interpolated spherically / linearly (near-parallel) / linearly (zero norm), the range of
-// the angles, and per tensor its method, cos, c0 and c1 (numbers printed with %.17g).
+// were interpolated spherically / linearly (near-parallel) / linearly (zero norm), how many of
+// them were finished in one read ("one_read"), the range of the angles, and per tensor its
+// method, cos, c0 and c1 (numbers printed with %.17g).
 #include <conflux/plugin.hpp>
 
 #include <algorithm>
@@ -209,7 +220,7 @@ enum class Kind : std::uint8_t { empty, spherical, parallel, zero_norm };
 }  // namespace
 
 struct Slerp {
-  static constexpr sdk::Info info{"slerp", "1.1.0",
+  static constexpr sdk::Info info{"slerp", "1.2.0",
                                   "Spherical linear interpolation of two models (base + one, or two models)", 1, 2,
                                   CFX_BASE_OPTIONAL};
   static inline const sdk::Param params[] = {
@@ -234,8 +245,10 @@ struct Slerp {
           std::string(has_base_ ? "a base and " : "no base and ") + std::to_string(n) + (n == 1 ? " model" : " models"));
   }
 
-  // Statistics pass: one row at a time (whole rows), results stored per row.
-  void stats(const sdk::Chunk& c, sdk::Span<std::uint64_t> rows_seen) {
+  // Statistics pass: one row at a time (whole rows), results stored per row; seen[0] counts the
+  // rows, seen[1] those whose linear output was written (SPECULATION).
+  std::size_t stats_count(std::uint32_t) const { return 2; }
+  void stats(const sdk::Chunk& c, sdk::Span<std::uint64_t> seen) {
     const cfx_tensor& t = c.tensor();
     const std::uint64_t len = t.row_length;
     if (len == 0 || c.begin() % len != 0 || c.count() % len != 0)
@@ -244,23 +257,30 @@ struct Slerp {
     std::call_once(s.once, [&] { s.rows.reset(new double[3 * (t.numel / len)]); });
     double* out = s.rows.get() + 3 * (c.begin() / len);
     const std::uint64_t rows = c.count() / len;
+    const sdk::Span<float> spec = c.speculative_output();
     with_inputs(c, [&](auto models, auto base) {
       const auto *a = first(models, base), *b = second(models, base);
       const auto row_sums = kernel(a);
       for (std::uint64_t r = 0; r < rows; ++r) row_sums(a + r * len, b + r * len, len, out + 3 * r);
+      if (!spec.empty() && rows_near_parallel(out, rows)) {
+        mix_chunk(c, a, b, 1 - t_, t_, spec);  // the linear branch's coefficients, as done() sets them
+        c.output_written();
+        seen[1] += rows;
+      }
     });
-    rows_seen[0] += rows;
+    seen[0] += rows;
   }
 
   void combine(const cfx_tensor*, sdk::Span<std::uint64_t> into, sdk::Span<const std::uint64_t> from) {
     into[0] += from[0];
+    into[1] += from[1];
   }
 
-  bool done(const cfx_tensor* t, sdk::Span<const std::uint64_t> rows_seen) {
+  sdk::Next done(const cfx_tensor* t, sdk::Span<const std::uint64_t> seen) {
     TensorState& s = state_[t->index];
     const std::uint64_t rows = t->numel == 0 ? 0 : t->numel / t->row_length;
-    if (rows_seen[0] != rows) throw sdk::Error("internal: the statistics pass did not see every row once");
-    if (rows == 0) return false;  // empty tensor: never mapped
+    if (seen[0] != rows) throw sdk::Error("internal: the statistics pass did not see every row once");
+    if (rows == 0) return sdk::Next::proceed;  // empty tensor: never mapped
     double ss0 = 0, ss1 = 0, dot = 0;
     const double* r = s.rows.get();
     for (std::uint64_t i = 0; i < rows; ++i) {
@@ -272,52 +292,42 @@ struct Slerp {
     const double n0 = std::sqrt(ss0), n1 = std::sqrt(ss1);
     s.c0 = 1 - t_;
     s.c1 = t_;
+    // A linear tensor whose every chunk wrote the linear output is finished.
+    const auto linear = [&] {
+      s.one_read = seen[1] == rows;
+      return s.one_read ? sdk::Next::output_final : sdk::Next::proceed;
+    };
     if (n0 == 0 || n1 == 0) {
       s.kind = Kind::zero_norm;
-      return false;
+      return linear();
     }
     const double cos = dot / (n0 * n1);
     s.cos = cos;
     s.angle = std::acos(std::clamp(cos, -1.0, 1.0));
     if (std::fabs(cos) > kDotThreshold) {
       s.kind = Kind::parallel;
-      return false;
+      return linear();
     }
     s.kind = Kind::spherical;
     const double theta = s.angle, sin_theta = std::sin(theta), theta_t = theta * t_;  // |cos| <= 0.9995: unclamped
     s.c0 = std::sin(theta - theta_t) / sin_theta;
     s.c1 = std::sin(theta_t) / sin_theta;
-    return false;
+    return sdk::Next::proceed;
   }
 
-  // The coefficients are the tensor's (double). For a BF16 output: float32 (the coefficients
-  // rounded to it here, the same for every chunk), with float_guard's per-entry fallback to double.
   void map(const sdk::Chunk& c, sdk::Span<float> out) {
-    with_inputs(c, [&](auto models, auto base) { map_inputs(c, first(models, base), second(models, base), out); });
-  }
-
-  template <class In>
-  void map_inputs(const sdk::Chunk& c, const In* a, const In* b, sdk::Span<float> out) const {
     const TensorState& s = state_[c.tensor().index];
-    if (!c.float32_suffices()) {
-      mix<double>(a, b, out.size(), s.c0, s.c1, out.data());
-      return;
-    }
-    const float c0 = static_cast<float>(s.c0), c1 = static_cast<float>(s.c1);
-    auto f32 = [&](std::size_t at, std::size_t n) {
-      return mix<float, true>(a + at, b + at, n, c0, c1, out.data() + at);
-    };
-    auto f64 = [&](std::size_t at, std::size_t n) { mix<double>(a + at, b + at, n, s.c0, s.c1, out.data() + at); };
-    fg::run(out.size(), f32, f64);
+    with_inputs(c, [&](auto models, auto base) { mix_chunk(c, first(models, base), second(models, base), s.c0, s.c1, out); });
   }
 
   void finish() {
-    std::uint64_t counts[4] = {0, 0, 0, 0};
+    std::uint64_t counts[4] = {0, 0, 0, 0}, one_read = 0;
     double lo = 0, hi = 0;
     bool any_angle = false;
     for (std::size_t i = 0; i < job_.tensors().size(); ++i) {
       const TensorState& s = state_[i];
       ++counts[static_cast<int>(s.kind)];
+      one_read += s.one_read ? 1 : 0;
       if (s.kind == Kind::spherical || s.kind == Kind::parallel) {
         lo = any_angle ? std::min(lo, s.angle) : s.angle;
         hi = any_angle ? std::max(hi, s.angle) : s.angle;
@@ -328,11 +338,11 @@ struct Slerp {
     char buf[512];
     std::snprintf(buf, sizeof buf,
                   "{\"t\":%.17g,\"v0\":\"%s\",\"v1\":\"%s\",\"tensors\":%llu,\"spherical\":%llu,"
-                  "\"linear_near_parallel\":%llu,\"linear_zero_norm\":%llu",
+                  "\"linear_near_parallel\":%llu,\"linear_zero_norm\":%llu,\"one_read\":%llu",
                   t_, has_base_ ? "base" : "models[0]", has_base_ ? "models[0]" : "models[1]",
                   static_cast<unsigned long long>(counts[1] + counts[2] + counts[3]),
                   static_cast<unsigned long long>(counts[1]), static_cast<unsigned long long>(counts[2]),
-                  static_cast<unsigned long long>(counts[3]));
+                  static_cast<unsigned long long>(counts[3]), static_cast<unsigned long long>(one_read));
     std::string json = buf;
     if (any_angle) {
       std::snprintf(buf, sizeof buf, ",\"angle_min_degrees\":%.17g,\"angle_max_degrees\":%.17g", lo * deg, hi * deg);
@@ -374,7 +384,36 @@ struct Slerp {
     double c0 = 0, c1 = 0;           // out = c0 * v0 + c1 * v1
     double cos = 0, angle = 0;       // angle in radians (when both norms are nonzero)
     Kind kind = Kind::empty;
+    bool one_read = false;           // finished by the statistics pass (SPECULATION)
   };
+
+  // out = c0 * v0 + c1 * v1 over the chunk (the coefficients are the tensor's, in double). For a
+  // BF16 output: float32 (the coefficients rounded to it here, the same for every chunk), with
+  // float_guard's per-entry fallback to double.
+  template <class In>
+  static void mix_chunk(const sdk::Chunk& c, const In* a, const In* b, double c0d, double c1d, sdk::Span<float> out) {
+    if (!c.float32_suffices()) {
+      mix<double>(a, b, out.size(), c0d, c1d, out.data());
+      return;
+    }
+    const float c0 = static_cast<float>(c0d), c1 = static_cast<float>(c1d);
+    auto f32 = [&](std::size_t at, std::size_t n) {
+      return mix<float, true>(a + at, b + at, n, c0, c1, out.data() + at);
+    };
+    auto f64 = [&](std::size_t at, std::size_t n) { mix<double>(a + at, b + at, n, c0d, c1d, out.data() + at); };
+    fg::run(out.size(), f32, f64);
+  }
+
+  // Whether each of `rows` rows (their ss0, ss1, dot) is near-parallel on its own or has a zero
+  // norm (SPECULATION: a chunk worth computing the linear output of).
+  static bool rows_near_parallel(const double* sums, std::uint64_t rows) {
+    for (std::uint64_t i = 0; i < rows; ++i) {
+      const double* r = sums + 3 * i;
+      const double n0 = std::sqrt(r[0]), n1 = std::sqrt(r[1]);
+      if (n0 != 0 && n1 != 0 && !(std::fabs(r[2] / (n0 * n1)) > kDotThreshold)) return false;
+    }
+    return true;
+  }
 
   // v0 and v1 among a chunk's inputs (float32 or stored BF16).
   template <class In>
@@ -396,5 +435,5 @@ struct Slerp {
 
 CONFLUX_PLUGIN(Slerp,
                sdk::reduce_pass<Slerp, std::uint64_t, 0, &Slerp::stats, &Slerp::combine, &Slerp::done>(
-                   CFX_PASS_TENSOR_REDUCE, CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS),
+                   CFX_PASS_TENSOR_REDUCE, CFX_PASS_WHOLE_ROWS | CFX_PASS_BF16_INPUTS | CFX_PASS_SPECULATIVE_OUTPUT),
                sdk::map_pass<Slerp, &Slerp::map>(CFX_PASS_BF16_INPUTS))

@@ -188,8 +188,23 @@ double raw_number(const std::string& report, const std::string& name, const std:
 // slerp scenario and reference
 // ---------------------------------------------------------------------------------------------
 
-// How v1 relates to v0 in a tensor (x, y independent N(0, 0.1^2) per element).
-enum class Rel { independent, correlated, opposed, parallel, antiparallel, zero0, zero1 };
+// How v1 relates to v0 in a tensor (x, y independent N(0, 0.1^2) per element). For the
+// plugin's speculation (one read of a linear tensor whose every row is near-parallel):
+// parallel_but_a_row is near-parallel as a whole but its row 3 (1000 times smaller in both
+// models, independent) is not, so the tensor is linear yet needs the map pass;
+// rows_alternate has rows each near-parallel, alternately with + and -, so its chunks
+// speculate and the tensor is spherical after all (the map pass overwrites their output).
+enum class Rel {
+  independent,
+  correlated,
+  opposed,
+  parallel,
+  antiparallel,
+  zero0,
+  zero1,
+  parallel_but_a_row,
+  rows_alternate
+};
 
 struct SlerpTensor {
   Spec spec;
@@ -210,6 +225,8 @@ std::vector<SlerpTensor> slerp_tensors() {
       {{"norm.bias", {29}}, Rel::zero0},                      // v0 all zero
       {{"f32.weight", {33, 65}, DType::F32}, Rel::correlated},
       {{"scalar", {}}, Rel::independent},                     // one element: |cos| = 1
+      {{"layers.2.w", {41, 31}}, Rel::parallel_but_a_row},
+      {{"layers.2.v", {6, 50}}, Rel::rows_alternate},
       {{"empty", {0}}, Rel::independent},
       {{"position_ids", {3, 11}, DType::I64}, Rel::independent},
   };
@@ -218,6 +235,8 @@ std::vector<SlerpTensor> slerp_tensors() {
 float slerp_value(const SlerpTensor& t, std::uint64_t j, int which) {
   const std::uint64_t id = name_id(t.spec.name);
   const double x = 0.1 * gauss(id, j, 0), y = 0.1 * gauss(id, j, 1);
+  const std::uint64_t row = t.spec.shape.empty() ? 0 : j / t.spec.shape.back();
+  if (t.rel == Rel::parallel_but_a_row && row == 3) return static_cast<float>(0.001 * (which == 0 ? x : y));
   if (which == 0) return t.rel == Rel::zero0 ? 0.0f : static_cast<float>(x);
   switch (t.rel) {
     case Rel::independent: return static_cast<float>(y);
@@ -227,6 +246,8 @@ float slerp_value(const SlerpTensor& t, std::uint64_t j, int which) {
     case Rel::antiparallel: return static_cast<float>(-x + 0.005 * y);
     case Rel::zero0: return static_cast<float>(y);
     case Rel::zero1: return 0.0f;
+    case Rel::parallel_but_a_row: return static_cast<float>(1.5 * x + 0.01 * y);
+    case Rel::rows_alternate: return static_cast<float>((row % 2 ? -1.5 : 1.5) * x + 0.01 * y);
   }
   return 0.0f;
 }
@@ -539,21 +560,25 @@ TEST_F(SlerpStockTest, SlerpMatchesFloat64Reference) {
         {"embed.weight", "spherical"},    {"layers.0.q.weight", "spherical"}, {"layers.0.q.bias", "spherical"},
         {"layers.0.k.weight", "spherical"}, {"layers.0.v.weight", "parallel"}, {"layers.0.o.weight", "parallel"},
         {"layers.1.wide", "spherical"},   {"layers.1.narrow", "spherical"},   {"norm.weight", "zero"},
-        {"norm.bias", "zero"},            {"f32.weight", "spherical"},        {"scalar", "parallel"}};
+        {"norm.bias", "zero"},            {"f32.weight", "spherical"},        {"scalar", "parallel"},
+        {"layers.2.w", "parallel"},       {"layers.2.v", "spherical"}};
     EXPECT_EQ(ref.kind, want);
     const json::object rep = report(out);
     EXPECT_EQ(number(rep, "t"), t);
     EXPECT_EQ(rep.at("v0").as_string(), "base");
     EXPECT_EQ(rep.at("v1").as_string(), "models[0]");
-    EXPECT_EQ(count(rep, "tensors"), 12u);
-    EXPECT_EQ(count(rep, "spherical"), 7u);
-    EXPECT_EQ(count(rep, "linear_near_parallel"), 3u);
+    EXPECT_EQ(count(rep, "tensors"), 14u);
+    EXPECT_EQ(count(rep, "spherical"), 8u);
+    EXPECT_EQ(count(rep, "linear_near_parallel"), 4u);
     EXPECT_EQ(count(rep, "linear_zero_norm"), 2u);
+    // Finished in one read: the linear tensors whose every row is near-parallel or of zero norm
+    // (all but layers.2.w).
+    EXPECT_EQ(count(rep, "one_read"), 5u);
     // To the bit (%.17g): the plugin's statistics are the reference's.
     EXPECT_EQ(raw_number(raw, "", "angle_min_degrees"), ref.angle_min);
     EXPECT_EQ(raw_number(raw, "", "angle_max_degrees"), ref.angle_max);
     const json::array& per = rep.at("per_tensor").as_array();
-    EXPECT_EQ(per.size(), 12u);
+    EXPECT_EQ(per.size(), 14u);
     const std::map<std::string, std::string> method{
         {"spherical", "spherical"}, {"parallel", "linear_near_parallel"}, {"zero", "linear_zero_norm"}};
     for (const json::value& v : per) {
