@@ -46,7 +46,9 @@ std::uint64_t chunks_per_task(std::uint64_t chunk_elements) {
   return std::max<std::uint64_t>(1, kTaskElements / std::max<std::uint64_t>(1, chunk_elements));
 }
 
-// 64-byte aligned, zero-initialised float/byte storage that survives moves.
+// 64-byte aligned, zero-initialised float/byte storage that survives moves; its first
+// `uninitialised` bytes are left as allocated (a partial's bytes that its plugin initialises
+// itself: writing them would fault in pages that a sparse reduce never uses).
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
 };
@@ -54,11 +56,12 @@ template <class T>
 using AlignedPtr = std::unique_ptr<T[], AlignedFree>;
 
 template <class T>
-AlignedPtr<T> aligned_array(std::size_t n) {
+AlignedPtr<T> aligned_array(std::size_t n, std::size_t uninitialised = 0) {
   const std::size_t bytes = std::max<std::size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
   void* p = std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
+  const std::size_t from = std::min(uninitialised, bytes);
+  std::memset(static_cast<std::byte*>(p) + from, 0, bytes - from);
   return AlignedPtr<T>(static_cast<T*>(p));
 }
 
@@ -115,7 +118,7 @@ class PartialPool {
       }
     }
     if (p) std::memset(p.get() + unzeroed_, 0, bytes_ - unzeroed_);
-    else p = aligned_array<std::byte>(bytes_);
+    else p = aligned_array<std::byte>(bytes_, unzeroed_);
     if (poison_) std::memset(p.get(), 0xA5, unzeroed_);
     return Lease(this, std::move(p));
   }
