@@ -77,9 +77,10 @@ bool poison_stats() {
 
 // Reduce partials of one size, recycled: a partial can be a MiB (a radix histogram per model),
 // a reduce makes one per leaf task, and a fresh allocation that large is a fresh mapping whose
-// every page faults in and is zeroed by the kernel and then by us. Recycled ones are zeroed once,
-// past the `unzeroed` bytes the plugin initialises itself (cfx_pass.instance_stats_unzeroed),
-// which `poison` fills with 0xA5 instead.
+// pages fault in as they are first written. New and recycled ones alike are zeroed past the
+// `unzeroed` bytes the plugin initialises itself (cfx_pass.instance_stats_unzeroed), which
+// `poison` fills with 0xA5 instead (a new one's are left untouched otherwise: a histogram's
+// pages a sparse reduce never uses are never faulted in).
 class PartialPool {
  public:
   PartialPool(std::size_t bytes, std::size_t unzeroed, bool poison)

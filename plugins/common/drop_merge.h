@@ -248,9 +248,8 @@ struct Sums {
   ElectionStore<V> election;
 };
 
-// v where on, else +0: a select on the bits (keep decisions and signs are coin flips, and a
-// branch on them costs more than the arithmetic; a multiply by 0 or 1 would turn an infinite W
-// into NaN).
+// v where on, else +0: a select on the bits (signs are coin flips, and a branch on them costs
+// more than the arithmetic; a multiply by 0 or 1 would turn an infinite W into NaN).
 inline double masked(double v, bool on) {
 #if defined(__x86_64__) && defined(__SSE2__)
   // The mask moves to the vector register, not the value to an integer one and back.
