@@ -44,8 +44,9 @@
 // map pass's linear branch, bit for bit. When the tensor turns out linear (near-parallel or zero
 // norm) and every chunk wrote its output, that output is final and the map pass is skipped (the
 // report's "one_read"); otherwise the map pass runs as without speculation. Whether a tensor
-// is finished in one read depends only on its rows, never on chunking or threads. A tensor
-// with a spherical row costs nothing more: its chunks with such a row do not speculate.
+// is finished in one read depends only on its rows, never on chunking or threads. A spherical
+// tensor costs more only in its chunks whose rows are each near-parallel: their linear output
+// is written, then overwritten by the map pass (chunks with a spherical row do not speculate).
 // Both passes take BF16 tensors as stored (CFX_PASS_BF16_INPUTS: read straight from the mapped
 // files, no conversion sweep by the host); a BF16 value widens to float32 exactly, so the kernels,
 // templated on the input type, give the same bits as from float32 copies.
